@@ -1,0 +1,19 @@
+# Fine-tuning scaling study: import -> run -> analyze. All logic lives in scripts/ftscale.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/import.smk"
+include: "rules/finetune.smk"
+include: "rules/analyze.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/tables.md",

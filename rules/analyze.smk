@@ -1,0 +1,17 @@
+# analyze: every run's log -> results/scaling.csv and results/tables.md.
+
+
+localrules:
+    tables,
+
+
+rule tables:
+    input:
+        [f"{d}/metrics.jsonl" for d in all_run_dirs()],
+    output:
+        csv="results/scaling.csv",
+        md="results/tables.md",
+    log:
+        "results/logs/tables.log",
+    run:
+        write_results(STUDY, Path(output.csv), Path(output.md))

@@ -1,0 +1,43 @@
+# Bookkeeping done once: the validated study, wildcard constraints, input functions.
+from ftscale.analyze import write_results
+from ftscale.config import ConfigError, load_study, write_run_json
+
+try:
+    STUDY = load_study(config, source=", ".join(map(str, workflow.configfiles)) or "config", root=Path.cwd())
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+RUNS = {run.directory: run for run in STUDY.runs}
+
+
+wildcard_constraints:
+    model="|".join(STUDY.models),
+    track="data_parallel|model_parallel",
+    name="[A-Za-z0-9_]+",
+
+
+def run_of(wildcards):
+    return RUNS[f"experiments/{wildcards.track}/{wildcards.model}/{wildcards.name}"]
+
+
+def run_params(wildcards):
+    return run_of(wildcards).to_dict()
+
+
+def run_gpus(wildcards):
+    return run_of(wildcards).gpus
+
+
+def all_run_dirs():
+    return list(RUNS)
+
+
+onerror:
+    # With --keep-going, failed runs still get their rows (status and reason) in the tables;
+    # the next invocation reruns only what failed or is missing.
+    try:
+        records = write_results(STUDY, Path("results/scaling.csv"), Path("results/tables.md"))
+        failed = [r.run_dir for r in records if r.status != "ok"]
+        print(f"[ftscale] results/tables.md written with {len(failed)} runs not ok; rerun to retry them")
+    except Exception as err:  # the tables are a courtesy here: never hide the original error
+        print(f"[ftscale] could not write partial tables: {err}")

@@ -1,0 +1,82 @@
+"""Start one training job from its run.json: build the launcher command, run it, record what happened.
+
+The same function serves the Snakemake rule and the standalone run.sbatch, so both run the same
+command. Output of every rank goes to the run's log; ``launch.json`` beside it records the command,
+the host, start and end times, the wall-clock, the exit code and any signal that stopped the job.
+It is written once at the start (with ``end: null``), so a job killed outright is recognisable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINE_MODULES = {"embedded": "ftscale.engine.embedded", "nemo": "ftscale.engine.nemo"}
+
+
+def launch_command(run: dict, run_json: str, python: str = sys.executable) -> list[str]:
+    """torchrun on one node; on several nodes, srun starts one torchrun per node (c10d rendezvous)."""
+    module = ENGINE_MODULES[run["engine"]]
+    per_node = run["gpus"] // run.get("nodes", 1)
+    torchrun = [python, "-m", "torch.distributed.run"]
+    if run.get("nodes", 1) == 1:
+        return [*torchrun, "--standalone", f"--nproc-per-node={per_node}", "-m", module, run_json]
+    return [
+        "srun", f"--nodes={run['nodes']}", "--ntasks-per-node=1", *torchrun,
+        f"--nnodes={run['nodes']}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=${MASTER_ADDR}:29500", "-m", module, run_json,
+    ]
+
+
+def _write(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run_job(run_json: Path, log: Path, launch_record: Path) -> int:
+    """Run the job of ``run_json``; return its exit code (128 + signal when it was stopped)."""
+    run = json.loads(Path(run_json).read_text())
+    command = launch_command(run, str(run_json))
+    env = dict(os.environ)
+    if run.get("nodes", 1) > 1 and "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_JOB_NODELIST", "localhost")
+        env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                            text=True).stdout.split()[0]
+    record = {
+        "run": run["name"], "command": shlex.join(command), "host": socket.gethostname(),
+        "slurm_job_id": env.get("SLURM_JOB_ID"), "start": time.time(), "end": None, "wall_s": None,
+        "returncode": None, "signal": None,
+    }
+    _write(launch_record, record)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[ftscale] {run['name']}: {record['command']}  (log: {log})", flush=True)
+    received: list[int] = []
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+        def forward(signum: int, _frame: object) -> None:
+            received.append(signum)
+            os.killpg(proc.pid, signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, forward)
+        code = proc.wait()
+        if received:
+            name = signal.Signals(received[0]).name
+            out.write(f"[ftscale] error=cancelled the job received {name} (scancel, time limit or Ctrl-C)\n")
+    record.update(end=time.time(), returncode=code, signal=signal.Signals(received[0]).name if received else None)
+    record["wall_s"] = round(record["end"] - record["start"], 3)
+    _write(launch_record, record)
+    status = "ok" if code == 0 else f"FAILED (exit {code})"
+    print(f"[ftscale] {run['name']}: {status} after {record['wall_s']:.1f} s", flush=True)
+    if received:
+        return 128 + received[0]
+    return code

@@ -1,0 +1,180 @@
+"""Import: turn a model description (models/<name>/model.yaml) into a checkpoint directory, once.
+
+The checkpoint is written to a temporary sibling and renamed into place only when complete, then
+made read-only: every experiment reads it, none writes it. A directory that already holds a
+complete import (``IMPORT.json`` written last) is never redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+
+from ftscale import REPO_ROOT
+from ftscale.config import ConfigError, Model
+
+CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+IMPORT_MARKER = "IMPORT.json"
+# model.yaml architecture keys -> the Hugging Face config.json keys they must match.
+_ARCH_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "vocab_size", "num_local_experts", "num_experts_per_tok",
+)
+
+
+def hf_config(arch: dict):  # -> transformers.PretrainedConfig
+    """The transformers config of an architecture block."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    kwargs = {k: v for k, v in arch.items() if k != "type"}
+    if arch["type"] == "llama":
+        return LlamaConfig(**kwargs)
+    # Router load-balancing loss off: it would make losses depend on how experts are sharded.
+    return MixtralConfig(**kwargs, output_router_logits=False)
+
+
+def is_imported(out_dir: Path) -> bool:
+    return (out_dir / IMPORT_MARKER).is_file()
+
+
+def train_tokenizer(vocab_size: int, corpus: Path = CORPUS):  # -> PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer trained on the shipped corpus (deterministic, ~0.1 s)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 4096),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator([corpus.read_text()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _write_synthetic(model: Model, tmp: Path, device: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    arch = model.arch
+    config = hf_config(arch)
+    torch.manual_seed(model.spec["seed"])
+    # Large shapes are made in bf16 on the GPU (an 8B model in fp32 on the host would need 32 GB);
+    # small ones in fp32, where the embedded default trains.
+    dtype = torch.bfloat16 if arch["hidden_size"] >= 1024 else torch.float32
+    with torch.device(device):
+        net = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    net.save_pretrained(tmp, safe_serialization=True)
+    train_tokenizer(arch["vocab_size"]).save_pretrained(tmp)
+    return {"kind": "synthetic", "seed": model.spec["seed"], "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _check_hf_dir(model: Model, directory: Path) -> None:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{model.yaml_path}: key 'source' = {model.spec['source']!r}: no config.json in {directory}")
+    cfg = json.loads(cfg_path.read_text())
+    for key in _ARCH_KEYS:
+        if key in model.arch and key in cfg and cfg[key] != model.arch[key]:
+            raise ConfigError(
+                f"{model.yaml_path}: key 'architecture.{key}' = {model.arch[key]} but the source's "
+                f"{cfg_path} says {cfg[key]}"
+            )
+
+
+def _write_local(model: Model, tmp: Path, root: Path) -> dict:
+    src = model.local_source(root)
+    _check_hf_dir(model, src)
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return {"kind": "local", "path": str(src)}
+
+
+def _write_hub(model: Model, tmp: Path) -> dict:
+    repo = model.spec["source"].removeprefix("hf://")
+    token = os.environ.get("HF_TOKEN") or None
+    if model.spec["gated"] and not token:
+        raise ConfigError(
+            f"{model.yaml_path}: key 'source' = {model.spec['source']!r} is a gated repository: "
+            "set HF_TOKEN in the environment (it is never written to a file or a log)"
+        )
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo_id=repo, local_dir=tmp, token=token,
+                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+    _check_hf_dir(model, tmp)
+    return {"kind": "hub", "repo": repo}
+
+
+def make_read_only(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True):
+        mode = p.stat().st_mode
+        p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _remove_tree(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    shutil.rmtree(path)
+
+
+def import_model(model: Model, out_dir: Path, root: Path = REPO_ROOT, engine: str = "embedded",
+                 device: str = "auto") -> Path:
+    """Import ``model`` into ``out_dir`` unless it already holds a complete import."""
+    out_dir = Path(out_dir)
+    if is_imported(out_dir):
+        print(f"[ftscale] {out_dir} already holds a complete import; nothing to do", flush=True)
+        return out_dir
+    if out_dir.exists():
+        # Left over by an interrupted import (no marker): it never looked complete, so redo it.
+        _remove_tree(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".partial-{os.getpid()}")
+    if tmp.exists():
+        _remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    start = time.time()
+    print(f"[ftscale] importing {model.name} from {model.spec['source']} (engine {engine}) into {out_dir}", flush=True)
+    try:
+        if engine == "nemo":
+            from ftscale.engine import nemo
+
+            info = {"kind": "nemo"}
+            nemo.import_checkpoint(model.spec, tmp, overwrite=True)
+        elif model.source_kind() == "synthetic":
+            import torch
+
+            dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            info = _write_synthetic(model, tmp, dev)
+        elif model.source_kind() == "local":
+            info = _write_local(model, tmp, root)
+        else:
+            info = _write_hub(model, tmp)
+        import torch
+        import transformers
+
+        marker = {
+            "model": model.name,
+            "source": model.spec["source"],
+            "weights": model.spec["weights"],
+            "engine": engine,
+            **info,
+            "seconds": round(time.time() - start, 2),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        (tmp / IMPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        tmp.rename(out_dir)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    make_read_only(out_dir)
+    print(f"[ftscale] imported {model.name} in {time.time() - start:.1f} s; {out_dir} is now read-only", flush=True)
+    return out_dir

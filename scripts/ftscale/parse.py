@@ -1,0 +1,218 @@
+"""Parse one run's files into a record: pure functions, path in, record out.
+
+Every pattern lives in ``PATTERNS`` (per-step metrics, layout read-back, the end of a run) and
+``FAILURES`` (what went wrong, first match wins), for both engines' log formats. A run that claims
+to be complete but lacks a metric raises ``ParseError`` naming the file and the pattern: never a
+silent zero. Warm-up steps are left out of the step-time median; a restarted log (steps seen
+again) keeps the last attempt; a truncated log yields status ``incomplete``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LOG_NAME = "train.log"
+LAUNCH_NAME = "launch.json"
+RUN_NAME = "run.json"
+
+PATTERNS: dict[str, re.Pattern[str]] = {
+    # ftscale.logformat (embedded engine)
+    "embedded_step": re.compile(
+        r"\[ftscale\] step=(?P<step>\d+)/(?P<steps>\d+) loss=(?P<loss>\S+) step_time_s=(?P<step_time_s>\S+) "
+        r"tokens=(?P<tokens>\d+) tokens_per_s=\S+ peak_mem_mib=(?P<peak_mem_mib>\S+) "
+        r"reserved_mib=(?P<reserved_mib>\S+) mem_kind=(?P<mem_kind>\w+)"
+    ),
+    "layout": re.compile(r"\[ftscale\] layout (?P<fields>.*)"),
+    "embedded_done": re.compile(r"\[ftscale\] done steps=(?P<steps>\d+)"),
+    # NeMo 2 ProgressPrinter; memory fields need NEMO_LOG_MEMORY_USAGE=1
+    "nemo_step": re.compile(r"Training epoch \d+, iteration (?P<iteration>\d+)/(?P<last>\d+) \|.*"),
+    "nemo_step_time": re.compile(r"train_step_timing in s: (?P<v>[-+.\deE]+)"),
+    "nemo_loss": re.compile(r"reduced_train_loss: (?P<v>[-+.\deE]+|nan)"),
+    "nemo_gbs": re.compile(r"global_batch_size: (?P<v>\d+)"),
+    "nemo_mem_alloc": re.compile(r"max_memory_allocated: (?P<v>[-+.\deE]+)"),
+    "nemo_mem_reserved": re.compile(r"max_memory_reserved: (?P<v>[-+.\deE]+)"),
+    "nemo_tflops": re.compile(r"TFLOPS_per_GPU: (?P<v>[-+.\deE]+)"),
+}
+
+# (status, reason, pattern): the first that matches names what went wrong.
+FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
+    ("oom", "out of GPU memory", re.compile(r"\[ftscale\] error=oom|CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError")),
+    ("failed", "Slurm time limit", re.compile(r"DUE TO TIME LIMIT")),
+    ("failed", "node failure", re.compile(r"DUE TO NODE FAILURE|NODE_FAIL")),
+    ("cancelled", "cancelled", re.compile(r"\[ftscale\] error=cancelled|CANCELLED AT")),
+    ("failed", "NCCL timeout", re.compile(r"Watchdog caught collective operation timeout|NCCL.{0,80}timed? ?out", re.I)),
+    ("failed", "NCCL error", re.compile(r"NCCL error|ncclInternalError|ncclSystemError|ncclUnhandledCudaError")),
+    ("failed", "missing checkpoint", re.compile(
+        r"(FileNotFoundError|OSError).{0,200}(checkpoint|model|config\.json|No such file)|"
+        r"does not appear to have a file named|Can't load the (model|configuration)")),
+    ("failed", "a rank was killed (SIGKILL: out of host memory?)", re.compile(r"Signal 9 \(SIGKILL\)|exitcode\s*:\s*-9")),
+    ("failed", "error", re.compile(r"\[ftscale\] error=(?P<kind>\w+) (?P<msg>.*)")),
+]
+
+STATUSES = ("ok", "oom", "failed", "cancelled", "incomplete", "not_run")
+
+
+class ParseError(ValueError):
+    """A run that claims completion lacks a metric: names the file and the pattern."""
+
+
+@dataclass
+class RunRecord:
+    """What one run measured; every number comes from the lines named in ``source``."""
+
+    run: str
+    track: str
+    model: str
+    engine: str
+    gpus: int
+    tp: int
+    ep: int
+    dp: int
+    sp: bool
+    micro_batch: int
+    global_batch: int
+    seq_length: int
+    steps: int
+    warmup_steps: int
+    status: str
+    reason: str = ""
+    steps_done: int = 0
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+    tokens_per_s_per_gpu: float | None = None
+    peak_mem_mib: float | None = None
+    reserved_mib: float | None = None
+    mem_kind: str = ""
+    wall_s: float | None = None
+    loss_first: float | None = None
+    loss_last: float | None = None
+    layout: dict = field(default_factory=dict)
+    source: str = ""
+    run_dir: str = ""
+    scaling: str | None = None
+    weights: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _number(text: str) -> float:
+    return float(text)
+
+
+def parse_layout(fields: str) -> dict:
+    out: dict = {}
+    for item in fields.split():
+        key, _, value = item.partition("=")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
+    """Per-step records (last attempt of each step), the layout line, and whether a 'done' line was seen."""
+    steps: dict[int, dict] = {}
+    layout: dict = {}
+    done = False
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if m := PATTERNS["embedded_step"].search(line):
+            rec = {k: (_number(v) if k not in ("mem_kind",) else v) for k, v in m.groupdict().items()}
+            rec["step"], rec["steps"], rec["line"] = int(rec["step"]), int(rec["steps"]), lineno
+            steps[rec["step"]] = rec
+        elif m := PATTERNS["nemo_step"].search(line):
+            rec = {"step": int(m["iteration"]) + 1, "steps": int(m["last"]) + 1, "line": lineno,
+                   "mem_kind": "cuda"}
+            for key, pattern in (("step_time_s", "nemo_step_time"), ("loss", "nemo_loss"), ("gbs", "nemo_gbs"),
+                                 ("peak_mem_mib", "nemo_mem_alloc"), ("reserved_mib", "nemo_mem_reserved"),
+                                 ("tflops_per_gpu", "nemo_tflops")):
+                if found := PATTERNS[pattern].search(line):
+                    rec[key] = _number(found["v"])
+            for key in ("peak_mem_mib", "reserved_mib"):
+                if key in rec:
+                    rec[key] /= 2**20  # NeMo logs bytes
+            steps[rec["step"]] = rec
+        elif m := PATTERNS["layout"].search(line):
+            layout = parse_layout(m["fields"])
+            layout["line"] = lineno
+        elif PATTERNS["embedded_done"].search(line):
+            done = True
+    return [steps[k] for k in sorted(steps)], layout, done
+
+
+def classify_failure(text: str) -> tuple[str, str] | None:
+    for status, reason, pattern in FAILURES:
+        if m := pattern.search(text):
+            if "msg" in pattern.groupindex:
+                return status, f"{m['kind']}: {m['msg'][:200]}"
+            return status, reason
+    return None
+
+
+def _require(rec: dict, key: str, path: Path, pattern: str) -> float:
+    if rec.get(key) is None:
+        raise ParseError(f"{path}:{rec.get('line', '?')}: step {rec.get('step')} has no '{key}' "
+                         f"(pattern '{pattern}'): the metric is missing from the log")
+    return rec[key]
+
+
+def parse_run(run_dir: Path | str, slurm_logs: list[Path] | None = None) -> RunRecord:
+    """The record of one run directory (run.json, train.log, launch.json; Slurm's own logs if given)."""
+    run_dir = Path(run_dir)
+    run = json.loads((run_dir / RUN_NAME).read_text())
+    base = {k: run[k] for k in ("track", "model", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
+                                "global_batch", "seq_length", "steps", "warmup_steps")}
+    record = RunRecord(run=run["name"], status="not_run", run_dir=str(run_dir), scaling=run.get("scaling"),
+                       weights=run.get("weights", ""), **base)
+    log = run_dir / LOG_NAME
+    if not log.is_file():
+        record.reason = "no log: the job has not run"
+        return record
+    text = log.read_text(errors="replace")
+    launch = json.loads((run_dir / LAUNCH_NAME).read_text()) if (run_dir / LAUNCH_NAME).is_file() else {}
+    record.wall_s = launch.get("wall_s")
+    extra = "\n".join(p.read_text(errors="replace") for p in (slurm_logs or []) if p.is_file())
+    steps, layout, done = parse_steps(text)
+    record.layout = {k: v for k, v in layout.items() if k != "line"}
+    record.steps_done = len(steps)
+
+    failure = classify_failure(text + "\n" + extra)
+    code = launch.get("returncode")
+    if failure:
+        record.status, record.reason = failure
+    elif code not in (None, 0):
+        record.status, record.reason = "failed", f"exit code {code}"
+    elif code == 0 and len(steps) >= run["steps"] and (done or run["engine"] == "nemo"):
+        record.status = "ok"
+    elif done:
+        pattern = PATTERNS["embedded_step"].pattern
+        raise ParseError(f"{log}: the run says it finished {run['steps']} steps but only {len(steps)} lines "
+                         f"matched the step pattern '{pattern[:60]}...': the metrics are missing from the log")
+    else:
+        record.status = "incomplete"
+        record.reason = (f"log ends after {len(steps)} of {run['steps']} steps with no error"
+                         + ("" if launch.get("end") else "; the launcher never finished (killed?)"))
+
+    timed = [s for s in steps if s["step"] > run["warmup_steps"]]
+    if timed:
+        name = "embedded_step" if run["engine"] == "embedded" else "nemo_step_time"
+        times = [_require(s, "step_time_s", log, name) for s in timed]
+        record.step_time_s = statistics.median(times)
+        tokens = run["global_batch"] * run["seq_length"]
+        record.tokens_per_s = tokens / record.step_time_s
+        record.tokens_per_s_per_gpu = record.tokens_per_s / run["gpus"]
+        mems = [s["peak_mem_mib"] for s in steps if s.get("peak_mem_mib") is not None]
+        if record.status == "ok" and not mems:
+            raise ParseError(f"{log}: no peak memory in any step line (pattern '{name}'; "
+                             "NeMo needs NEMO_LOG_MEMORY_USAGE=1)")
+        record.peak_mem_mib = max(mems) if mems else None
+        reserved = [s["reserved_mib"] for s in steps if s.get("reserved_mib") is not None]
+        record.reserved_mib = max(reserved) if reserved else None
+        record.mem_kind = steps[-1].get("mem_kind", "")
+        record.source = f"{log}:{timed[0]['line']}-{timed[-1]['line']}"
+    if steps:
+        record.loss_first = steps[0].get("loss")
+        record.loss_last = steps[-1].get("loss")
+    return record

@@ -1,0 +1,149 @@
+"""Configuration validation: the good config and every kind of bad input, each error naming file, key, value."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftscale.config import ConfigError, load_model, load_study
+
+
+def study(cfg, root):
+    return load_study(cfg, source="config/config.yaml", root=root)
+
+
+def test_default_config_plans_both_tracks(default_config, repo):
+    s = study(default_config, repo)
+    dp = [r for r in s.runs if r.track == "data_parallel"]
+    assert sorted((r.model, r.gpus) for r in dp) == [(m, g) for m in ("tiny_llama", "tiny_mixtral") for g in (1, 2, 4)]
+    assert {r.gpus for r in dp} == {1, 2, 4}
+    assert all(r.lora and r.tp == 1 and r.dp == r.gpus for r in dp)
+    # weak scaling: global batch grows with GPUs, gradient accumulation stays
+    by_gpus = {r.gpus: r for r in dp if r.model == "tiny_llama"}
+    assert by_gpus[4].global_batch == 4 * by_gpus[1].global_batch
+    assert by_gpus[4].grad_accum == by_gpus[1].grad_accum
+    assert by_gpus[4].directory == "experiments/data_parallel/tiny_llama/gpus4_mbs4_gbs32_seq128"
+    mp = [r for r in s.runs if r.track == "model_parallel"]
+    assert {r.name.split("_mbs")[0] for r in mp} == {"tp2_ep1_dp1_sp", "tp4_ep1_dp1_sp", "tp1_ep2_dp1", "tp2_ep2_dp1_sp"}
+    assert all(r.lora is None for r in mp)
+
+
+def test_strong_scaling_keeps_global_batch_and_dedups_one_gpu_run(default_config, repo):
+    default_config["tracks"]["data_parallel"]["scaling"] = ["weak", "strong"]
+    default_config["batch"]["global_batch"] = 16
+    s = study(default_config, repo)
+    groups = s.scaling_groups("tiny_llama")
+    assert [r.global_batch for r in groups["strong"]] == [16, 16, 16]
+    assert [r.global_batch for r in groups["weak"]] == [16, 32, 64]
+    assert groups["weak"][0] is groups["strong"][0]  # the same 1-GPU run serves both
+    assert [r.grad_accum for r in groups["strong"]] == [4, 2, 1]
+
+
+def test_defaults_are_filled(default_config, repo):
+    del default_config["seed"]
+    del default_config["tracks"]["data_parallel"]["gpus"]
+    s = study(default_config, repo)
+    assert s.config["seed"] == 1234
+    assert {r.gpus for r in s.runs_of("data_parallel")} == {1, 2, 4, 8}
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c.update(models=["no_such_model"]), "unknown model 'no_such_model'"),
+        (lambda c: c["tracks"]["data_parallel"].update(gpus=[1, 0]), "key 'tracks.data_parallel.gpus[1]' = 0"),
+        (lambda c: c["tracks"]["data_parallel"].update(gpus=[1, 2.5]), "key 'tracks.data_parallel.gpus[1]' = 2.5"),
+        (lambda c: c["tracks"]["data_parallel"].update(gpus=[1, "two"]), "key 'tracks.data_parallel.gpus[1]' = \"two\""),
+        (lambda c: c["batch"].update(global_batch=6), "global batch 6 (weak scaling) is not divisible by micro_batch x data-parallel size = 4 x 1"),
+        (lambda c: c["batch"].update(steps=2, warmup_steps=2), "warmup_steps = 2 must be less than steps = 2"),
+        (lambda c: c["batch"].update(micro_batch=0), "key 'batch.micro_batch' = 0"),
+        (lambda c: c.update(engine="deepspeed"), "key 'engine' = \"deepspeed\""),
+        (lambda c: c.update(typo_key=1), "typo_key"),
+    ],
+    ids=["unknown-model", "zero-gpus", "float-gpus", "string-gpus", "indivisible-batch", "warmup", "micro0",
+         "engine", "unknown-key"],
+)
+def test_bad_config_is_rejected_naming_file_key_value(default_config, repo, edit, expected):
+    edit(default_config)
+    with pytest.raises(ConfigError) as err:
+        study(default_config, repo)
+    assert expected in str(err.value)
+    if "unknown model" not in expected:
+        assert "config/config.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "model, layout, expected",
+    [
+        ("tiny_llama", {"tp": 1}, "need 2 or more GPUs"),
+        ("tiny_llama", {"tp": 3, "dp": 1}, "tp = 3 must divide the attention heads (8) and the key/value heads (4)"),
+        ("tiny_llama", {"tp": 8}, "tp = 8 must divide"),
+        ("tiny_llama", {"tp": 1, "ep": 2}, "ep = 2 but tiny_llama is a dense model"),
+        ("tiny_mixtral", {"tp": 1, "ep": 8}, "ep = 8 must divide the number of experts (4)"),
+        ("tiny_mixtral", {"tp": 1, "ep": 2, "sp": True}, "sp = true needs tp > 1"),
+    ],
+)
+def test_bad_layouts_are_rejected(default_config, repo, model, layout, expected):
+    default_config["tracks"]["model_parallel"]["layouts"] = {model: [layout]}
+    with pytest.raises(ConfigError) as err:
+        study(default_config, repo)
+    msg = str(err.value)
+    assert expected in msg
+    assert f"tracks.model_parallel.layouts.{model}[0]" in msg
+
+
+def test_layouts_for_unlisted_model_rejected(default_config, repo):
+    default_config["tracks"]["model_parallel"]["layouts"]["ghost"] = [{"tp": 2}]
+    with pytest.raises(ConfigError, match="model 'ghost' is not in 'models'"):
+        study(default_config, repo)
+
+
+def _model_tree(tmp_path: Path, repo: Path, name: str, spec: dict) -> Path:
+    shutil.copytree(repo / "config", tmp_path / "config")
+    (tmp_path / "models" / name).mkdir(parents=True)
+    (tmp_path / "models" / name / "model.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path
+
+
+def test_model_yaml_missing_required_field(tmp_path, repo):
+    spec = yaml.safe_load((repo / "models/tiny_llama/model.yaml").read_text())
+    del spec["architecture"]["hidden_size"]
+    root = _model_tree(tmp_path, repo, "tiny_llama", spec)
+    with pytest.raises(ConfigError) as err:
+        load_model("tiny_llama", root)
+    assert f"{root}/models/tiny_llama/model.yaml: key 'architecture'" in str(err.value)
+    assert "'hidden_size' is a required property" in str(err.value)
+
+
+def test_mixtral_needs_experts(tmp_path, repo):
+    spec = yaml.safe_load((repo / "models/tiny_mixtral/model.yaml").read_text())
+    del spec["architecture"]["num_local_experts"]
+    root = _model_tree(tmp_path, repo, "tiny_mixtral", spec)
+    with pytest.raises(ConfigError, match="num_local_experts"):
+        load_model("tiny_mixtral", root)
+
+
+def test_local_source_must_exist(tmp_path, repo):
+    spec = yaml.safe_load((repo / "models/tiny_llama/model.yaml").read_text())
+    spec["source"] = "checkpoints/nowhere"
+    root = _model_tree(tmp_path, repo, "tiny_llama", spec)
+    with pytest.raises(ConfigError) as err:
+        load_model("tiny_llama", root)
+    assert "key 'source' = 'checkpoints/nowhere'" in str(err.value)
+    assert "does not exist" in str(err.value)
+
+
+def test_name_must_match_directory(tmp_path, repo):
+    spec = yaml.safe_load((repo / "models/tiny_llama/model.yaml").read_text())
+    root = _model_tree(tmp_path, repo, "other_name", spec)
+    with pytest.raises(ConfigError, match="key 'name' = 'tiny_llama': must equal the directory name 'other_name'"):
+        load_model("other_name", root)
+
+
+def test_every_shipped_model_and_the_template_validate(repo):
+    for path in sorted((repo / "models").glob("*/model.yaml")):
+        model = load_model(path.parent.name, repo, check_source=False)
+        assert model.arch["hidden_size"] > 0

@@ -1,0 +1,98 @@
+"""The log parser on fixtures: complete, restarted, truncated, out of memory, a crashed rank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from ftscale.logformat import step_line
+from ftscale.parse import PATTERNS, ParseError, parse_run, parse_steps
+
+FIXTURES = Path(__file__).parent / "fixtures" / "embedded"
+
+
+def step_times(log: Path) -> list[float]:
+    return [float(line.split("step_time_s=")[1].split()[0]) for line in log.read_text().splitlines() if "step_time_s=" in line]
+
+
+def test_complete_run():
+    rec = parse_run(FIXTURES / "complete")
+    assert rec.status == "ok" and rec.reason == ""
+    assert rec.steps_done == 12
+    times = step_times(FIXTURES / "complete" / "train.log")
+    assert rec.step_time_s == pytest.approx(statistics.median(times[2:]))  # 2 warm-up steps left out
+    assert rec.tokens_per_s == pytest.approx(16 * 128 / rec.step_time_s)
+    assert rec.tokens_per_s_per_gpu == pytest.approx(rec.tokens_per_s / 2)
+    assert rec.peak_mem_mib == pytest.approx(461.1) and rec.mem_kind == "rss"
+    assert rec.wall_s == pytest.approx(9.541)
+    assert rec.layout["dp"] == 2 and rec.layout["trainable_per_rank"] == 14336
+    assert rec.source.endswith("train.log:4-13")  # steps 3..12 (line 1 is the layout)
+
+
+def test_truncated_log_is_incomplete_not_ok():
+    rec = parse_run(FIXTURES / "truncated")
+    assert rec.status == "incomplete"
+    assert "after 5 of 12 steps" in rec.reason and "never finished" in rec.reason
+    assert rec.steps_done == 5
+
+
+def test_oom_is_recognised():
+    rec = parse_run(FIXTURES / "oom")
+    assert (rec.status, rec.reason) == ("oom", "out of GPU memory")
+
+
+def test_crashed_rank_is_failed_with_reason():
+    rec = parse_run(FIXTURES / "crashed_rank")
+    assert rec.status == "failed"
+    assert "SIGKILL" in rec.reason
+
+
+def test_restarted_log_keeps_last_attempt(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "complete", run)
+    log = run / "train.log"
+    first = "".join(step_line(s, 12, 9.0, 5.0, 2048, 1.0, 0.0, "rss") + "\n" for s in range(1, 6))
+    log.write_text(first + log.read_text())
+    rec = parse_run(run)
+    assert rec.status == "ok"
+    assert rec.step_time_s < 1.0  # the 5-second first attempt is gone
+
+
+def test_ok_run_without_metrics_is_an_error_naming_file(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "complete", run)
+    (run / "train.log").write_text("[ftscale] done steps=12\n" + "".join(
+        f"[ftscale] step={s}/12 loss=1.0\n" for s in range(1, 13)))
+    launch = json.loads((run / "launch.json").read_text())
+    assert launch["returncode"] == 0
+    with pytest.raises(ParseError, match=r"train.log: the run says it finished 12 steps but only 0 lines matched the step pattern"):
+        parse_run(run)
+
+
+def test_missing_log_is_not_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(FIXTURES / "complete" / "run.json", run)
+    rec = parse_run(run)
+    assert rec.status == "not_run" and rec.step_time_s is None
+
+
+def test_nonzero_exit_without_known_pattern_is_failed(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "complete", run)
+    launch = json.loads((run / "launch.json").read_text())
+    launch["returncode"] = 7
+    (run / "launch.json").write_text(json.dumps(launch))
+    rec = parse_run(run)
+    assert (rec.status, rec.reason) == ("failed", "exit code 7")
+
+
+def test_step_line_round_trips_through_the_parser():
+    line = step_line(3, 10, 2.5, 0.25, 4096, 123.4, 200.0, "cuda")
+    assert PATTERNS["embedded_step"].search(line)
+    steps, _, _ = parse_steps(line)
+    assert steps[0]["step"] == 3 and steps[0]["step_time_s"] == 0.25 and steps[0]["peak_mem_mib"] == 123.4
