@@ -7,7 +7,8 @@ localrules:
 
 rule tables:
     input:
-        [f"{d}/metrics.jsonl" for d in all_run_dirs()],
+        runs=[f"{d}/run.json" for d in all_run_dirs()],
+        metrics=[f"{d}/metrics.jsonl" for d in all_run_dirs()],
     output:
         csv="results/scaling.csv",
         md="results/tables.md",
