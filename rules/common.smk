@@ -1,6 +1,7 @@
 # Bookkeeping done once: the validated study, wildcard constraints, input functions.
 from ftscale.analyze import write_partial_results, write_results
-from ftscale.config import ConfigError, load_study, write_run_json
+from ftscale.config import ConfigError, load_study, write_run_files, write_text
+from ftscale.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
 
 try:
     STUDY = load_study(config, source=", ".join(map(str, workflow.configfiles)) or "config", root=Path.cwd())
@@ -22,6 +23,15 @@ def run_of(wildcards):
 
 def run_params(wildcards):
     return run_of(wildcards).to_dict()
+
+
+def run_sbatch(wildcards):
+    return render_run_sbatch(run_of(wildcards), STUDY.config, Path.cwd(), STUDY.config["container"])
+
+
+def import_sbatch(wildcards):
+    model = STUDY.models[wildcards.model]
+    return render_import_sbatch(model, STUDY.config, Path.cwd(), STUDY.config["container"])
 
 
 def run_gpus(wildcards):

@@ -7,13 +7,15 @@ localrules:
 
 rule configure_run:
     output:
-        "experiments/{track}/{model}/{name}/run.json",
+        run="experiments/{track}/{model}/{name}/run.json",
+        sbatch="experiments/{track}/{model}/{name}/run.sbatch",
     log:
         "experiments/{track}/{model}/{name}/configure.log",
     params:
         run=run_params,
+        sbatch=run_sbatch,
     run:
-        write_run_json(params.run, output[0], log[0])
+        write_run_files(params.run, params.sbatch, output.run, output.sbatch, log[0])
 
 
 rule train:
@@ -32,8 +34,10 @@ rule train:
     threads: run_gpus
     resources:
         gpu=run_gpus,
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        nodes=lambda wc: train_resources(run_of(wc), STUDY.config).nodes,
+        cpus_per_task=lambda wc: train_resources(run_of(wc), STUDY.config).cpus,
+        mem_mb=lambda wc, attempt: train_resources(run_of(wc), STUDY.config, attempt).mem_mb,
+        runtime=lambda wc, attempt: train_resources(run_of(wc), STUDY.config, attempt).runtime_min,
     shell:
         "ftscale train {input.run} --log {log.train} --launch-record {log.launch}"
 
@@ -46,3 +50,9 @@ rule train_data_parallel:
 rule train_model_parallel:
     input:
         [f"{d}/metrics.jsonl" for d in all_run_dirs() if d.startswith("experiments/model_parallel/")],
+
+
+rule sbatch_scripts:
+    input:
+        [f"{d}/run.sbatch" for d in all_run_dirs()],
+        expand("models/{model}/import.sbatch", model=STUDY.models),

@@ -10,6 +10,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (workflow.py, slurm_cluster.py)
 
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the private Slurm cluster fixture)
+
 
 @pytest.fixture
 def default_config() -> dict:

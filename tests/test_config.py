@@ -147,3 +147,11 @@ def test_every_shipped_model_and_the_template_validate(repo):
     for path in sorted((repo / "models").glob("*/model.yaml")):
         model = load_model(path.parent.name, repo, check_source=False)
         assert model.arch["hidden_size"] > 0
+
+
+def test_minimal_config_gets_every_default(repo):
+    s = load_study({"models": ["tiny_llama"], "batch": {"micro_batch": 1, "global_batch": 1, "seq_length": 16,
+                                                         "steps": 2, "warmup_steps": 1}}, "min.yaml", repo)
+    run = s.runs_of("data_parallel")[0]
+    assert run.lora == {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    assert s.config["resources"]["train"]["runtime_min"] == 30 and s.config["engine"] == "embedded"

@@ -94,5 +94,64 @@ def test_nonzero_exit_without_known_pattern_is_failed(tmp_path):
 def test_step_line_round_trips_through_the_parser():
     line = step_line(3, 10, 2.5, 0.25, 4096, 123.4, 200.0, "cuda")
     assert PATTERNS["embedded_step"].search(line)
-    steps, _, _ = parse_steps(line)
+    steps, _, _ = parse_steps(line + "\n")
     assert steps[0]["step"] == 3 and steps[0]["step_time_s"] == 0.25 and steps[0]["peak_mem_mib"] == 123.4
+
+
+NEMO_FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
+
+
+def nemo_run(tmp_path: Path, log: str, returncode: int | None) -> Path:
+    """A run directory of the NeMo engine (llama31_8b, 8 GPUs, LoRA, 50 steps) around a fixture log."""
+    run = {"name": "gpus8_mbs1_gbs128_seq2048", "track": "data_parallel", "model": "llama31_8b", "engine": "nemo",
+           "gpus": 8, "tp": 1, "ep": 1, "dp": 8, "sp": False, "micro_batch": 1, "global_batch": 128,
+           "seq_length": 2048, "steps": 50, "warmup_steps": 10, "scaling": "weak", "weights": "pretrained"}
+    d = tmp_path / log
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps(run))
+    shutil.copy(NEMO_FIXTURES / log, d / "train.log")
+    (d / "launch.json").write_text(json.dumps({"returncode": returncode, "wall_s": 600.0,
+                                               "end": None if returncode is None else 1.0}))
+    return d
+
+
+def nemo_step_times(log: Path) -> list[float]:
+    return [float(line.split("train_step_timing in s: ")[1].split()[0])
+            for line in log.read_text().splitlines() if line.startswith("Training epoch")]
+
+
+def test_nemo_complete_log():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = parse_run(nemo_run(Path(tmp), "complete.log", 0))
+    times = nemo_step_times(NEMO_FIXTURES / "complete.log")
+    assert rec.status == "ok" and rec.steps_done == 50
+    assert rec.step_time_s == pytest.approx(statistics.median(times[10:]))
+    assert rec.tokens_per_s == pytest.approx(128 * 2048 / rec.step_time_s)
+    allocated = [int(line.split("max_memory_allocated: ")[1].split()[0])
+                 for line in (NEMO_FIXTURES / "complete.log").read_text().splitlines() if "max_memory_allocated" in line]
+    assert rec.peak_mem_mib == pytest.approx(max(allocated) / 2**20) and rec.mem_kind == "cuda"
+
+
+@pytest.mark.parametrize("log, status, reason", [
+    ("oom.log", "oom", "out of GPU memory"),
+    ("nccl_timeout.log", "failed", "NCCL timeout"),
+])
+def test_nemo_failures(tmp_path, log, status, reason):
+    rec = parse_run(nemo_run(tmp_path, log, 1))
+    assert (rec.status, rec.reason) == (status, reason)
+
+
+def test_nemo_truncated_log(tmp_path):
+    rec = parse_run(nemo_run(tmp_path, "truncated.log", None))
+    assert rec.status == "incomplete" and rec.steps_done == 31
+    assert rec.step_time_s is not None  # the measured steps stay visible, the status says it is partial
+
+
+def test_half_written_last_line_is_ignored(tmp_path):
+    d = nemo_run(tmp_path, "truncated.log", None)
+    text = (d / "train.log").read_text()
+    (d / "train.log").write_text(text + "Training epoch 0, iteration 31/49 | lr: 4.1e-05 | global_batch_size: 12")
+    rec = parse_run(d)
+    assert rec.steps_done == 31

@@ -7,6 +7,7 @@ value that broke a rule (``ConfigError``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,7 +181,8 @@ class Run:
     def name(self) -> str:
         batch = f"mbs{self.micro_batch}_gbs{self.global_batch}_seq{self.seq_length}"
         if self.track == "data_parallel":
-            return f"gpus{self.gpus}_{batch}"
+            ep = f"_ep{self.ep}" if self.ep > 1 else ""
+            return f"gpus{self.gpus}{ep}_{batch}"
         sp = "_sp" if self.sp else ""
         return f"tp{self.tp}_ep{self.ep}_dp{self.dp}{sp}_{batch}"
 
@@ -250,20 +252,13 @@ class Study:
     def scaling_groups(self, model: str) -> dict[str, list[Run]]:
         """Data-parallel runs of one model per scaling mode (the 1-GPU run belongs to every mode)."""
         dp_cfg = self.config["tracks"]["data_parallel"]
-        groups: dict[str, list[Run]] = {}
-        for mode in dp_cfg["scaling"]:
-            names = {_dp_run_name(self, model, gpus, mode) for gpus in dp_cfg["gpus"]}
-            groups[mode] = sorted(
-                (r for r in self.runs_of("data_parallel") if r.model == model and r.name in names),
-                key=lambda r: r.gpus,
-            )
-        return groups
-
-
-def _dp_run_name(study: Study, model: str, gpus: int, mode: str) -> str:
-    batch = _track_batch(study.config, "data_parallel")
-    gbs = batch["global_batch"] * (gpus if mode == "weak" else 1)
-    return f"gpus{gpus}_mbs{batch['micro_batch']}_gbs{gbs}_seq{batch['seq_length']}"
+        base = _track_batch(self.config, "data_parallel")["global_batch"]
+        runs = [r for r in self.runs_of("data_parallel") if r.model == model]
+        return {
+            mode: sorted((r for r in runs if r.global_batch == base * (r.gpus if mode == "weak" else 1)),
+                         key=lambda r: r.gpus)
+            for mode in dp_cfg["scaling"]
+        }
 
 
 def _track_batch(config: dict, track: str) -> dict:
@@ -287,13 +282,29 @@ def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> 
                     f"{model.yaml_path}: key 'nemo' is missing: engine 'nemo' (from {source}) needs "
                     "the NeMo recipe, model_class and config_class of this model"
                 )
+        if not cfg["container"]:
+            raise ConfigError(
+                f"{source}: key 'container' = \"\": engine 'nemo' needs the NeMo container image "
+                "(e.g. --config container=nvcr.io/nvidia/nemo:TAG), or \"none\" when NeMo is installed on the nodes"
+            )
 
     runs: dict[str, Run] = {}
+    errors: list[str] = []
 
     def add(run: Run) -> None:
+        per_node = cfg["gpus_per_node"]
+        if run.gpus > per_node:
+            if run.gpus % per_node:
+                errors.append(f"{source}: run {run.directory}: {run.gpus} GPUs do not fill whole nodes of "
+                              f"gpus_per_node = {per_node}")
+                return
+            run = dataclasses.replace(run, nodes=run.gpus // per_node)
+        if cfg["engine"] == "nemo":
+            from ftscale.engine.nemo import check_run
+
+            errors.extend(f"{source}: {e}" for e in check_run(run.to_dict(), models[run.model].spec))
         runs.setdefault(run.directory, run)
 
-    errors: list[str] = []
     for track in TRACKS:
         if not tracks[track]["enabled"]:
             continue
@@ -309,9 +320,18 @@ def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> 
         )
         if track == "data_parallel":
             dp_cfg = tracks[track]
+            if dp_cfg["moe_expert_parallel"] and cfg["engine"] != "nemo":
+                errors.append(f"{source}: key 'tracks.data_parallel.moe_expert_parallel' = true: only engine 'nemo' "
+                              "splits experts on the data-parallel track")
             for name, model in models.items():
                 for mode in dp_cfg["scaling"]:
                     for i, gpus in enumerate(dp_cfg["gpus"]):
+                        ep = gpus if (dp_cfg["moe_expert_parallel"] and model.is_moe) else 1
+                        if ep > 1 and model.arch["num_local_experts"] % ep:
+                            errors.append(f"{source}: key 'tracks.data_parallel.gpus[{i}]' = {gpus}: with "
+                                          f"moe_expert_parallel, ep = {gpus} must divide the experts of {name} "
+                                          f"({model.arch['num_local_experts']})")
+                            continue
                         gbs = batch["global_batch"] * (gpus if mode == "weak" else 1)
                         if gbs % (batch["micro_batch"] * gpus):
                             errors.append(
@@ -320,7 +340,7 @@ def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> 
                                 f"{batch['micro_batch']} x {gpus}"
                             )
                             continue
-                        add(Run(**{**common, "model": name}, track=track, gpus=gpus, tp=1, ep=1, dp=gpus,
+                        add(Run(**{**common, "model": name}, track=track, gpus=gpus, tp=1, ep=ep, dp=gpus // ep,
                                 sp=False, global_batch=gbs, lora=dict(dp_cfg["lora"]),
                                 scaling=mode if gpus > 1 else None,
                                 weights=model.spec["weights"]))
@@ -350,8 +370,15 @@ def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> 
     return Study(config=cfg, models=models, runs=tuple(runs.values()), source=source)
 
 
-def write_run_json(run: dict, path: str | Path, log: str | Path | None = None) -> None:
-    """The run's resolved configuration, read by the engines and by the analysis."""
-    Path(path).write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+def write_text(text: str, path: str | Path, log: str | Path | None = None) -> None:
+    Path(path).write_text(text)
     if log:
-        Path(log).write_text(f"wrote {path}\n")
+        with open(log, "a") as out:
+            out.write(f"wrote {path}\n")
+
+
+def write_run_files(run: dict, sbatch: str, run_path: str | Path, sbatch_path: str | Path,
+                    log: str | Path | None = None) -> None:
+    """The run's resolved configuration (read by the engines and the analysis) and its sbatch script."""
+    write_text(json.dumps(run, indent=2, sort_keys=True) + "\n", run_path, log)
+    write_text(sbatch, sbatch_path, log)

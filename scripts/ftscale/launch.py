@@ -35,6 +35,14 @@ def launch_command(run: dict, run_json: str, python: str = sys.executable) -> li
     ]
 
 
+def write_metrics_from_log(log: Path, metrics: Path) -> None:
+    """metrics.jsonl for an engine that only prints (NeMo): one record per parsed step line."""
+    from ftscale.parse import parse_steps
+
+    steps, _, _ = parse_steps(log.read_text(errors="replace"))
+    metrics.write_text("".join(json.dumps({k: v for k, v in s.items() if k != "line"}) + "\n" for s in steps))
+
+
 def _write(path: Path, record: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -75,6 +83,9 @@ def run_job(run_json: Path, log: Path, launch_record: Path) -> int:
     record.update(end=time.time(), returncode=code, signal=signal.Signals(received[0]).name if received else None)
     record["wall_s"] = round(record["end"] - record["start"], 3)
     _write(launch_record, record)
+    metrics = Path(run_json).parent / "metrics.jsonl"
+    if code == 0 and not metrics.exists():
+        write_metrics_from_log(log, metrics)
     status = "ok" if code == 0 else f"FAILED (exit {code})"
     print(f"[ftscale] {run['name']}: {status} after {record['wall_s']:.1f} s", flush=True)
     if received:

@@ -117,7 +117,10 @@ def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
     steps: dict[int, dict] = {}
     layout: dict = {}
     done = False
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # a log cut mid-line: its last line is half-written
+    for lineno, line in enumerate(lines, start=1):
         if m := PATTERNS["embedded_step"].search(line):
             rec = {k: (_number(v) if k not in ("mem_kind",) else v) for k, v in m.groupdict().items()}
             rec["step"], rec["steps"], rec["line"] = int(rec["step"]), int(rec["steps"]), lineno

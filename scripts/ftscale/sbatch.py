@@ -1,0 +1,80 @@
+"""Scheduler resources of each job, and the standalone sbatch scripts rendered beside each run/model.
+
+The rendered ``run.sbatch`` runs exactly the command of the workflow's train job, so a participant can
+submit one experiment by hand (``sbatch experiments/.../run.sbatch``) and the analysis picks its
+output up like any other. Partition, account and QoS are not written into the file: sbatch takes them
+from the command line or from SBATCH_PARTITION, SBATCH_ACCOUNT and SBATCH_QOS.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftscale.config import Model, Run
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int
+    cpus: int
+    mem_mb: int
+    runtime_min: int
+    nodes: int = 1
+
+
+def train_resources(run: Run, config: dict, attempt: int = 1) -> Resources:
+    res = config["resources"]["train"]
+    per_node = run.gpus // run.nodes
+    return Resources(gpus=run.gpus, cpus=per_node * res["cpus_per_gpu"], mem_mb=per_node * res["mem_mb_per_gpu"],
+                     runtime_min=res["runtime_min"] * attempt, nodes=run.nodes)
+
+
+def import_resources(config: dict, attempt: int = 1) -> Resources:
+    res = config["resources"]["import"]
+    return Resources(gpus=res["gpus"], cpus=res["cpus"], mem_mb=res["mem_mb"], runtime_min=res["runtime_min"] * attempt)
+
+
+def _header(job_name: str, res: Resources, output: str, container: str) -> list[str]:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={res.nodes}"]
+    if res.gpus:
+        lines.append(f"#SBATCH --gpus={res.gpus}")
+    lines += [f"#SBATCH --cpus-per-task={res.cpus}", f"#SBATCH --mem={res.mem_mb}M",
+              f"#SBATCH --time={res.runtime_min}", f"#SBATCH --output={output}"]
+    if container:
+        lines.append(f"#SBATCH --container-image={container}  # pyxis; remove if your cluster has no pyxis")
+        lines.append("#SBATCH --container-mounts=.:/workspace --container-workdir=/workspace")
+    return lines
+
+
+def render_run_sbatch(run: Run, config: dict, repo: Path, container: str = "") -> str:
+    res = train_resources(run, config)
+    d = run.directory
+    cmd = ["ftscale", "train", f"{d}/run.json", "--log", f"{d}/train.log", "--launch-record", f"{d}/launch.json"]
+    return "\n".join([
+        *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{repo}/{d}/slurm-%j.out", container),
+        "#",
+        f"# The {run.track.replace('_', '-')} run {run.name} of {run.model}, standalone: the same command as the",
+        "# workflow's train job. Submit from anywhere: sbatch [-p PARTITION -A ACCOUNT] " + f"{d}/run.sbatch",
+        "# Afterwards, `snakemake results/tables.md` picks up its output. Rendered by the workflow: edits are lost.",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(repo))}",
+        shlex.join(cmd),
+        "",
+    ])
+
+
+def render_import_sbatch(model: Model, config: dict, repo: Path, container: str = "") -> str:
+    res = import_resources(config)
+    out = f"models/{model.name}/model"
+    return "\n".join([
+        *_header(f"ftscale-import-{model.name}", res, f"{repo}/models/{model.name}/import-%j.out", container),
+        "#",
+        f"# Import {model.name} ({model.spec['source']}) once into {out}, standalone: the workflow's import job.",
+        "# A gated hub model needs HF_TOKEN in the environment (never written to a file).",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(repo))}",
+        shlex.join(["ftscale", "import", model.name, "--out", out, "--engine", config["engine"]]),
+        "",
+    ])
