@@ -12,8 +12,15 @@ from ftscale.tables import render_tables, write_csv
 
 def collect(study: Study, root: Path = Path(".")) -> list[RunRecord]:
     """One record per planned run, in plan order; a run that never started is ``not_run``."""
-    return [parse_run(root / run.directory) if (root / run.directory / "run.json").is_file()
-            else _not_run(run) for run in study.runs]
+    records = []
+    for run in study.runs:
+        if (root / run.directory / "run.json").is_file():
+            record = parse_run(root / run.directory)
+            record.run_dir = run.directory  # the run's identity, whatever the root
+        else:
+            record = _not_run(run)
+        records.append(record)
+    return records
 
 
 def _not_run(run) -> RunRecord:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ import io
 from pathlib import Path
 from typing import Iterable
 
+from ftscale.comm import CommBytes, Layout, comm_bytes_per_step, params_per_gpu
 from ftscale.config import Study
 from ftscale.parse import RunRecord
 
@@ -92,6 +93,21 @@ def dp_section(study: Study, records: dict[str, RunRecord], model: str) -> str:
     return "\n\n".join(parts)
 
 
+def comm_per_step(study: Study, r: RunRecord) -> CommBytes:
+    """Analytic bytes communicated per step per GPU (ftscale.comm), in the run's precision."""
+    run = study.run_by_dir(r.run_dir) if r.run_dir in {x.directory for x in study.runs} else None
+    bf16 = (r.layout.get("dtype") == "bfloat16") or (run is not None and run.precision == "bf16")
+    nbytes = 2 if bf16 else 4
+    return comm_bytes_per_step(study.models[r.model].arch, Layout(tp=r.tp, ep=r.ep, dp=r.dp, sp=r.sp),
+                               micro_batch=r.micro_batch, seq_length=r.seq_length,
+                               grad_accum=r.global_batch // (r.micro_batch * r.ep * r.dp),
+                               act_bytes=nbytes, grad_bytes=nbytes, lora=None)
+
+
+def _mib(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
 def mp_section(study: Study, records: dict[str, RunRecord], model: str) -> str:
     recs = [records[r.directory] for r in study.runs_of("model_parallel") if r.model == model]
     if not recs:
@@ -99,13 +115,40 @@ def mp_section(study: Study, records: dict[str, RunRecord], model: str) -> str:
     ok_mem = [r.peak_mem_mib for r in recs if r.status == "ok" and r.peak_mem_mib]
     smallest = min(ok_mem) if ok_mem else None
     header = ["GPUs", "TP", "EP", "SP", "DP", "step time (s)", "tokens/s", "tokens/s/GPU", "peak mem/GPU (MiB)",
-              "mem vs smallest", "params/GPU", "status"]
+              "mem vs smallest", "params/GPU (run)", "params/GPU (formula)", "TP comm (MiB)", "EP all-to-all (MiB)",
+              "DP all-reduce (MiB)", "status"]
     rows = []
     for r in sorted(recs, key=lambda r: (r.gpus, r.tp, r.ep)):
         rel = r.peak_mem_mib / smallest if (smallest and r.peak_mem_mib and r.status == "ok") else None
+        comm = comm_per_step(study, r)
+        tp_comm = comm.tp_allreduce + comm.tp_allgather + comm.tp_reducescatter
         rows.append([r.gpus, r.tp, r.ep, r.sp, r.dp, r.step_time_s, r.tokens_per_s, r.tokens_per_s_per_gpu,
-                     _mem(r), rel, r.layout.get("params_per_rank"), _status(r)])
-    return f"#### {model}: model parallel (full fine-tuning)\n\n{markdown_table(header, rows)}"
+                     _mem(r), rel, r.layout.get("params_per_rank"), params_per_gpu(study.models[model].arch, r.tp, r.ep),
+                     _mib(tp_comm), _mib(comm.ep_alltoall), _mib(comm.dp_allreduce), _status(r)])
+    note = ("Communication: analytic bytes sent per GPU per optimizer step (ring collectives; formulas in "
+            "`scripts/ftscale/comm.py`): TP = all-reduces, or all-gather + reduce-scatter with SP, of the "
+            "activations (4 per layer and micro-batch); EP = dispatch and combine all-to-all of the routed "
+            "tokens, forward and backward; DP = one gradient all-reduce (non-expert weights over ep x dp "
+            "replicas, experts over dp). params/GPU (run) is read back from the sharded model.")
+    return f"#### {model}: model parallel (full fine-tuning)\n\n{markdown_table(header, rows)}\n\n{note}"
+
+
+def dense_vs_moe(study: Study, records: list[RunRecord]) -> str:
+    """Dense and MoE model-parallel runs side by side at equal GPU counts."""
+    ok = [r for r in records if r.track == "model_parallel" and r.status == "ok"]
+    dense = {r.gpus: r for r in ok if not study.models[r.model].is_moe}
+    moe = {r.gpus: r for r in ok if study.models[r.model].is_moe}
+    rows = []
+    for gpus in sorted(set(dense) & set(moe)):
+        d, m = dense[gpus], moe[gpus]
+        rows.append([gpus, f"{d.model} tp{d.tp}", d.tokens_per_s_per_gpu, _mem(d),
+                     f"{m.model} tp{m.tp} ep{m.ep}", m.tokens_per_s_per_gpu, _mem(m)])
+    if not rows:
+        return ""
+    header = ["GPUs", "dense layout", "dense tokens/s/GPU", "dense peak mem/GPU (MiB)", "MoE layout",
+              "MoE tokens/s/GPU", "MoE peak mem/GPU (MiB)"]
+    return ("#### Dense vs mixture of experts at equal GPU counts\n\n" + markdown_table(header, rows)
+            + "\n\nWhere a GPU count has several layouts, the last one listed is shown.")
 
 
 def write_csv(records: list[RunRecord], study: Study, path: Path) -> None:
@@ -141,4 +184,6 @@ def render_tables(study: Study, records: list[RunRecord]) -> str:
     if study.config["tracks"]["model_parallel"]["enabled"] and study.runs_of("model_parallel"):
         out += ["", "## Model parallel (full fine-tuning)", ""]
         out += [s + "\n" for m in study.models if (s := mp_section(study, by_dir, m))]
+        if comparison := dense_vs_moe(study, records):
+            out.append(comparison + "\n")
     return "\n".join(out).rstrip() + "\n"
