@@ -14,6 +14,7 @@ include: "rules/common.smk"
 include: "rules/import.smk"
 include: "rules/finetune.smk"
 include: "rules/analyze.smk"
+include: "rules/graph.smk"
 
 
 rule all:

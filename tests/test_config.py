@@ -155,3 +155,13 @@ def test_minimal_config_gets_every_default(repo):
     run = s.runs_of("data_parallel")[0]
     assert run.lora == {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     assert s.config["resources"]["train"]["runtime_min"] == 30 and s.config["engine"] == "embedded"
+
+
+def test_batch_lists_sweep_every_combination(default_config, repo):
+    default_config["batch"].update(micro_batch=[1, 2], seq_length=[64, 128])
+    default_config["tracks"]["data_parallel"]["gpus"] = [1, 2]
+    s = study(default_config, repo)
+    groups = s.scaling_groups("tiny_llama")
+    assert sorted(groups) == sorted(f"weak, micro batch {m}, sequence {q}" for m in (1, 2) for q in (64, 128))
+    assert all(len(runs) == 2 for runs in groups.values())
+    assert len({r.name for r in s.runs_of("data_parallel") if r.model == "tiny_llama"}) == 8

@@ -250,21 +250,38 @@ class Study:
         raise KeyError(directory)
 
     def scaling_groups(self, model: str) -> dict[str, list[Run]]:
-        """Data-parallel runs of one model per scaling mode (the 1-GPU run belongs to every mode)."""
+        """Data-parallel runs of one model per scaling mode and batch shape (the 1-GPU run belongs to
+        every mode), labelled for the tables."""
         dp_cfg = self.config["tracks"]["data_parallel"]
-        base = _track_batch(self.config, "data_parallel")["global_batch"]
+        variants = batch_variants(self.config, "data_parallel")
         runs = [r for r in self.runs_of("data_parallel") if r.model == model]
-        return {
-            mode: sorted((r for r in runs if r.global_batch == base * (r.gpus if mode == "weak" else 1)),
-                         key=lambda r: r.gpus)
-            for mode in dp_cfg["scaling"]
-        }
+        groups = {}
+        for mode in dp_cfg["scaling"]:
+            for batch in variants:
+                label = mode if len(variants) == 1 else (
+                    f"{mode}, micro batch {batch['micro_batch']}, sequence {batch['seq_length']}")
+                groups[label] = sorted(
+                    (r for r in runs if r.micro_batch == batch["micro_batch"] and r.seq_length == batch["seq_length"]
+                     and r.global_batch == batch["global_batch"] * (r.gpus if mode == "weak" else 1)),
+                    key=lambda r: r.gpus)
+        return groups
 
 
 def _track_batch(config: dict, track: str) -> dict:
     batch = dict(config["batch"])
     batch.update(config["tracks"].get(track, {}).get("batch", {}) or {})
     return batch
+
+
+def _as_list(value: int | list[int]) -> list[int]:
+    return value if isinstance(value, list) else [value]
+
+
+def batch_variants(config: dict, track: str) -> list[dict]:
+    """The batch settings of a track, one dict per (micro batch, sequence length) of the sweep."""
+    batch = _track_batch(config, track)
+    return [{**batch, "micro_batch": m, "seq_length": s}
+            for s in _as_list(batch["seq_length"]) for m in _as_list(batch["micro_batch"])]
 
 
 def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> Study:
@@ -305,14 +322,7 @@ def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> 
             errors.extend(f"{source}: {e}" for e in check_run(run.to_dict(), models[run.model].spec))
         runs.setdefault(run.directory, run)
 
-    for track in TRACKS:
-        if not tracks[track]["enabled"]:
-            continue
-        batch = _track_batch(cfg, track)
-        where = f"{source}: key 'batch' (with tracks.{track}.batch)"
-        if batch["warmup_steps"] >= batch["steps"]:
-            errors.append(f"{where}: warmup_steps = {batch['warmup_steps']} must be less than steps = {batch['steps']}")
-            continue
+    def add_track_runs(track: str, batch: dict) -> None:
         common = dict(
             model="", engine=cfg["engine"], micro_batch=batch["micro_batch"], seq_length=batch["seq_length"],
             steps=batch["steps"], warmup_steps=batch["warmup_steps"], learning_rate=batch["learning_rate"],
@@ -363,8 +373,20 @@ def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> 
                         continue
                     add(Run(**{**common, "model": name}, track=track, gpus=gpus, tp=tp, ep=ep, dp=dp,
                             sp=sp, global_batch=gbs, lora=None, weights=model.spec["weights"]))
+
+    for track in TRACKS:
+        if not tracks[track]["enabled"]:
+            continue
+        first = _track_batch(cfg, track)
+        if first["warmup_steps"] >= first["steps"]:
+            errors.append(f"{source}: key 'batch' (with tracks.{track}.batch): warmup_steps = "
+                          f"{first['warmup_steps']} must be less than steps = {first['steps']}")
+            continue
+        for batch in batch_variants(cfg, track):
+            add_track_runs(track, batch)
+
     if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(errors)))
     if not runs:
         raise ConfigError(f"{source}: no runs: every track is disabled or empty")
     return Study(config=cfg, models=models, runs=tuple(runs.values()), source=source)
