@@ -220,6 +220,9 @@ def layout_errors(model: Model, tp: int, ep: int, dp: int, gpus: int, sp: bool, 
             f"tp = {tp} must divide the attention heads ({arch['num_attention_heads']}) "
             f"and the key/value heads ({arch['num_key_value_heads']})"
         )
+    if arch["intermediate_size"] % tp or arch["vocab_size"] % tp:
+        errs.append(f"tp = {tp} must divide intermediate_size ({arch['intermediate_size']}) "
+                    f"and vocab_size ({arch['vocab_size']})")
     if ep > 1 and not model.is_moe:
         errs.append(f"ep = {ep} but {model.name} is a dense model: expert parallelism needs experts")
     if model.is_moe and arch["num_local_experts"] % ep:
@@ -365,6 +368,8 @@ def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> 
                     tp, ep, dp, sp = lay["tp"], lay["ep"], lay["dp"], lay["sp"]
                     gpus = tp * ep * dp
                     errs = layout_errors(model, tp, ep, dp, gpus, sp, lora=False)
+                    if sp and batch["seq_length"] % tp:
+                        errs.append(f"sp needs tp = {tp} to divide seq_length = {batch['seq_length']}")
                     gbs = batch["global_batch"] * dp * ep
                     if gbs % (batch["micro_batch"] * dp * ep):
                         errs.append("global batch not divisible by micro_batch x data-parallel size")
