@@ -1,8 +1,19 @@
-# analyze: every run's log -> results/scaling.csv and results/tables.md.
+# analyze: every run's log -> results/scaling.csv, results/tables.md and results/plots/*.png, each in
+# `snakemake --report results/report.html` (captions in rules/report/). Optional: results/comparison.md
+# against other participants' exported CSVs in results/participants/.
+from ftscale.compare import write_comparison
+from ftscale.plots import PLOTS
+
+# Read when the workflow starts: a file added later counts from the next invocation.
+PARTICIPANT_CSVS = sorted(str(p) for p in Path("results/participants").glob("*.csv"))
+
+
+report: "report/workflow.rst"
 
 
 localrules:
     tables,
+    compare,
 
 
 rule tables:
@@ -11,10 +22,29 @@ rule tables:
         metrics=[f"{d}/metrics.jsonl" for d in all_run_dirs()],
         # not read: listed so that the main target also renders each model's standalone import.sbatch
         import_sbatch=expand("models/{model}/import.sbatch", model=STUDY.models),
+        references="config/references.yaml",
     output:
-        csv="results/scaling.csv",
-        md="results/tables.md",
+        csv=report("results/scaling.csv", caption="report/scaling.rst", category="Tables"),
+        md=report("results/tables.md", caption="report/tables.rst", category="Tables"),
+        plots=[
+            report(f"results/plots/{stem}.png", caption=f"report/{stem}.rst", category="Plots",
+                   labels={"plot": title})
+            for stem, title in PLOTS.items()
+        ],
     log:
         "results/logs/tables.log",
     run:
-        write_results(STUDY, Path(output.csv), Path(output.md))
+        write_results(STUDY, Path(output.csv), Path(output.md), plots_dir=Path("results/plots"), log=Path(log[0]))
+
+
+rule compare:
+    input:
+        own="results/scaling.csv",
+        participants=PARTICIPANT_CSVS,
+    output:
+        md=report("results/comparison.md", caption="report/comparison.rst", category="Comparison"),
+        png=report("results/plots/comparison.png", caption="report/comparison.rst", category="Comparison"),
+    log:
+        "results/logs/compare.log",
+    run:
+        write_comparison(input.own, input.participants, output.md, output.png, log=log[0])

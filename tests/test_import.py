@@ -82,3 +82,22 @@ def test_gated_hub_model_needs_token(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="gated repository: set HF_TOKEN"):
         import_model(load_model("llama31_8b"), tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_synthetic_at_load_writes_no_weights_and_builds_the_same_model_each_time(tmp_path, repo):
+    import torch
+
+    from ftscale.models import load_for_training
+
+    shutil.copytree(repo / "config", tmp_path / "config")
+    spec = yaml.safe_load((repo / "models/tiny_mixtral/model.yaml").read_text())
+    spec["synthetic_at_load"] = True
+    (tmp_path / "models/tiny_mixtral").mkdir(parents=True)
+    (tmp_path / "models/tiny_mixtral/model.yaml").write_text(yaml.safe_dump(spec))
+    out = import_model(load_model("tiny_mixtral", tmp_path), tmp_path / "model", root=tmp_path)
+    assert not list(out.glob("*.safetensors")) and (out / "config.json").is_file()
+    a = load_for_training(out, torch.float32, "cpu")
+    b = load_for_training(out, torch.float32, "cpu")
+    assert a.config.num_local_experts == 4
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name

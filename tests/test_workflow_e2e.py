@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
+from ftscale.flops import training_flops_per_token
+from ftscale.plots import PLOTS
 from workflow import copy_workflow, snakemake
 
 CONFIG = "tests/config/e2e.yaml"
+ENV = {**os.environ, "FTSCALE_PARTICIPANT": "e2e"}  # the participant named in every row
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     work = copy_workflow(tmp_path_factory.mktemp("e2e"))
-    snakemake(work, "results/tables.md", "--cores", "2", "--configfile", CONFIG)
+    snakemake(work, "results/tables.md", "--cores", "2", "--configfile", CONFIG, env=ENV)
+    snakemake(work, "--report", "results/report.html", "--configfile", CONFIG)
     return work
 
 
 def test_every_row_comes_from_its_runs_log(finished):
     rows = list(csv.DictReader((finished / "results" / "scaling.csv").open()))
-    # 2 models x (1, 2 GPUs weak, 2 GPUs strong): the 1-GPU run serves both modes
-    assert len(rows) == 6
+    # 2 models x (1, 2 GPUs weak, 2 GPUs strong; the 1-GPU run serves both modes) + 2 model-parallel runs
+    assert len(rows) == 8
+    assert {(r["model"], r["run"].split("_mbs")[0]) for r in rows if r["track"] == "model_parallel"} == {
+        ("tiny_llama", "tp2_ep1_dp1_sp"), ("tiny_mixtral", "tp1_ep2_dp1")}
     for row in rows:
         assert row["status"] == "ok", row
         run_dir = finished / "experiments" / row["track"] / row["model"] / row["run"]
@@ -38,12 +46,68 @@ def test_every_row_comes_from_its_runs_log(finished):
         assert json.loads((run_dir / "run.json").read_text())["global_batch"] == int(row["global_batch"])
 
 
+def test_model_parallel_rows_show_the_layout_that_ran(finished):
+    rows = [r for r in csv.DictReader((finished / "results" / "scaling.csv").open()) if r["track"] == "model_parallel"]
+    for row in rows:
+        log = (finished / "experiments/model_parallel" / row["model"] / row["run"] / "train.log").read_text()
+        (layout,) = [line for line in log.splitlines() if line.startswith("[ftscale] layout ")]
+        fields = dict(item.split("=", 1) for item in layout.split()[2:])
+        assert (fields["tp"], fields["ep"], fields["sp"]) == (row["tp"], row["ep"], "1" if row["sp"] == "True" else "0")
+    md = (finished / "results" / "tables.md").read_text()
+    assert "#### tiny_llama: model parallel (full fine-tuning)" in md
+    assert "#### tiny_mixtral: model parallel (full fine-tuning)" in md
+
+
 def test_tables_have_both_scaling_modes_per_model(finished):
     md = (finished / "results" / "tables.md").read_text()
     for model in ("tiny_llama", "tiny_mixtral"):
         assert f"#### {model}: weak scaling" in md
         assert f"#### {model}: strong scaling" in md
     assert "E = T(1) / T(N)" in md and "E = T(1) / (N x T(N))" in md
+
+
+def test_rows_have_model_flops_mfu_reason_and_provenance(finished):
+    rows = list(csv.DictReader((finished / "results" / "scaling.csv").open()))
+    for row in rows:
+        run = json.loads((finished / "experiments" / row["track"] / row["model"] / row["run"] / "run.json").read_text())
+        arch = yaml.safe_load((finished / "models" / row["model"] / "model.yaml").read_text())["architecture"]
+        flops = training_flops_per_token(arch, run["seq_length"], run["lora"]).total
+        assert int(row["flops_per_token"]) == flops
+        assert float(row["tflops_per_gpu"]) == pytest.approx(float(row["tokens_per_s_per_gpu"]) * flops / 1e12)
+        assert row["mfu"] == "" and row["mfu_note"] == "no peak for cpu"  # the embedded engine ran on the CPU
+        assert row["device"] == "cpu" and row["participant"] == "e2e" and row["schema_version"] == "1"
+        assert row["gpus_per_node"] == str(run["gpus_per_node"]) and row["date"] and row["torch_version"]
+        assert row["ref_tokens_per_s_per_gpu"] in ("within", "below", "above", "no reference")
+
+
+def test_plots_are_linked_from_the_tables(finished):
+    md = (finished / "results" / "tables.md").read_text()
+    assert "MFU blank: no peak for cpu" in md and "## Provenance" in md
+    for stem in PLOTS:
+        png = finished / "results" / "plots" / f"{stem}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1024, stem
+        assert f"(plots/{stem}.png)" in md
+
+
+def test_html_report_has_the_tables_and_plots(finished):
+    html = (finished / "results" / "report.html").read_text()
+    for name in ("tables.md", "scaling.csv", *(f"{stem}.png" for stem in PLOTS)):
+        assert name in html, name
+    assert "The scaling tables" in html  # a caption from rules/report/
+
+
+def test_compare_rule_reads_the_participants_folder(finished):
+    rows = list(csv.DictReader((finished / "results" / "scaling.csv").open()))
+    other = finished / "results" / "participants" / "other.csv"
+    other.parent.mkdir(exist_ok=True)
+    with other.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "participant": "other"} for row in rows)
+    snakemake(finished, "results/comparison.md", "--cores", "1", "--configfile", CONFIG, env=ENV)
+    md = (finished / "results" / "comparison.md").read_text()
+    assert "16 runs of 2 participant(s)" in md and "| e2e |" in md and "| other |" in md
+    assert (finished / "results" / "plots" / "comparison.png").stat().st_size > 1024
 
 
 def test_checkpoints_are_read_only_after_import(finished):

@@ -37,6 +37,23 @@ def hf_config(arch: dict):  # -> transformers.PretrainedConfig
     return MixtralConfig(**kwargs, output_router_logits=False)
 
 
+def load_for_training(checkpoint: str | Path, dtype, device):  # -> PreTrainedModel
+    """The checkpoint's model on ``device``: weights from the files, or, for a synthetic
+    at-load import, created from its seed directly on the device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint = Path(checkpoint)
+    marker = json.loads((checkpoint / IMPORT_MARKER).read_text()) if (checkpoint / IMPORT_MARKER).is_file() else {}
+    if marker.get("at_load"):
+        config = AutoConfig.from_pretrained(checkpoint)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(marker["seed"])
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
+
+
 def is_imported(out_dir: Path) -> bool:
     return (out_dir / IMPORT_MARKER).is_file()
 
@@ -65,6 +82,10 @@ def _write_synthetic(model: Model, tmp: Path, device: str) -> dict:
 
     arch = model.arch
     config = hf_config(arch)
+    if model.spec["synthetic_at_load"]:
+        config.save_pretrained(tmp)
+        train_tokenizer(arch["vocab_size"]).save_pretrained(tmp)
+        return {"kind": "synthetic", "seed": model.spec["seed"], "at_load": True}
     torch.manual_seed(model.spec["seed"])
     # Large shapes are made in bf16 on the GPU (an 8B model in fp32 on the host would need 32 GB);
     # small ones in fp32, where the embedded default trains.

@@ -159,10 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         torch.manual_seed(run["seed"])
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from ftscale.models import load_for_training
 
         dtype = _dtype(run, device)
-        model = AutoModelForCausalLM.from_pretrained(run["checkpoint"], dtype=dtype, attn_implementation="sdpa")
+        # Synthetic at-load weights are made on the GPU; with model parallelism every rank builds the
+        # same full model on the CPU first and keeps its shards.
+        where = device if (device.type == "cuda" and run["track"] == "data_parallel") else torch.device("cpu")
+        model = load_for_training(run["checkpoint"], dtype, where)
+        options = run.get("extra") or {}
+        if options.get("activation_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         tokens = corpus_tokens(AutoTokenizer.from_pretrained(run["checkpoint"]))
         if run["track"] == "data_parallel":
             prepared = prepare_data_parallel(model, run, device)
@@ -170,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             from ftscale.engine.parallel import prepare_model_parallel
 
             prepared = prepare_model_parallel(model, run, device)
+        if options.get("compile"):
+            prepared.model.compile()
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if rank == 0:
-            print(kv_line("layout", **prepared.layout, device=device.type, dtype=str(dtype).removeprefix("torch.")),
-                  flush=True)
+            print(kv_line("layout", **prepared.layout, device=device.type, device_name=device_name.replace(" ", "_"),
+                          dtype=str(dtype).removeprefix("torch."),
+                          activation_checkpointing=int(bool(options.get("activation_checkpointing"))),
+                          compile=int(bool(options.get("compile")))), flush=True)
         train(run, prepared, tokens, device, run_json.parent / "metrics.jsonl")
         if rank == 0:
             print(kv_line("done", steps=run["steps"]), flush=True)

@@ -496,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         import lightning.pytorch as pl
+        import nemo
         import nemo_run as nr
+        import torch
 
         # Sets PL_GLOBAL_SEED: MegatronStrategy.setup_distributed's reset_seed() re-applies it after
         # NeMo seeds Megatron's model-parallel RNG with its fixed 1234 (not settable in 2.7.3).
@@ -507,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
             print(kv_line("layout", world=f["gpus"], tp=f["tp"], ep=f["ep"], dp=run["dp"], pp=f["pp"], cp=f["cp"],
                           sp=int(f["sp"]), micro_batch=f["micro_batch"], global_batch=f["global_batch"],
                           seq_length=f["seq_length"], peft=f["peft"] or "none", lora_rank=f["lora_rank"],
-                          restore=f["checkpoint"]), flush=True)
+                          restore=f["checkpoint"], device="cuda",
+                          device_name=torch.cuda.get_device_name().replace(" ", "_"), torch=torch.__version__,
+                          nemo=nemo.__version__), flush=True)
         nr.run(recipe, direct=True)
         if rank == 0:
             print(kv_line("done", steps=run["steps"]), flush=True)

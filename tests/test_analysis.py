@@ -1,0 +1,304 @@
+"""The analysis without training: model FLOPs -> TFLOP/s -> MFU, plots, reference flags, provenance,
+and the participant comparison, on fixtures and on records built by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftscale.analyze import write_results
+from ftscale.compare import CompareError, merge, write_comparison
+from ftscale.config import load_study
+from ftscale.parse import RunRecord, parse_run
+from ftscale.plots import PLOTS, _dp_plot, mp_memory
+from ftscale.provenance import SCHEMA_VERSION, device_name
+from ftscale.references import ReferencesError, check, flag_value, load_references
+from ftscale.tables import CSV_COLUMNS, model_perf
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+COMPLETE = FIXTURES / "embedded" / "complete"
+ANALYSIS = FIXTURES / "analysis"
+TINY = yaml.safe_load((REPO / "models" / "tiny_llama" / "model.yaml").read_text())["architecture"]
+LLAMA_8B = yaml.safe_load((REPO / "models" / "llama31_8b" / "model.yaml").read_text())["architecture"]
+LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+# tiny_llama (h 128, I 256, L 2, H 8, K 4, d 16, V 1024), seq 128, LoRA r 8 on q, k, v, o. Forward per token:
+#   attention_proj 2 x 2·(128·128 + 2·128·64 + 128·128) = 196,608
+#   attention_scores 2 x 4·128·8·16                    = 131,072
+#   mlp 2 x 2·3·128·256                                = 393,216
+#   lm_head 2·128·1024                                 = 262,144
+#   lora 2 x 2·8·((128+128) + 2·(128+64) + (128+128))  =  28,672
+# LoRA training = 2 x (frozen GEMMs) + 3 x (scores + adapters)
+#   = 2 x (196,608 + 393,216 + 262,144) + 3 x (131,072 + 28,672) = 1,703,936 + 479,232
+TINY_LORA_FLOPS = 2_183_168
+# complete fixture: median step time of steps 3..12 = (0.072875 + 0.073757) / 2; 16 x 128 tokens; 2 GPUs
+FIXTURE_STEP = 0.073316
+FIXTURE_TPS_GPU = 16 * 128 / FIXTURE_STEP / 2  # 13,966.94
+FIXTURE_TFLOPS = FIXTURE_TPS_GPU * TINY_LORA_FLOPS / 1e12  # 0.0304922
+
+
+def study_of(**tracks) -> object:  # a small study of the embedded models, plan only
+    cfg = {"models": ["tiny_llama", "tiny_mixtral"], "engine": "embedded",
+           "batch": {"micro_batch": 4, "global_batch": 8, "seq_length": 128, "steps": 12, "warmup_steps": 2},
+           "tracks": {"data_parallel": {"gpus": [1, 2, 4], "scaling": ["weak"]},
+                      "model_parallel": {"layouts": {"tiny_llama": [{"tp": 2, "sp": True}]}}, **tracks}}
+    return load_study(cfg, "test", REPO)
+
+
+def with_device(tmp_path: Path, fields: str) -> Path:
+    """The complete fixture with the layout line's ``device=cpu`` replaced by ``fields``."""
+    run = tmp_path / "run"
+    shutil.copytree(COMPLETE, run)
+    log = run / "train.log"
+    log.write_text(log.read_text().replace("device=cpu", fields, 1))
+    return run
+
+
+# --------------------------------------------------------------------------- FLOPs, TFLOP/s, MFU
+
+
+def test_flops_and_tflops_on_the_fixture_and_mfu_blank_on_cpu():
+    rec = parse_run(COMPLETE)
+    lora = json.loads((COMPLETE / "run.json").read_text())["lora"]
+    perf = model_perf(TINY, rec, lora)
+    assert perf.flops_per_token == TINY_LORA_FLOPS
+    assert rec.tokens_per_s_per_gpu == pytest.approx(FIXTURE_TPS_GPU)
+    assert perf.tflops_per_gpu == pytest.approx(0.0304922, rel=1e-5)
+    assert perf.tflops_per_gpu == pytest.approx(FIXTURE_TFLOPS)
+    assert perf.mfu is None and perf.mfu_note == "no peak for cpu"
+
+
+def test_mfu_against_the_gpu_the_run_reports(tmp_path):
+    rec = parse_run(with_device(tmp_path, "device=cuda device_name=NVIDIA_H100_80GB_HBM3"))
+    assert device_name(rec.layout) == "NVIDIA H100 80GB HBM3"
+    perf = model_perf(TINY, rec, LORA)
+    assert perf.mfu == pytest.approx(FIXTURE_TFLOPS / 989.4)  # 3.0819e-5
+    assert "H100-SXM" in perf.mfu_note and "float32" in perf.mfu_note  # the fixture ran in float32
+
+
+def test_mfu_of_llama_8b_lora_on_h100_by_hand():
+    # seq 4096, LoRA r 8 on q, k, v, o; forward: attention_proj 32·2·41,943,040 = 2,684,354,560;
+    # scores 32·4·4096·32·128 = 2,147,483,648; mlp 32·6·4096·14336 = 11,274,289,152;
+    # lm_head 2·4096·128256 = 1,050,673,152; lora 32·2·8·26,624 = 13,631,488
+    flops = 2 * (2_684_354_560 + 11_274_289_152 + 1_050_673_152) + 3 * (2_147_483_648 + 13_631_488)
+    assert flops == 36_501_979_136
+    rec = RunRecord(run="gpus1_mbs2_gbs32_seq4096", track="data_parallel", model="llama31_8b", engine="nemo", gpus=1,
+                    tp=1, ep=1, dp=1, sp=False, micro_batch=2, global_batch=32, seq_length=4096, steps=50,
+                    warmup_steps=10, status="ok", tokens_per_s_per_gpu=12473.0,
+                    layout={"device": "cuda", "device_name": "NVIDIA_H100_80GB_HBM3", "dtype": "bfloat16"})
+    perf = model_perf(LLAMA_8B, rec, LORA)
+    assert perf.flops_per_token == flops
+    assert perf.tflops_per_gpu == pytest.approx(455.289, rel=1e-5)  # 12473 x 36.502e9 / 1e12
+    assert perf.mfu == pytest.approx(455.289 / 989.4, rel=1e-5)  # 46.0 %
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ("device=cuda", "no device_name"),
+    ("device=cuda device_name=NVIDIA_H100_PCIe", "PCIe/NVL"),
+    ("device=cuda device_name=Some_New_GPU", "unknown device"),
+])
+def test_mfu_blank_with_a_reason_when_the_peak_is_unknown(tmp_path, fields, reason):
+    perf = model_perf(TINY, parse_run(with_device(tmp_path, fields)), LORA)
+    assert perf.tflops_per_gpu == pytest.approx(FIXTURE_TFLOPS)
+    assert perf.mfu is None and reason in perf.mfu_note
+
+
+def test_failed_run_has_flops_per_token_but_no_throughput():
+    perf = model_perf(TINY, parse_run(FIXTURES / "embedded" / "oom"), LORA)
+    assert perf.flops_per_token == TINY_LORA_FLOPS
+    assert perf.tflops_per_gpu is None and perf.mfu is None and "oom" in perf.mfu_note
+
+
+# --------------------------------------------------------------------------- whole analysis on a fixture run
+
+
+@pytest.fixture
+def analysed(tmp_path, monkeypatch) -> Path:
+    """The complete fixture as the study's tiny_llama 2-GPU run; every other run never started."""
+    monkeypatch.setenv("FTSCALE_PARTICIPANT", "tester")
+    study = study_of()
+    run_dir = tmp_path / "experiments/data_parallel/tiny_llama/gpus2_mbs4_gbs16_seq128"
+    shutil.copytree(COMPLETE, run_dir)
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "references.yaml", tmp_path / "config")
+    write_results(study, tmp_path / "results/scaling.csv", tmp_path / "results/tables.md", root=tmp_path,
+                  log=tmp_path / "results/tables.log")
+    return tmp_path
+
+
+def test_csv_has_flops_mfu_reference_and_provenance(analysed):
+    rows = {r["run"]: r for r in csv.DictReader((analysed / "results/scaling.csv").open())
+            if r["model"] == "tiny_llama"}
+    row = rows["gpus2_mbs4_gbs16_seq128"]
+    assert list(row) == CSV_COLUMNS
+    assert int(row["flops_per_token"]) == TINY_LORA_FLOPS
+    assert float(row["tflops_per_gpu"]) == pytest.approx(FIXTURE_TFLOPS)
+    assert row["mfu"] == "" and row["mfu_note"] == "no peak for cpu"
+    assert (row["ref_step_time_s"], row["ref_tokens_per_s_per_gpu"], row["ref_peak_mem_mib"]) == ("within",) * 3
+    assert row["ref_name"] == "tiny-llama-embedded-2cpu-vm" and row["ref_tflops_per_gpu"] == "no reference"
+    assert row["schema_version"] == str(SCHEMA_VERSION) and row["participant"] == "tester"
+    assert row["device"] == "cpu" and row["gpus_per_node"] == "2" and row["nodes"] == "1"
+    assert row["host"] == "vm" and row["date"].startswith("2026-")
+    assert row["torch_version"] and row["versions_from"] == "analysis" and row["git_commit"]
+    other = rows["gpus1_mbs4_gbs8_seq128"]
+    assert other["status"] == "not_run" and other["tflops_per_gpu"] == "" and other["ref_name"] == ""
+    assert other["ref_tokens_per_s_per_gpu"] == "no reference"
+
+
+def test_tables_state_the_formula_flags_and_link_the_plots(analysed):
+    md = (analysed / "results/tables.md").read_text()
+    assert "| FLOPs/token | TFLOP/s/GPU | MFU |" in md
+    assert "| 2.18 M | 0.0305 |  |" in md  # the fixture's row: MFU blank
+    assert "TFLOP/s/GPU = tokens/s/GPU x FLOPs/token / 1e12" in md and "MFU blank: no peak for cpu" in md
+    assert "tokens/s/GPU within" in md and "`tiny-llama-embedded-2cpu-vm`" in md
+    assert "## Provenance" in md and "`tester`" in md
+    for stem, title in PLOTS.items():
+        assert f"[{title}](plots/{stem}.png)" in md
+
+
+def test_plots_are_written_and_not_empty(analysed):
+    for stem in PLOTS:
+        data = (analysed / "results/plots" / f"{stem}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1024, stem
+
+
+def dp_record(gpus: int, status: str = "ok", step: float = 0.1) -> RunRecord:
+    good = status == "ok"
+    name = f"gpus{gpus}_mbs4_gbs{8 * gpus}_seq128"
+    return RunRecord(run=name, track="data_parallel", model="tiny_llama",
+                     engine="embedded", gpus=gpus, tp=1, ep=1, dp=gpus, sp=False, micro_batch=4, global_batch=8 * gpus,
+                     seq_length=128, steps=12, warmup_steps=2, status=status, step_time_s=step if good else None,
+                     tokens_per_s=8 * gpus * 128 / step if good else None,
+                     tokens_per_s_per_gpu=8 * 128 / step if good else None, peak_mem_mib=400.0 if good else None,
+                     mem_kind="rss", run_dir=f"experiments/data_parallel/tiny_llama/{name}")
+
+
+def test_failed_runs_are_left_out_of_plots_not_drawn_as_zero(tmp_path):
+    study = study_of(model_parallel={"enabled": False})
+    records = [dp_record(1), dp_record(2, status="oom"), dp_record(4, step=0.2)]
+    fig = _dp_plot(study, records, tmp_path / "t.png", "throughput")
+    measured = fig.axes[0].lines[0]  # the first line of tiny_llama's panel; the dashed one is ideal scaling
+    assert list(measured.get_xdata()) == [1, 4]
+    assert list(measured.get_ydata()) == pytest.approx([8 * 128 / 0.1, 32 * 128 / 0.2])
+    assert any("gpus2_mbs4_gbs16_seq128 (oom)" in t.get_text() for t in fig.axes[0].texts)
+    fig = mp_memory(study, records, tmp_path / "m.png")  # no model-parallel runs: a figure that says so
+    assert any("no model-parallel runs" in t.get_text() for t in fig.axes[0].texts)
+    assert (tmp_path / "m.png").stat().st_size > 1024
+
+
+# --------------------------------------------------------------------------- references
+
+
+SPEC = {"value": 100.0, "lower": -0.1, "upper": 0.2, "unit": "tokens/s/GPU"}
+
+
+@pytest.mark.parametrize("measured, flag", [
+    (90.0, "within"),    # on the lower bound, 100 x (1 - 0.1)
+    (120.0, "within"),   # on the upper bound, 100 x (1 + 0.2)
+    (100.0, "within"),
+    (95.5, "within"),
+    (89.99, "below"),
+    (120.01, "above"),
+    (None, "no measurement"),
+])
+def test_flag_at_inside_and_outside_the_bounds(measured, flag):
+    assert flag_value(measured, SPEC) == flag
+
+
+def test_unbounded_side():
+    assert flag_value(1e9, {**SPEC, "upper": None}) == "within"
+    assert flag_value(1.0, {**SPEC, "lower": None}) == "within"
+
+
+def write_refs(tmp_path: Path, entries: list[dict]) -> Path:
+    path = tmp_path / "references.yaml"
+    path.write_text(yaml.safe_dump({"references": entries}))
+    return path
+
+
+def entry(**where) -> dict:
+    return {"model": "m", "track": "data_parallel", "where": where, "source": "test",
+            "metrics": {"tokens_per_s_per_gpu": {"value": 100, "lower": -0.1, "upper": 0.1, "unit": "tokens/s/GPU"}}}
+
+
+def test_most_specific_reference_wins_and_no_reference(tmp_path):
+    refs = load_references(write_refs(tmp_path, [{**entry(gpus=1), "name": "one"},
+                                                 {**entry(gpus=1, device="H100-SXM"), "name": "h100"}]))
+    facts = {"model": "m", "track": "data_parallel", "gpus": 1, "device": "H100-SXM"}
+    res = check(refs, facts, {"tokens_per_s_per_gpu": 80.0})
+    assert res.entry.name == "h100" and res.flag("tokens_per_s_per_gpu") == "below"
+    assert res.flag("step_time_s") == "no reference"
+    assert check(refs, {**facts, "device": "cpu"}, {"tokens_per_s_per_gpu": 105.0}).entry.name == "one"
+    none = check(refs, {**facts, "gpus": 2}, {"tokens_per_s_per_gpu": 100.0})
+    assert none.entry is None and none.summary() == "no reference"
+
+
+def test_equally_specific_references_are_an_error(tmp_path):
+    refs = load_references(write_refs(tmp_path, [{**entry(gpus=1), "name": "a"}, {**entry(device="cpu"), "name": "b"}]))
+    with pytest.raises(ReferencesError, match="'a' and 'b' both match"):
+        check(refs, {"model": "m", "track": "data_parallel", "gpus": 1, "device": "cpu"}, {})
+
+
+def test_bad_references_name_the_key(tmp_path):
+    bad_unit = entry()
+    bad_unit["metrics"]["tokens_per_s_per_gpu"]["unit"] = "MiB"
+    with pytest.raises(ReferencesError, match=r"references\[0\]'.metrics.tokens_per_s_per_gpu.unit = 'MiB'"):
+        load_references(write_refs(tmp_path, [bad_unit]))
+    with pytest.raises(ValueError, match=r"key 'references\[0\].where.gpu'|gpu"):
+        load_references(write_refs(tmp_path, [entry(gpu=1)]))
+    with pytest.raises(ReferencesError, match="same model, track and 'where'"):
+        load_references(write_refs(tmp_path, [entry(gpus=1), entry(gpus=1)]))
+
+
+def test_the_shipped_references_load_with_their_sources():
+    refs = load_references(REPO / "config" / "references.yaml")
+    automodel = next(r for r in refs if r.model == "llama31_8b")
+    assert automodel.metrics["tokens_per_s_per_gpu"]["value"] == 12473 and "AutoModel" in automodel.source
+    assert automodel.where == {"gpus": 1, "device": "H100-SXM"}
+    assert all(r.source.strip() for r in refs)
+
+
+# --------------------------------------------------------------------------- participant comparison
+
+
+def test_comparison_of_participants(tmp_path):
+    others = sorted((ANALYSIS / "participants").glob("*.csv"))
+    md, png = tmp_path / "comparison.md", tmp_path / "plots" / "comparison.png"
+    write_comparison(ANALYSIS / "ours.csv", others, md, png)
+    text = md.read_text()
+    assert "6 runs of 2 participant(s)" in text  # alice_again.csv repeats a row of alice.csv: kept once
+    assert "## tiny_llama: data parallel (LoRA)" in text
+    assert "| gpus1_mbs4_gbs8_seq128 | 1 | tp1 ep1 dp1 | alice | NVIDIA H100 80GB HBM3 | 34,556 | 100% |" in text
+    assert "| gpus1_mbs4_gbs8_seq128 | 1 | tp1 ep1 dp1 | carol | AMD EPYC | 23,037 | 67% |" in text
+    assert "| alice | NVIDIA H100 80GB HBM3 |  |  |  |  |  |  | oom: out of GPU memory |" in text
+    assert "[tokens/s/GPU per configuration and participant](plots/comparison.png)" in text
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1024
+
+
+def test_participant_file_missing_a_column():
+    bad = ANALYSIS / "bad" / "missing_column.csv"
+    with pytest.raises(CompareError, match=rf"{bad}: missing column\(s\) 'tokens_per_s_per_gpu'"):
+        merge([ANALYSIS / "ours.csv", bad])
+
+
+def test_participant_file_of_another_schema_version():
+    bad = ANALYSIS / "bad" / "schema_v2.csv"
+    with pytest.raises(CompareError, match=rf"{bad}:3: column 'schema_version' = '2'.*reads schema_version 1"):
+        merge([ANALYSIS / "ours.csv", bad])
+
+
+def test_duplicate_runs_within_a_file_and_across_files():
+    dup = ANALYSIS / "bad" / "duplicate.csv"
+    with pytest.raises(CompareError, match=rf"{dup}:3: duplicate run \(participant='alice', model='tiny_llama', "
+                                           rf"track='data_parallel', run='gpus1_mbs4_gbs8_seq128'.*also at {dup}:2"
+                                           r".*tokens_per_s_per_gpu"):
+        merge([dup])
+    alice, conflict = ANALYSIS / "participants" / "alice.csv", ANALYSIS / "bad" / "alice_conflict.csv"
+    with pytest.raises(CompareError, match=rf"{conflict}:2: duplicate run .*also at {alice}:3.*step_time_s"):
+        merge([alice, conflict])
