@@ -34,6 +34,14 @@ def import_sbatch(wildcards):
     return render_import_sbatch(model, STUDY.config, Path.cwd(), STUDY.config["container"])
 
 
+def container_image():
+    """The NeMo jobs' image for Snakemake's own container support (--sdm apptainer), else none."""
+    image = STUDY.config["container"]
+    if STUDY.config["engine"] != "nemo" or image in ("", "none"):
+        return None
+    return image if "://" in image else f"docker://{image}"
+
+
 def run_gpus(wildcards):
     return run_of(wildcards).gpus
 

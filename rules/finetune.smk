@@ -31,6 +31,8 @@ rule train:
         "experiments/{track}/{model}/{name}/benchmark.tsv"
     conda:
         "envs/ftscale.yaml"
+    container:
+        container_image()
     threads: run_gpus
     resources:
         gpu=run_gpus,

@@ -31,6 +31,8 @@ rule import_model:
         engine=STUDY.config["engine"],
     conda:
         "envs/ftscale.yaml"
+    container:
+        container_image()
 
     resources:
         gpu=import_resources(STUDY.config).gpus,

@@ -1,0 +1,60 @@
+"""The workshop plan (config/workshop.yaml, engine nemo) dry-runs on a machine with no GPU and no NeMo."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from workflow import copy_workflow, snakemake
+
+ARGS = ["--configfile", "config/workshop.yaml", "--config", "container=nvcr.io/nvidia/nemo:test"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return copy_workflow(tmp_path_factory.mktemp("workshop"))
+
+
+def jobs(output: str) -> list[dict]:
+    """The dry run's job blocks: rule, wildcards and resources."""
+    out = []
+    for block in re.split(r"\n(?=rule \w+:)", output):
+        if m := re.match(r"rule (\w+):", block):
+            res = re.search(r"resources: (.*)", block)
+            wc = re.search(r"wildcards: (.*)", block)
+            out.append({"rule": m[1], "wildcards": wc[1] if wc else "",
+                        "resources": dict(kv.split("=", 1) for kv in res[1].split(", ")) if res else {}})
+    return out
+
+
+def check_plan(output: str) -> None:
+    plan = jobs(output)
+    train = [j for j in plan if j["rule"] == "train"]
+    assert len(train) == 16 and sum(j["rule"] == "import_model" for j in plan) == 2
+    for job in train:
+        name = re.search(r"name=(\S+)", job["wildcards"])[1]
+        if name.startswith("gpus"):
+            gpus = int(re.match(r"gpus(\d+)", name)[1])
+        else:
+            tp, ep, dp = map(int, re.match(r"tp(\d+)_ep(\d+)_dp(\d+)", name).groups())
+            gpus = tp * ep * dp
+        assert job["resources"]["gpu"] == str(gpus), job
+        assert job["resources"]["cpus_per_task"] == str(8 * gpus)  # cpus_per_gpu: 8 on one node
+        assert job["resources"]["mem_mb"] == str(48000 * gpus)
+
+
+def test_workshop_dry_run_shows_the_whole_plan(work):
+    out = snakemake(work, "results/tables.md", "-n", *ARGS)
+    check_plan(out.stdout + out.stderr)
+
+
+def test_workshop_dry_run_through_the_slurm_profile(work):
+    out = snakemake(work, "results/tables.md", "-n", "--profile", "profiles/slurm", *ARGS)
+    check_plan(out.stdout + out.stderr)
+
+
+def test_workshop_without_container_is_refused_before_any_job(work):
+    out = snakemake(work, "results/tables.md", "-n", "--configfile", "config/workshop.yaml", check=False)
+    assert out.returncode != 0
+    assert "config/workshop.yaml: key 'container' = \"\": engine 'nemo' needs the NeMo container image" in out.stdout + out.stderr
