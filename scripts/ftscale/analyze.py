@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ftscale.config import Study
 from ftscale.flops import peak_tflops_for
-from ftscale.parse import LAUNCH_NAME, RUN_NAME, RunRecord, parse_run
+from ftscale.parse import LAUNCH_NAME, RUN_KEYS, RUN_NAME, RunRecord, parse_run
 from ftscale.plots import write_plots
 from ftscale.provenance import device_name, environment, run_provenance
 from ftscale.references import Reference, check, load_references
@@ -37,8 +37,7 @@ def collect(study: Study, root: Path = Path(".")) -> list[RunRecord]:
 
 def _not_run(run) -> RunRecord:  # type: ignore[no-untyped-def]
     d = run.to_dict()
-    fields = {k: d[k] for k in ("track", "model", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
-                                "global_batch", "seq_length", "steps", "warmup_steps")}
+    fields = {k: d[k] for k in RUN_KEYS}
     return RunRecord(run=run.name, status="not_run", reason="never configured", run_dir=run.directory,
                      scaling=run.scaling, weights=run.weights, **fields)
 

@@ -53,6 +53,10 @@ FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
     ("failed", "error", re.compile(r"\[ftscale\] error=(?P<kind>\w+) (?P<msg>.*)")),
 ]
 
+# The run.json keys every record repeats (the run's identity and batch).
+RUN_KEYS = ("track", "model", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch", "seq_length",
+            "steps", "warmup_steps")
+
 STATUSES = ("ok", "oom", "failed", "cancelled", "incomplete", "not_run")
 
 
@@ -165,8 +169,7 @@ def parse_run(run_dir: Path | str, slurm_logs: list[Path] | None = None) -> RunR
     """The record of one run directory (run.json, train.log, launch.json; Slurm's own logs if given)."""
     run_dir = Path(run_dir)
     run = json.loads((run_dir / RUN_NAME).read_text())
-    base = {k: run[k] for k in ("track", "model", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
-                                "global_batch", "seq_length", "steps", "warmup_steps")}
+    base = {k: run[k] for k in RUN_KEYS}
     record = RunRecord(run=run["name"], status="not_run", run_dir=str(run_dir), scaling=run.get("scaling"),
                        weights=run.get("weights", ""), **base)
     log = run_dir / LOG_NAME
