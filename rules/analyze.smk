@@ -22,7 +22,7 @@ rule tables:
         metrics=[f"{d}/metrics.jsonl" for d in all_run_dirs()],
         # not read: listed so that the main target also renders each model's standalone import.sbatch
         import_sbatch=expand("models/{model}/import.sbatch", model=STUDY.models),
-        references="config/references.yaml",
+        references=STUDY.config["references"],
     output:
         csv=report("results/scaling.csv", caption="report/scaling.rst", category="Tables"),
         md=report("results/tables.md", caption="report/tables.rst", category="Tables"),

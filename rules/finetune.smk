@@ -33,7 +33,7 @@ rule train:
         "envs/ftscale.yaml"
     container:
         container_image()
-    threads: run_gpus
+    threads: lambda wc: train_resources(run_of(wc), STUDY.config).cpus
     resources:
         gpu=run_gpus,
         nodes=lambda wc: train_resources(run_of(wc), STUDY.config).nodes,
@@ -41,7 +41,7 @@ rule train:
         mem_mb=lambda wc, attempt: train_resources(run_of(wc), STUDY.config, attempt).mem_mb,
         runtime=lambda wc, attempt: train_resources(run_of(wc), STUDY.config, attempt).runtime_min,
     shell:
-        "ftscale train {input.run} --log {log.train} --launch-record {log.launch}"
+        "ftscale train {input.run} --cpus {threads} --log {log.train} --launch-record {log.launch}"
 
 
 rule train_data_parallel:

@@ -1,7 +1,7 @@
 """Command line of the workflow's jobs (what the rules and the standalone sbatch files call).
 
     ftscale import MODEL [--out DIR] [--engine embedded|nemo]
-    ftscale train RUN_DIR/run.json [--log FILE] [--launch-record FILE]
+    ftscale train RUN_DIR/run.json [--cpus N] [--log FILE] [--launch-record FILE]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("run_json", type=Path)
     train.add_argument("--log", type=Path, help="default: train.log beside run.json")
     train.add_argument("--launch-record", type=Path, help="default: launch.json beside run.json")
+    train.add_argument("--cpus", type=int, help="CPUs of the job, shared equally by its ranks (default: all available)")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             import_model(model, args.out or model.checkpoint, root=Path.cwd(), engine=args.engine)
             return 0
         run_dir = args.run_json.parent
-        return run_job(args.run_json, args.log or run_dir / "train.log", args.launch_record or run_dir / "launch.json")
+        return run_job(args.run_json, args.log or run_dir / "train.log", args.launch_record or run_dir / "launch.json",
+                       cpus=args.cpus)
     except ConfigError as err:
         print(f"ftscale: error: {err}", file=sys.stderr)
         return 2

@@ -49,17 +49,27 @@ def _write(path: Path, record: dict) -> None:
     tmp.replace(path)
 
 
-def run_job(run_json: Path, log: Path, launch_record: Path) -> int:
-    """Run the job of ``run_json``; return its exit code (128 + signal when it was stopped)."""
+def available_cpus() -> int:
+    """CPUs this process may use (a Slurm allocation restricts the affinity mask)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = None) -> int:
+    """Run the job of ``run_json`` on ``cpus`` CPUs (default: all available) and return its exit code
+    (128 + signal when it was stopped). Each rank gets an equal share of the CPUs, at least one."""
     run = json.loads(Path(run_json).read_text())
     command = launch_command(run, str(run_json))
     env = dict(os.environ)
+    cpus = cpus or available_cpus()
+    per_rank = max(1, cpus // (run["gpus"] // run.get("nodes", 1)))
+    env.update(FTSCALE_THREADS_PER_RANK=str(per_rank), OMP_NUM_THREADS=str(per_rank))
     if run.get("nodes", 1) > 1 and "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_JOB_NODELIST", "localhost")
         env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                                             text=True).stdout.split()[0]
     record = {
-        "run": run["name"], "command": shlex.join(command), "host": socket.gethostname(),
+        "run": run["name"], "command": shlex.join(command), "host": socket.gethostname(), "cpus": cpus,
+        "threads_per_rank": per_rank,
         "slurm_job_id": env.get("SLURM_JOB_ID"), "start": time.time(), "end": None, "wall_s": None,
         "returncode": None, "signal": None,
     }

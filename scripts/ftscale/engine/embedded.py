@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         if world != run["gpus"]:
             raise RuntimeError(f"launched with {world} processes but the run asks for {run['gpus']} GPUs")
         if device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+            # The launcher sets FTSCALE_THREADS_PER_RANK from the job's CPUs (torchrun's own default is 1).
+            per_rank = os.environ.get("FTSCALE_THREADS_PER_RANK")
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            torch.set_num_threads(int(per_rank) if per_rank else max(1, (os.cpu_count() or 1) // local))
         torch.manual_seed(run["seed"])
         from transformers import AutoTokenizer
 
