@@ -155,3 +155,35 @@ def test_half_written_last_line_is_ignored(tmp_path):
     (d / "train.log").write_text(text + "Training epoch 0, iteration 31/49 | lr: 4.1e-05 | global_batch_size: 12")
     rec = parse_run(d)
     assert rec.steps_done == 31
+
+
+def _stopped_run(tmp_path: Path, job_id: str) -> Path:
+    run = tmp_path / "experiments/data_parallel/tiny_llama/gpus2_mbs4_gbs16_seq128"
+    shutil.copytree(FIXTURES / "truncated", run)
+    with (run / "train.log").open("a") as log:
+        log.write("[ftscale] error=cancelled the job received SIGTERM (scancel, time limit or Ctrl-C)\n")
+    launch = json.loads((run / "launch.json").read_text())
+    launch.update(slurm_job_id=job_id, returncode=143, signal="SIGTERM", end=launch["start"] + 60)
+    (run / "launch.json").write_text(json.dumps(launch))
+    return run
+
+
+def test_slurm_time_limit_reaches_the_record_from_the_plugins_log(tmp_path):
+    run = _stopped_run(tmp_path, "77")
+    assert parse_run(run, root=tmp_path).status == "cancelled"  # all the job itself saw was SIGTERM
+    logs = tmp_path / ".snakemake/slurm_logs/rule_train/data_parallel_tiny_llama_gpus2_mbs4_gbs16_seq128"
+    logs.mkdir(parents=True)
+    (logs / "77.log").write_text("slurmstepd: error: *** JOB 77 ON node1 CANCELLED AT 2026-11-24T04:40:00 "
+                                 "DUE TO TIME LIMIT ***\n")
+    (logs / "78.log").write_text("slurmstepd: error: *** JOB 78 ON node1 CANCELLED AT 2026-11-24T04:40:00 "
+                                 "DUE TO NODE FAILURE ***\n")  # another job's log: not this run's
+    rec = parse_run(run, root=tmp_path)
+    assert (rec.status, rec.reason) == ("failed", "Slurm time limit")
+
+
+def test_node_failure_from_a_hand_submitted_jobs_output(tmp_path):
+    run = _stopped_run(tmp_path, "91")
+    (run / "slurm-91.out").write_text("slurmstepd: error: *** JOB 91 ON node3 CANCELLED AT 2026-11-24T05:00:00 "
+                                      "DUE TO NODE FAILURE, SEE SLURMCTLD LOG FOR DETAILS ***\n")
+    rec = parse_run(run, root=tmp_path)
+    assert (rec.status, rec.reason) == ("failed", "node failure")

@@ -123,3 +123,22 @@ def test_profile_name_resolves_as_users_type_it(slurm_run, slurm_cluster):
                      "tests/config/slurm.yaml", env=slurm_cluster.environ(), check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Using profile slurm" in proc.stdout + proc.stderr
+
+
+def test_slurm_time_limit_reaches_the_record(slurm_run, slurm_cluster):
+    """A real job stopped by Slurm's time limit: the reason comes from Slurm's own output."""
+    from ftscale.parse import parse_run
+
+    done = slurm_run / "experiments/data_parallel/tiny_llama/gpus1_mbs2_gbs4_seq64"
+    probe = slurm_run / "experiments/data_parallel/tiny_llama/time_limit_probe"
+    probe.mkdir()
+    run = json.loads((done / "run.json").read_text())
+    run.update(steps=10**6, run_dir=str(probe.relative_to(slurm_run)), name="time_limit_probe")
+    (probe / "run.json").write_text(json.dumps(run))
+    out = slurm_cluster.run(["sbatch", "--parsable", "--time=1", "--gpus=1", f"--output={probe}/slurm-%j.out",
+                             "--wrap", f"ftscale train {probe}/run.json"], cwd=slurm_run)
+    jobid = out.stdout.strip()
+    assert slurm_cluster.wait_job(jobid, timeout=240) == "TIMEOUT", slurm_cluster.logs()
+    rec = parse_run(probe, root=slurm_run)
+    assert (rec.status, rec.reason) == ("failed", "Slurm time limit"), (probe / f"slurm-{jobid}.out").read_text()
+    assert rec.steps_done > 0  # it trained until Slurm stopped it

@@ -27,7 +27,7 @@ def collect(study: Study, root: Path = Path(".")) -> list[RunRecord]:
     records = []
     for run in study.runs:
         if (root / run.directory / "run.json").is_file():
-            record = parse_run(root / run.directory)
+            record = parse_run(root / run.directory, root=root)
             record.run_dir = run.directory  # the run's identity, whatever the root
         else:
             record = _not_run(run)

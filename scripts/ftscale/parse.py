@@ -165,8 +165,23 @@ def _require(rec: dict, key: str, path: Path, pattern: str) -> float:
     return rec[key]
 
 
-def parse_run(run_dir: Path | str, slurm_logs: list[Path] | None = None) -> RunRecord:
-    """The record of one run directory (run.json, train.log, launch.json; Slurm's own logs if given)."""
+def slurm_logs(run_dir: Path, job_id: str | None, root: Path = Path(".")) -> list[Path]:
+    """Slurm's own output for a job: what says "DUE TO TIME LIMIT" or "NODE FAILURE", which the
+    job's processes never see. The executor plugin keeps it (for failed jobs) under
+    .snakemake/slurm_logs/rule_<rule>/<wildcards>/<job id>.log; a hand-submitted run.sbatch writes
+    slurm-<job id>.out into the run directory."""
+    if not job_id:
+        return []
+    found = [run_dir / f"slurm-{job_id}.out"]
+    plugin_logs = root / ".snakemake" / "slurm_logs"
+    if plugin_logs.is_dir():
+        found += sorted(plugin_logs.glob(f"rule_*/**/{job_id}.log"))
+    return [p for p in found if p.is_file()]
+
+
+def parse_run(run_dir: Path | str, extra_logs: list[Path] | None = None, root: Path = Path(".")) -> RunRecord:
+    """The record of one run directory (run.json, train.log, launch.json), with Slurm's own logs of
+    the job (given, or found by its job id under ``root``)."""
     run_dir = Path(run_dir)
     run = json.loads((run_dir / RUN_NAME).read_text())
     base = {k: run[k] for k in RUN_KEYS}
@@ -179,7 +194,9 @@ def parse_run(run_dir: Path | str, slurm_logs: list[Path] | None = None) -> RunR
     text = log.read_text(errors="replace")
     launch = json.loads((run_dir / LAUNCH_NAME).read_text()) if (run_dir / LAUNCH_NAME).is_file() else {}
     record.wall_s = launch.get("wall_s")
-    extra = "\n".join(p.read_text(errors="replace") for p in (slurm_logs or []) if p.is_file())
+    if extra_logs is None:
+        extra_logs = slurm_logs(run_dir, launch.get("slurm_job_id"), root)
+    extra = "\n".join(p.read_text(errors="replace") for p in extra_logs if p.is_file())
     steps, layout, done = parse_steps(text)
     record.layout = {k: v for k, v in layout.items() if k != "line"}
     record.steps_done = len(steps)
