@@ -31,3 +31,17 @@ def test_run_job_records_a_failure_with_its_exit_code(tmp_path):
     assert record["threads_per_rank"] == 1 and record["command"].startswith(sys.executable)
     assert "[ftscale] error=failed" in (tmp_path / "train.log").read_text()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_progress_shows_first_step_then_at_most_one_line_per_interval(capsys):
+    import io
+
+    from ftscale.launch import copy_with_progress
+    from ftscale.logformat import step_line
+
+    lines = ["loading weights\n"] + [step_line(s, 5, 1.0, 0.1, 10, 1.0, 0.0, "rss") + "\n" for s in range(1, 6)]
+    out = io.StringIO()
+    copy_with_progress(iter(lines), out, "run1", every_s=3600)
+    assert out.getvalue() == "".join(lines)  # the log gets everything
+    shown = capsys.readouterr().out.splitlines()
+    assert len(shown) == 1 and shown[0].startswith("[ftscale] run1: [ftscale] step=1/5")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 ENGINE_MODULES = {"embedded": "ftscale.engine.embedded", "nemo": "ftscale.engine.nemo"}
 
@@ -33,6 +34,23 @@ def launch_command(run: dict, run_json: str, python: str = sys.executable) -> li
         f"--nnodes={run['nodes']}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
         "--rdzv-endpoint=${MASTER_ADDR}:29500", "-m", module, run_json,
     ]
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def copy_with_progress(lines: IO[str], out: IO[str], name: str, every_s: float = PROGRESS_EVERY_S) -> None:
+    """Copy the job's output into its log; show the first step line and then one every ``every_s``
+    seconds on our own stdout, so that a long job shows progress in Snakemake's (or Slurm's) output."""
+    last_shown = None
+    for line in lines:
+        out.write(line)
+        out.flush()
+        if line.startswith("[ftscale] step=") or line.startswith("Training epoch"):
+            now = time.monotonic()
+            if last_shown is None or now - last_shown >= every_s:
+                print(f"[ftscale] {name}: {line.strip()[:200]}", flush=True)
+                last_shown = now
 
 
 def write_metrics_from_log(log: Path, metrics: Path) -> None:
@@ -78,7 +96,8 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     print(f"[ftscale] {run['name']}: {record['command']}  (log: {log})", flush=True)
     received: list[int] = []
     with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, text=True, errors="replace", bufsize=1)
 
         def forward(signum: int, _frame: object) -> None:
             received.append(signum)
@@ -86,6 +105,7 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, forward)
+        copy_with_progress(proc.stdout, out, run["name"])
         code = proc.wait()
         if received:
             name = signal.Signals(received[0]).name
