@@ -161,7 +161,7 @@ class Run:
     scaling: str | None = None  # data-parallel track: weak or strong
     nodes: int = 1
     weights: str = "pretrained"
-    extra: dict = field(default_factory=dict)
+    engine_options: dict = field(default_factory=dict)  # the config's `embedded:` options
 
     @property
     def data_parallel_size(self) -> int:
@@ -330,7 +330,7 @@ def load_study(config: dict, source: str = "config", root: Path = REPO_ROOT) -> 
             model="", engine=cfg["engine"], micro_batch=batch["micro_batch"], seq_length=batch["seq_length"],
             steps=batch["steps"], warmup_steps=batch["warmup_steps"], learning_rate=batch["learning_rate"],
             seed=cfg["seed"], precision=cfg["precision"], device=cfg["device"],
-            extra=dict(cfg["embedded"]) if cfg["engine"] == "embedded" else {},
+            engine_options=dict(cfg["embedded"]) if cfg["engine"] == "embedded" else {},
         )
         if track == "data_parallel":
             dp_cfg = tracks[track]

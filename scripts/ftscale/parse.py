@@ -57,8 +57,6 @@ FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
 RUN_KEYS = ("track", "model", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch", "seq_length",
             "steps", "warmup_steps")
 
-STATUSES = ("ok", "oom", "failed", "cancelled", "incomplete", "not_run")
-
 
 class ParseError(ValueError):
     """A run that claims completion lacks a metric: names the file and the pattern."""
@@ -104,10 +102,6 @@ class RunRecord:
         return asdict(self)
 
 
-def _number(text: str) -> float:
-    return float(text)
-
-
 def parse_layout(fields: str) -> dict:
     out: dict = {}
     for item in fields.split():
@@ -126,7 +120,7 @@ def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
         lines.pop()  # a log cut mid-line: its last line is half-written
     for lineno, line in enumerate(lines, start=1):
         if m := PATTERNS["embedded_step"].search(line):
-            rec = {k: (_number(v) if k not in ("mem_kind",) else v) for k, v in m.groupdict().items()}
+            rec = {k: (float(v) if k not in ("mem_kind",) else v) for k, v in m.groupdict().items()}
             rec["step"], rec["steps"], rec["line"] = int(rec["step"]), int(rec["steps"]), lineno
             steps[rec["step"]] = rec
         elif m := PATTERNS["nemo_step"].search(line):
@@ -136,7 +130,7 @@ def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
                                  ("peak_mem_mib", "nemo_mem_alloc"), ("reserved_mib", "nemo_mem_reserved"),
                                  ("tflops_per_gpu", "nemo_tflops")):
                 if found := PATTERNS[pattern].search(line):
-                    rec[key] = _number(found["v"])
+                    rec[key] = float(found["v"])
             for key in ("peak_mem_mib", "reserved_mib"):
                 if key in rec:
                     rec[key] /= 2**20  # NeMo logs bytes

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         # same full model on the CPU first and keeps its shards.
         where = device if (device.type == "cuda" and run["track"] == "data_parallel") else torch.device("cpu")
         model = load_for_training(run["checkpoint"], dtype, where)
-        options = run.get("extra") or {}
+        options = run.get("engine_options") or {}
         if options.get("activation_checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         tokens = corpus_tokens(AutoTokenizer.from_pretrained(run["checkpoint"]))
