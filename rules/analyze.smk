@@ -1,8 +1,8 @@
 # analyze: every run's log -> results/scaling.csv, results/tables.md and results/plots/*.png, each in
 # `snakemake --report results/report.html` (captions in rules/report/). Optional: results/comparison.md
 # against other participants' exported CSVs in results/participants/.
-from ftscale.compare import write_comparison
-from ftscale.plots import PLOTS
+from ftscale.analyze.compare import write_comparison
+from ftscale.analyze.plots import PLOTS
 
 # Read when the workflow starts: a file added later counts from the next invocation.
 PARTICIPANT_CSVS = sorted(str(p) for p in Path("results/participants").glob("*.csv"))
@@ -18,17 +18,14 @@ localrules:
 
 rule tables:
     input:
-        runs=[f"{d}/run.json" for d in all_run_dirs()],
-        metrics=[f"{d}/metrics.jsonl" for d in all_run_dirs()],
-        # not read: listed so that the main target also renders each model's standalone import.sbatch
-        import_sbatch=expand("models/{model}/import.sbatch", model=STUDY.models),
+        runs=run_files("run"),
+        metrics=run_files("metrics"),
         references=STUDY.config["references"],
     output:
         csv=report("results/scaling.csv", caption="report/scaling.rst", category="Tables"),
         md=report("results/tables.md", caption="report/tables.rst", category="Tables"),
         plots=[
-            report(f"results/plots/{stem}.png", caption=f"report/{stem}.rst", category="Plots",
-                   labels={"plot": title})
+            report(f"results/plots/{stem}.png", caption=f"report/{stem}.rst", category="Plots", labels={"plot": title})
             for stem, title in PLOTS.items()
         ],
     log:

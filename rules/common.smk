@@ -1,14 +1,19 @@
-# Bookkeeping done once: the validated study, wildcard constraints, input functions.
-from ftscale.analyze import write_partial_results, write_results
-from ftscale.config import ConfigError, load_study, write_run_files, write_text
-from ftscale.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
+# Bookkeeping done once: the validated study, wildcard constraints, named input functions.
+from ftscale.analyze.results import write_partial_results, write_results
+from ftscale.run.configure import write_run_files, write_text
+from ftscale.run.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
+from ftscale.study import paths
+from ftscale.study.schema import ConfigError
+from ftscale.study.sweep import load_study
 
 try:
-    STUDY = load_study(config, source=", ".join(map(str, workflow.configfiles)) or "config", root=Path.cwd())
+    STUDY = load_study(config, source=", ".join(map(str, workflow.configfiles)) or "config")
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 RUNS = {run.directory: run for run in STUDY.runs}
+RUN_FILE = paths.run_file_pattern
+MODEL_FILE = paths.model_file_pattern
 
 
 wildcard_constraints:
@@ -18,7 +23,7 @@ wildcard_constraints:
 
 
 def run_of(wildcards):
-    return RUNS[f"experiments/{wildcards.track}/{wildcards.model}/{wildcards.name}"]
+    return RUNS[paths.run_dir(wildcards.track, wildcards.model, wildcards.name)]
 
 
 def run_params(wildcards):
@@ -29,6 +34,11 @@ def run_sbatch(wildcards):
     return render_run_sbatch(run_of(wildcards), STUDY.config, Path.cwd(), STUDY.config["container"])
 
 
+def run_checkpoint(wildcards):
+    """The imported model the run's engine reads: the Hugging Face checkpoint, or NeMo's conversion."""
+    return run_of(wildcards).checkpoint
+
+
 def import_sbatch(wildcards):
     model = STUDY.models[wildcards.model]
     return render_import_sbatch(model, STUDY.config, Path.cwd(), STUDY.config["container"])
@@ -37,17 +47,51 @@ def import_sbatch(wildcards):
 def container_image():
     """The NeMo jobs' image for Snakemake's own container support (--sdm apptainer), else none."""
     image = STUDY.config["container"]
-    if STUDY.config["engine"] != "nemo" or image in ("", "none"):
+    if set(STUDY.engines) <= {"embedded"} or image in ("", "none"):
         return None
     return image if "://" in image else f"docker://{image}"
 
 
-def run_gpus(wildcards):
-    return run_of(wildcards).gpus
+def train_job(wildcards, attempt=1):
+    """The scheduler resources of the run's job (they grow with each retry)."""
+    return train_resources(run_of(wildcards), STUDY.config, attempt)
 
 
-def all_run_dirs():
-    return list(RUNS)
+def train_threads(wildcards):
+    return train_job(wildcards).cpus
+
+
+def train_gpus(wildcards):
+    return train_job(wildcards).gpus
+
+
+def train_nodes(wildcards):
+    return train_job(wildcards).nodes
+
+
+def train_mem_mb(wildcards, attempt):
+    return train_job(wildcards, attempt).mem_mb
+
+
+def train_runtime(wildcards, attempt):
+    return train_job(wildcards, attempt).runtime_min
+
+
+def import_mem_mb(wildcards, attempt):
+    return import_resources(STUDY.config, attempt).mem_mb
+
+
+def import_runtime(wildcards, attempt):
+    return import_resources(STUDY.config, attempt).runtime_min
+
+
+def run_files(role, track=None):
+    """One file of every planned run (of one track, when given)."""
+    return [f"{d}/{paths.RUN_FILES[role]}" for d, run in RUNS.items() if track in (None, run.track)]
+
+
+def model_files(role):
+    return [MODEL_FILE(role).format(model=m) for m in STUDY.models]
 
 
 onerror:

@@ -1,4 +1,4 @@
-# run: one fine-tuning job per configuration, in experiments/<track>/<model>/<name>/.
+# run: one fine-tuning job per configuration, in experiments/<track>/<model>/<engine>_<layout>_<batch>/.
 
 
 localrules:
@@ -7,10 +7,10 @@ localrules:
 
 rule configure_run:
     output:
-        run="experiments/{track}/{model}/{name}/run.json",
-        sbatch="experiments/{track}/{model}/{name}/run.sbatch",
+        run=RUN_FILE("run"),
+        sbatch=RUN_FILE("sbatch"),
     log:
-        "experiments/{track}/{model}/{name}/configure.log",
+        RUN_FILE("configure_log"),
     params:
         run=run_params,
         sbatch=run_sbatch,
@@ -20,41 +20,41 @@ rule configure_run:
 
 rule train:
     input:
-        run="experiments/{track}/{model}/{name}/run.json",
-        checkpoint="models/{model}/model",
+        run=RUN_FILE("run"),
+        checkpoint=run_checkpoint,
     output:
-        "experiments/{track}/{model}/{name}/metrics.jsonl",
+        RUN_FILE("metrics"),
     log:
-        train="experiments/{track}/{model}/{name}/train.log",
-        launch="experiments/{track}/{model}/{name}/launch.json",
+        train=RUN_FILE("log"),
+        launch=RUN_FILE("launch"),
     benchmark:
-        "experiments/{track}/{model}/{name}/benchmark.tsv"
+        RUN_FILE("benchmark")
     conda:
         "envs/ftscale.yaml"
     container:
         container_image()
-    threads: lambda wc: train_resources(run_of(wc), STUDY.config).cpus
+    threads: train_threads
     resources:
-        gpu=run_gpus,
-        nodes=lambda wc: train_resources(run_of(wc), STUDY.config).nodes,
-        cpus_per_task=lambda wc: train_resources(run_of(wc), STUDY.config).cpus,
-        mem_mb=lambda wc, attempt: train_resources(run_of(wc), STUDY.config, attempt).mem_mb,
-        runtime=lambda wc, attempt: train_resources(run_of(wc), STUDY.config, attempt).runtime_min,
+        gpu=train_gpus,
+        nodes=train_nodes,
+        cpus_per_task=train_threads,
+        mem_mb=train_mem_mb,
+        runtime=train_runtime,
     shell:
         "ftscale train {input.run} --cpus {threads} --log {log.train} --launch-record {log.launch}"
 
 
 rule train_data_parallel:
     input:
-        [f"{d}/metrics.jsonl" for d in all_run_dirs() if d.startswith("experiments/data_parallel/")],
+        run_files("metrics", "data_parallel"),
 
 
 rule train_model_parallel:
     input:
-        [f"{d}/metrics.jsonl" for d in all_run_dirs() if d.startswith("experiments/model_parallel/")],
+        run_files("metrics", "model_parallel"),
 
 
 rule sbatch_scripts:
     input:
-        [f"{d}/run.sbatch" for d in all_run_dirs()],
-        expand("models/{model}/import.sbatch", model=STUDY.models),
+        run_files("sbatch"),
+        model_files("import_sbatch"),

@@ -1,4 +1,6 @@
-# import: each model's checkpoint, written once, then read-only for every experiment.
+# import: each model's checkpoint, written once, then read-only for every experiment. The Hugging
+# Face checkpoint (models/<m>/model) serves the embedded and automodel engines; NeMo's conversion of
+# it (models/<m>/nemo) the nemo engine.
 
 
 localrules:
@@ -7,11 +9,11 @@ localrules:
 
 rule render_import_sbatch:
     input:
-        "models/{model}/model.yaml",
+        MODEL_FILE("spec"),
     output:
-        "models/{model}/import.sbatch",
+        MODEL_FILE("import_sbatch"),
     log:
-        "models/{model}/render.log",
+        MODEL_FILE("render_log"),
     params:
         text=import_sbatch,
     run:
@@ -20,30 +22,48 @@ rule render_import_sbatch:
 
 rule import_model:
     input:
-        ancient("models/{model}/model.yaml"),
+        ancient(MODEL_FILE("spec")),
     output:
-        protected(directory("models/{model}/model")),
+        protected(directory(MODEL_FILE("checkpoint"))),
     log:
-        "models/{model}/import.log",
+        MODEL_FILE("import_log"),
     benchmark:
-        "models/{model}/import.benchmark.tsv"
-    params:
-        engine=STUDY.config["engine"],
+        MODEL_FILE("import_benchmark")
     conda:
         "envs/ftscale.yaml"
     container:
         container_image()
-
     resources:
         gpu=import_resources(STUDY.config).gpus,
         cpus_per_task=import_resources(STUDY.config).cpus,
-        mem_mb=lambda wc, attempt: import_resources(STUDY.config, attempt).mem_mb,
-        runtime=lambda wc, attempt: import_resources(STUDY.config, attempt).runtime_min,
+        mem_mb=import_mem_mb,
+        runtime=import_runtime,
     shell:
-        "ftscale import {wildcards.model} --out {output} --engine {params.engine} > {log} 2>&1"
+        "ftscale import {wildcards.model} --out {output} > {log} 2>&1"
+
+
+rule import_nemo:
+    input:
+        ancient(MODEL_FILE("checkpoint")),
+    output:
+        protected(directory(MODEL_FILE("nemo_checkpoint"))),
+    log:
+        MODEL_FILE("nemo_import_log"),
+    container:
+        container_image()
+    resources:
+        gpu=import_resources(STUDY.config).gpus,
+        cpus_per_task=import_resources(STUDY.config).cpus,
+        mem_mb=import_mem_mb,
+        runtime=import_runtime,
+    params:
+        transformer_impl=STUDY.config["nemo"]["transformer_impl"],
+    shell:
+        "ftscale import-nemo {wildcards.model} --hf {input} --out {output} "
+        "--transformer-impl {params.transformer_impl} > {log} 2>&1"
 
 
 rule import_all:
     input:
-        expand("models/{model}/model", model=STUDY.models),
-        expand("models/{model}/import.sbatch", model=STUDY.models),
+        sorted({run.checkpoint for run in STUDY.runs}),
+        model_files("import_sbatch"),

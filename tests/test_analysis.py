@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftscale.analyze import write_results
-from ftscale.compare import CompareError, merge, write_comparison
-from ftscale.config import load_study
-from ftscale.parse import RunRecord, parse_run
-from ftscale.plots import PLOTS, _dp_plot, mp_memory
-from ftscale.provenance import SCHEMA_VERSION, device_name
-from ftscale.references import ReferencesError, check, flag_value, load_references
-from ftscale.tables import CSV_COLUMNS, model_perf
+from ftscale.analyze.compare import CompareError, merge, write_comparison
+from ftscale.analyze.parse import RunRecord, parse_run
+from ftscale.analyze.plots import PLOTS, _dp_plot, mp_memory
+from ftscale.analyze.provenance import SCHEMA_VERSION, device_name
+from ftscale.analyze.references import ReferencesError, check, flag_value, load_references
+from ftscale.analyze.results import write_results
+from ftscale.analyze.tables import CSV_COLUMNS, model_perf
+from ftscale.study.sweep import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -123,7 +123,7 @@ def analysed(tmp_path, monkeypatch) -> Path:
     """The complete fixture as the study's tiny_llama 2-GPU run; every other run never started."""
     monkeypatch.setenv("FTSCALE_PARTICIPANT", "tester")
     study = study_of()
-    run_dir = tmp_path / "experiments/data_parallel/tiny_llama/gpus2_mbs4_gbs16_seq128"
+    run_dir = tmp_path / "experiments/data_parallel/tiny_llama/embedded_gpus2_mbs4_gbs16_seq128"
     shutil.copytree(COMPLETE, run_dir)
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "config" / "references.yaml", tmp_path / "config")
@@ -135,7 +135,7 @@ def analysed(tmp_path, monkeypatch) -> Path:
 def test_csv_has_flops_mfu_reference_and_provenance(analysed):
     rows = {r["run"]: r for r in csv.DictReader((analysed / "results/scaling.csv").open())
             if r["model"] == "tiny_llama"}
-    row = rows["gpus2_mbs4_gbs16_seq128"]
+    row = rows["embedded_gpus2_mbs4_gbs16_seq128"]
     assert list(row) == CSV_COLUMNS
     assert int(row["flops_per_token"]) == TINY_LORA_FLOPS
     assert float(row["tflops_per_gpu"]) == pytest.approx(FIXTURE_TFLOPS)
@@ -146,7 +146,7 @@ def test_csv_has_flops_mfu_reference_and_provenance(analysed):
     assert row["device"] == "cpu" and row["gpus_per_node"] == "2" and row["nodes"] == "1"
     assert row["host"] == "vm" and row["date"].startswith("2026-")
     assert row["torch_version"] and row["versions_from"] == "analysis" and row["git_commit"]
-    other = rows["gpus1_mbs4_gbs8_seq128"]
+    other = rows["embedded_gpus1_mbs4_gbs8_seq128"]
     assert other["status"] == "not_run" and other["tflops_per_gpu"] == "" and other["ref_name"] == ""
     assert other["ref_tokens_per_s_per_gpu"] == "no reference"
 
@@ -170,7 +170,7 @@ def test_plots_are_written_and_not_empty(analysed):
 
 def dp_record(gpus: int, status: str = "ok", step: float = 0.1) -> RunRecord:
     good = status == "ok"
-    name = f"gpus{gpus}_mbs4_gbs{8 * gpus}_seq128"
+    name = f"embedded_gpus{gpus}_mbs4_gbs{8 * gpus}_seq128"
     return RunRecord(run=name, track="data_parallel", model="tiny_llama",
                      engine="embedded", gpus=gpus, tp=1, ep=1, dp=gpus, sp=False, micro_batch=4, global_batch=8 * gpus,
                      seq_length=128, steps=12, warmup_steps=2, status=status, step_time_s=step if good else None,
@@ -186,7 +186,7 @@ def test_failed_runs_are_left_out_of_plots_not_drawn_as_zero(tmp_path):
     measured = fig.axes[0].lines[0]  # the first line of tiny_llama's panel; the dashed one is ideal scaling
     assert list(measured.get_xdata()) == [1, 4]
     assert list(measured.get_ydata()) == pytest.approx([8 * 128 / 0.1, 32 * 128 / 0.2])
-    assert any("gpus2_mbs4_gbs16_seq128 (oom)" in t.get_text() for t in fig.axes[0].texts)
+    assert any("embedded_gpus2_mbs4_gbs16_seq128 (oom)" in t.get_text() for t in fig.axes[0].texts)
     fig = mp_memory(study, records, tmp_path / "m.png")  # no model-parallel runs: a figure that says so
     assert any("no model-parallel runs" in t.get_text() for t in fig.axes[0].texts)
     assert (tmp_path / "m.png").stat().st_size > 1024

@@ -1,10 +1,10 @@
-"""Hand-computed checks of ftscale.comm on small architectures (numbers checkable by hand)."""
+"""Hand-computed checks of ftscale.estimate.comm on small architectures (numbers checkable by hand)."""
 
 import dataclasses
 
 import pytest
 
-from ftscale.comm import (
+from ftscale.estimate.comm import (
     CommBytes,
     Layout,
     allgather_bytes,
@@ -15,7 +15,7 @@ from ftscale.comm import (
     reducescatter_bytes,
     trainable_params_per_gpu,
 )
-from ftscale.flops import param_counts
+from ftscale.estimate.flops import param_counts
 
 # h 8, I 16, 2 layers, 2 heads of 4, 2 kv heads, vocab 32, untied.
 # Per layer: attention 4·8·8 = 256, mlp 3·8·16 = 384, norms 16 -> 656; total 2·656 + 2·256 + 8 = 1832.

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftscale.config import ConfigError, load_model, load_study
+from ftscale.study.models import load_model
+from ftscale.study.schema import ConfigError
+from ftscale.study.sweep import load_study
 
 
 def study(cfg, root):
@@ -25,9 +27,9 @@ def test_default_config_plans_both_tracks(default_config, repo):
     by_gpus = {r.gpus: r for r in dp if r.model == "tiny_llama"}
     assert by_gpus[4].global_batch == 4 * by_gpus[1].global_batch
     assert by_gpus[4].grad_accum == by_gpus[1].grad_accum
-    assert by_gpus[4].directory == "experiments/data_parallel/tiny_llama/gpus4_mbs4_gbs32_seq128"
+    assert by_gpus[4].directory == "experiments/data_parallel/tiny_llama/embedded_gpus4_mbs4_gbs32_seq128"
     mp = [r for r in s.runs if r.track == "model_parallel"]
-    assert {r.name.split("_mbs")[0] for r in mp} == {"tp2_ep1_dp1_sp", "tp4_ep1_dp1_sp", "tp1_ep2_dp1", "tp2_ep2_dp1_sp"}
+    assert {r.name.split("_mbs")[0] for r in mp} == {"embedded_tp2_ep1_dp1_sp", "embedded_tp4_ep1_dp1_sp", "embedded_tp1_ep2_dp1", "embedded_tp2_ep2_dp1_sp"}
     assert all(r.lora is None for r in mp)
 
 
@@ -81,7 +83,7 @@ def test_bad_config_is_rejected_naming_file_key_value(default_config, repo, edit
         ("tiny_llama", {"tp": 1}, "need 2 or more GPUs"),
         ("tiny_llama", {"tp": 3, "dp": 1}, "tp = 3 must divide the attention heads (8) and the key/value heads (4)"),
         ("tiny_llama", {"tp": 8}, "tp = 8 must divide"),
-        ("tiny_llama", {"tp": 1, "ep": 2}, "ep = 2 but tiny_llama is a dense model"),
+        ("tiny_llama", {"tp": 1, "ep": 2}, "tiny_llama[0]' = {\"tp\": 1, \"ep\": 2, \"dp\": 1, \"sp\": false}: ep = 2 but the model is dense"),
         ("tiny_mixtral", {"tp": 1, "ep": 8}, "ep = 8 must divide the number of experts (4)"),
         ("tiny_mixtral", {"tp": 1, "ep": 2, "sp": True}, "sp = true needs tp > 1"),
     ],

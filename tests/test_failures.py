@@ -7,10 +7,10 @@ import shutil
 import stat
 
 import yaml
-
-from ftscale.config import load_model
-from ftscale.models import import_model
 from workflow import copy_workflow, snakemake
+
+from ftscale.importing.checkpoint import import_model
+from ftscale.study.models import load_model
 
 CONFIG = "tests/config/failure.yaml"
 
@@ -34,7 +34,7 @@ def test_failed_run_is_reported_then_rerun_alone(tmp_path):
     assert rows["broken_llama"]["status"] == "failed" and rows["broken_llama"]["reason"]
     assert rows["broken_llama"]["step_time_s"] == ""
     assert "failed" in (work / "results/tables.md").read_text()
-    run_dir = work / "experiments/data_parallel/broken_llama/gpus1_mbs2_gbs2_seq32"
+    run_dir = work / "experiments/data_parallel/broken_llama/embedded_gpus1_mbs2_gbs2_seq32"
     assert (run_dir / "train.log").is_file() and not (run_dir / "metrics.jsonl").exists()
 
     # The failure goes away (say, a file system hiccup): put good weights in place.
@@ -47,10 +47,10 @@ def test_failed_run_is_reported_then_rerun_alone(tmp_path):
     jobs = dry.stdout + dry.stderr
     planned = [line.split(":", 1)[1].strip() for line in jobs.splitlines() if line.strip().startswith("output:")]
     trained = [out for out in planned if out.endswith("metrics.jsonl")]
-    assert trained == ["experiments/data_parallel/broken_llama/gpus1_mbs2_gbs2_seq32/metrics.jsonl"]
+    assert trained == ["experiments/data_parallel/broken_llama/embedded_gpus1_mbs2_gbs2_seq32/metrics.jsonl"]
     second = snakemake(work, "results/tables.md", "--cores", "2", "--configfile", CONFIG)
     launched = [line for line in (second.stdout + second.stderr).splitlines()
-                if line.startswith("[ftscale] gpus") and "torch.distributed.run" in line]
+                if line.startswith("[ftscale] embedded_gpus") and "torch.distributed.run" in line]
     assert len(launched) == 1 and "experiments/data_parallel/broken_llama/" in launched[0]
     rows = {r["model"]: r for r in csv.DictReader((work / "results/scaling.csv").open())}
     assert rows["broken_llama"]["status"] == "ok"

@@ -1,10 +1,10 @@
-"""Hand-computed checks of ftscale.flops (parameter counts, FLOPs per token, MFU, peak lookup)."""
+"""Hand-computed checks of ftscale.estimate.flops (parameter counts, FLOPs per token, MFU, peak lookup)."""
 
 import dataclasses
 
 import pytest
 
-from ftscale.flops import (
+from ftscale.estimate.flops import (
     PEAK_TFLOPS,
     lora_param_count,
     mfu,

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftscale.config import ConfigError, load_model
-from ftscale.models import IMPORT_MARKER, import_model
+from ftscale.importing.checkpoint import IMPORT_MARKER, import_model
+from ftscale.study.models import load_model
+from ftscale.study.schema import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_gated_hub_model_needs_token(tmp_path, monkeypatch):
 def test_synthetic_at_load_writes_no_weights_and_builds_the_same_model_each_time(tmp_path, repo):
     import torch
 
-    from ftscale.models import load_for_training
+    from ftscale.importing.checkpoint import load_for_training
 
     shutil.copytree(repo / "config", tmp_path / "config")
     spec = yaml.safe_load((repo / "models/tiny_mixtral/model.yaml").read_text())

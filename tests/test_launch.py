@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import sys
 
-from ftscale.launch import launch_command, run_job
+from ftscale.run.launch import launch_command, run_job
 
 
 def test_single_node_uses_torchrun_standalone():
     cmd = launch_command({"engine": "embedded", "gpus": 4, "nodes": 1}, "d/run.json", python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
-                   "ftscale.engine.embedded", "d/run.json"]
+                   "ftscale.run.engine.embedded", "d/run.json"]
 
 
 def test_several_nodes_start_one_torchrun_per_node_through_srun():
     cmd = launch_command({"engine": "nemo", "gpus": 16, "nodes": 2}, "d/run.json", python="py")
     assert cmd[:3] == ["srun", "--nodes=2", "--ntasks-per-node=1"]
     assert "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
-    assert cmd[-3:] == ["-m", "ftscale.engine.nemo", "d/run.json"]
+    assert cmd[-3:] == ["-m", "ftscale.run.engine.nemo", "d/run.json"]
 
 
 def test_run_job_records_a_failure_with_its_exit_code(tmp_path):
@@ -36,8 +36,8 @@ def test_run_job_records_a_failure_with_its_exit_code(tmp_path):
 def test_progress_shows_first_step_then_at_most_one_line_per_interval(capsys):
     import io
 
-    from ftscale.launch import copy_with_progress
-    from ftscale.logformat import step_line
+    from ftscale.run.launch import copy_with_progress
+    from ftscale.run.logformat import step_line
 
     lines = ["loading weights\n"] + [step_line(s, 5, 1.0, 0.1, 10, 1.0, 0.0, "rss") + "\n" for s in range(1, 6)]
     out = io.StringIO()

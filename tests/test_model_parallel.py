@@ -1,7 +1,7 @@
-"""The model-parallel track (ftscale.engine.parallel) against single-process training, on CPU (gloo).
+"""The model-parallel track (ftscale.run.engine.model_parallel) against single-process training, on CPU (gloo).
 
-Every layout runs the product end to end: ``ftscale.engine.embedded.main`` on a run.json written
-from ``ftscale.config.Run`` (load, split, read the layout back, train 3 steps, write metrics.jsonl),
+Every layout runs the product end to end: ``ftscale.run.engine.embedded.main`` on a run.json written
+from ``ftscale.study.run.Run`` (load, split, read the layout back, train 3 steps, write metrics.jsonl),
 one forked process per rank. The reference is the unsplit Hugging Face model trained by the same
 ``embedded.train`` loop in one process on the same global batches. fp32: per-step losses and the
 step-1 gradients the optimizer sees (full tensors, gathered over TP and EP) agree to 1e-4 (relative
@@ -27,12 +27,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ftscale.comm import params_per_gpu, trainable_params_per_gpu
-from ftscale.config import Run, load_model
-from ftscale.engine import embedded
-from ftscale.engine.parallel import _check
-from ftscale.models import import_model
-from ftscale.parse import parse_steps
+from ftscale.analyze.parse import parse_steps
+from ftscale.estimate.comm import params_per_gpu, trainable_params_per_gpu
+from ftscale.importing.checkpoint import import_model
+from ftscale.run.engine import embedded, training
+from ftscale.run.engine.model_parallel import check_model
+from ftscale.study.layout import Layout
+from ftscale.study.models import load_model
+from ftscale.study.run import Run
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 
@@ -133,7 +135,7 @@ class _GradCapture:
     def save(self) -> None:
         from torch.distributed.tensor import DTensor
 
-        from ftscale.engine.parallel import ExpertParallelMoE
+        from ftscale.run.engine.moe import ExpertParallelMoE
 
         grads, experts = {}, {}
         for name, p in self.model.named_parameters():
@@ -145,8 +147,8 @@ class _GradCapture:
             elif leaf == "router":
                 grads[f"{module_name}.gate.weight"] = g
             else:  # this rank's experts: gather them over the EP group
-                parts = [torch.empty_like(g) for _ in range(moe.g.ep_size)]
-                dist.all_gather(parts, g.contiguous(), group=moe.g.ep)
+                parts = [torch.empty_like(g) for _ in range(moe.groups.ep_size)]
+                dist.all_gather(parts, g.contiguous(), group=moe.groups.ep)
                 experts[(module_name, leaf)] = torch.cat(parts)
         for (module_name, leaf), g in experts.items():
             if leaf == "gate_proj":
@@ -159,16 +161,14 @@ class _GradCapture:
 
 def _layout_job(run_json: str, grads_out: str) -> int:
     """``embedded.main`` as torchrun would run it, recording the step-1 gradients."""
-    import ftscale.engine.parallel as parallel
-
-    capture, prepare = _GradCapture(Path(grads_out)), parallel.prepare_model_parallel
+    capture, prepare = _GradCapture(Path(grads_out)), embedded.prepare_model_parallel
 
     def prepare_and_remember(model, run, device):
         prepared = prepare(model, run, device)
         capture.model = prepared.model
         return prepared
 
-    parallel.prepare_model_parallel = prepare_and_remember  # this forked rank only
+    embedded.prepare_model_parallel = prepare_and_remember  # this forked rank only
     return embedded.main([run_json])
 
 
@@ -176,7 +176,7 @@ def _reference(run_json: str, grads_out: str) -> int:
     """The unsplit model in one process through the engine's own training loop."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftscale.data import corpus_tokens
+    from ftscale.run.data import corpus_tokens
 
     run = json.loads(Path(run_json).read_text())
     dist.init_process_group("gloo")
@@ -184,8 +184,8 @@ def _reference(run_json: str, grads_out: str) -> int:
     model = AutoModelForCausalLM.from_pretrained(run["checkpoint"], dtype=torch.float32, attn_implementation="sdpa")
     tokens = corpus_tokens(AutoTokenizer.from_pretrained(run["checkpoint"]))
     _GradCapture(Path(grads_out)).model = model
-    prepared = embedded.Prepared(model=model, dp_rank=0, dp_size=1, layout={})
-    embedded.train(run, prepared, tokens, torch.device("cpu"), Path(run_json).parent / "metrics.jsonl")
+    prepared = training.TrainSetup(model=model, dp_rank=0, dp_size=1, layout={})
+    training.train(run, prepared, tokens, torch.device("cpu"), Path(run_json).parent / "metrics.jsonl")
     dist.destroy_process_group()
     return 0
 
@@ -247,7 +247,7 @@ def test_model_parallel_matches_single_process(model, tp, ep, dp, sp, checkpoint
     assert max(rel.values()) < TOL, sorted(rel.items(), key=lambda kv: -kv[1])[:5]
 
     # The layout line is read back from the split model: it must be the one asked for, and the
-    # elements each rank holds must be those of the analytic model in ftscale.comm.
+    # elements each rank holds must be those of the analytic model in ftscale.estimate.comm.
     arch = load_model(model).arch
     expected = {"world": tp * ep * dp, "tp": tp, "ep": ep, "dp": dp, "sp": int(sp),
                 "params_per_rank": params_per_gpu(arch, tp, ep),
@@ -259,14 +259,21 @@ def test_model_parallel_matches_single_process(model, tp, ep, dp, sp, checkpoint
 
 
 def test_bad_layouts_are_refused_before_splitting():
-    cfg = SimpleNamespace(num_attention_heads=8, num_key_value_heads=4, intermediate_size=256, vocab_size=1024,
-                          num_local_experts=4, tie_word_embeddings=False, _attn_implementation="sdpa")
+    """The layout's rules (Layout.errors, on the model's own config) and the implementation's own."""
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256,
+                        vocab_size=1024, num_local_experts=4, output_router_logits=False)
+    cfg._attn_implementation = "sdpa"
     model = SimpleNamespace(config=cfg, model=SimpleNamespace(layers=[]))
-    _check(model, 2, 2, 1, True, 4, 32)  # fine
-    for args, words in [((8, 1, 1, False, 8, 32), "num_key_value_heads"),
-                        ((1, 3, 1, False, 3, 32), "divide the number of experts"),
-                        ((2, 1, 1, True, 2, 33), "sequence length"),
-                        ((1, 1, 2, True, 2, 32), "needs tp > 1"),
-                        ((2, 1, 1, False, 4, 32), "world size")]:
+    check_model(model, Layout(2, 2, 1, True), 4, 32)  # fine
+    for (tp, ep, dp, sp, world, seq), words in [((8, 1, 1, False, 8, 32), "key/value heads \\(4\\)"),
+                                                 ((1, 3, 1, False, 3, 32), "divide the number of experts"),
+                                                 ((2, 1, 1, True, 2, 33), "divide seq_length = 33"),
+                                                 ((1, 1, 2, True, 2, 32), "needs tp > 1"),
+                                                 ((2, 1, 1, False, 4, 32), "world size")]:
         with pytest.raises(ValueError, match=words):
-            _check(model, *args)
+            check_model(model, Layout(tp, ep, dp, sp), world, seq)
+    cfg.output_router_logits = True
+    with pytest.raises(ValueError, match="load-balancing loss"):
+        check_model(model, Layout(2, 2, 1, True), 4, 32)

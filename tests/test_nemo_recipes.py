@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from ftscale.config import load_study
+from ftscale.study.sweep import load_study
 
 
 def nemo_python(repo) -> str | None:
@@ -33,12 +33,13 @@ def test_workshop_plan_has_every_run(repo):
     study = workshop_study(repo)
     names = sorted(f"{r.model}/{r.track}/{r.name.split('_mbs')[0]}" for r in study.runs)
     assert names == sorted(
-        [f"llama31_8b/data_parallel/gpus{g}" for g in (1, 2, 4, 8)]
-        + [f"mixtral_8x7b/data_parallel/gpus{g}{'' if g == 1 else f'_ep{g}'}" for g in (1, 2, 4, 8)]
-        + [f"llama31_8b/model_parallel/tp{t}_ep1_dp1_sp" for t in (2, 4, 8)]
-        + [f"mixtral_8x7b/model_parallel/{n}" for n in ("tp1_ep2_dp1", "tp2_ep2_dp1_sp", "tp1_ep4_dp1",
-                                                         "tp2_ep4_dp1_sp", "tp1_ep8_dp1")]
+        [f"llama31_8b/data_parallel/nemo_gpus{g}" for g in (1, 2, 4, 8)]
+        + [f"mixtral_8x7b/data_parallel/nemo_gpus{g}{'' if g == 1 else f'_ep{g}'}" for g in (1, 2, 4, 8)]
+        + [f"llama31_8b/model_parallel/nemo_tp{t}_ep1_dp1_sp" for t in (2, 4, 8)]
+        + [f"mixtral_8x7b/model_parallel/nemo_{n}" for n in ("tp1_ep2_dp1", "tp2_ep2_dp1_sp", "tp1_ep4_dp1",
+                                                              "tp2_ep4_dp1_sp", "tp1_ep8_dp1")]
     )
+    assert all(r.name.endswith("_bf16") for r in study.runs)
     assert all(r.lora for r in study.runs_of("data_parallel"))
     assert not any(r.lora for r in study.runs_of("model_parallel"))
 

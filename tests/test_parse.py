@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ftscale.logformat import step_line
-from ftscale.parse import PATTERNS, ParseError, parse_run, parse_steps
+from ftscale.analyze.parse import ParseError, parse_run
+from ftscale.run.logformat import PATTERNS, parse_steps, step_line
 
 FIXTURES = Path(__file__).parent / "fixtures" / "embedded"
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from workflow import copy_workflow, snakemake
 
 # The plugin waits 40 s before its first status query by default; the test cluster answers at once.
@@ -61,7 +60,7 @@ def test_profile_runs_everything_under_slurm_with_the_right_requests(slurm_run, 
 
 
 def test_sbatch_by_hand_is_picked_up_by_the_analysis(slurm_run, slurm_cluster):
-    run_dir = slurm_run / "experiments/data_parallel/tiny_llama/gpus2_mbs2_gbs8_seq64"
+    run_dir = slurm_run / "experiments/data_parallel/tiny_llama/embedded_gpus2_mbs2_gbs8_seq64"
     for name in ("metrics.jsonl", "train.log", "launch.json"):
         (run_dir / name).unlink()
     out = slurm_cluster.run(["sbatch", "--parsable", str(run_dir / "run.sbatch")], cwd=slurm_run)
@@ -70,7 +69,7 @@ def test_sbatch_by_hand_is_picked_up_by_the_analysis(slurm_run, slurm_cluster):
     assert json.loads((run_dir / "launch.json").read_text())["slurm_job_id"] == jobid
     proc = snakemake(slurm_run, "results/tables.md", "--cores", "1", "--configfile", "tests/config/slurm.yaml")
     assert "rule train" not in proc.stdout + proc.stderr  # nothing retrained: the hand-run output is used
-    row = rows(slurm_run)["tiny_llama/gpus2_mbs2_gbs8_seq64"]
+    row = rows(slurm_run)["tiny_llama/embedded_gpus2_mbs2_gbs8_seq64"]
     assert row["status"] == "ok" and row["source"].startswith(str(run_dir.relative_to(slurm_run)))
 
 
@@ -78,7 +77,7 @@ def test_cancelled_job_is_marked_and_only_it_is_rerun(slurm_cluster, tmp_path):
     work = copy_workflow(tmp_path)
     cmd = ["snakemake", "results/tables.md", "--profile", "profiles/slurm", "--configfile",
            "tests/config/slurm_cancel.yaml", "--keep-going", "--retries", "0", *FAST]
-    long_run = work / "experiments/model_parallel/tiny_llama/tp2_ep1_dp1_sp_mbs2_gbs4_seq64"
+    long_run = work / "experiments/model_parallel/tiny_llama/embedded_tp2_ep1_dp1_sp_mbs2_gbs4_seq64"
     with subprocess.Popen(cmd, cwd=work, env=slurm_cluster.environ(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
         deadline = time.monotonic() + 240
@@ -90,8 +89,8 @@ def test_cancelled_job_is_marked_and_only_it_is_rerun(slurm_cluster, tmp_path):
         output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     table = rows(work)
-    assert table["tiny_llama/gpus1_mbs2_gbs4_seq64"]["status"] == "ok"
-    cancelled = table["tiny_llama/tp2_ep1_dp1_sp_mbs2_gbs4_seq64"]
+    assert table["tiny_llama/embedded_gpus1_mbs2_gbs4_seq64"]["status"] == "ok"
+    cancelled = table["tiny_llama/embedded_tp2_ep1_dp1_sp_mbs2_gbs4_seq64"]
     assert cancelled["status"] == "cancelled", (cancelled, output[-3000:])
     assert 0 < int(cancelled["steps_done"]) < 3000  # what it measured before the cancel stays visible
 
@@ -103,8 +102,8 @@ def test_cancelled_job_is_marked_and_only_it_is_rerun(slurm_cluster, tmp_path):
                       "tests/config/slurm_cancel.yaml", *FAST, env=slurm_cluster.environ())
     new = [slurm_cluster.job(j["JobID"]) for j in slurm_cluster.squeue_jobs() if j["JobID"] not in before]
     comments = [j.get("Comment", "") for j in new]
-    assert len(new) == 1 and "tp2_ep1_dp1_sp" in comments[0], (comments, proc2.stdout[-2000:])
-    assert rows(work)["tiny_llama/tp2_ep1_dp1_sp_mbs2_gbs4_seq64"]["status"] == "ok"
+    assert len(new) == 1 and "embedded_tp2_ep1_dp1_sp" in comments[0], (comments, proc2.stdout[-2000:])
+    assert rows(work)["tiny_llama/embedded_tp2_ep1_dp1_sp_mbs2_gbs4_seq64"]["status"] == "ok"
 
 
 def test_dag_renders(slurm_run):
@@ -127,9 +126,9 @@ def test_profile_name_resolves_as_users_type_it(slurm_run, slurm_cluster):
 
 def test_slurm_time_limit_reaches_the_record(slurm_run, slurm_cluster):
     """A real job stopped by Slurm's time limit: the reason comes from Slurm's own output."""
-    from ftscale.parse import parse_run
+    from ftscale.analyze.parse import parse_run
 
-    done = slurm_run / "experiments/data_parallel/tiny_llama/gpus1_mbs2_gbs4_seq64"
+    done = slurm_run / "experiments/data_parallel/tiny_llama/embedded_gpus1_mbs2_gbs4_seq64"
     probe = slurm_run / "experiments/data_parallel/tiny_llama/time_limit_probe"
     probe.mkdir()
     run = json.loads((done / "run.json").read_text())

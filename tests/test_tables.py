@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftscale.parse import RunRecord
-from ftscale.tables import scaling
+from ftscale.analyze.parse import RunRecord
+from ftscale.analyze.tables import scaling
 
 
 def rec(gpus: int, gbs: int, step_time: float, status: str = "ok") -> RunRecord:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from ftscale.flops import training_flops_per_token
-from ftscale.plots import PLOTS
 from workflow import copy_workflow, snakemake
+
+from ftscale.analyze.plots import PLOTS
+from ftscale.estimate.flops import training_flops_per_token
 
 CONFIG = "tests/config/e2e.yaml"
 ENV = {**os.environ, "FTSCALE_PARTICIPANT": "e2e"}  # the participant named in every row
@@ -32,7 +32,7 @@ def test_every_row_comes_from_its_runs_log(finished):
     # 2 models x (1, 2 GPUs weak, 2 GPUs strong; the 1-GPU run serves both modes) + 2 model-parallel runs
     assert len(rows) == 8
     assert {(r["model"], r["run"].split("_mbs")[0]) for r in rows if r["track"] == "model_parallel"} == {
-        ("tiny_llama", "tp2_ep1_dp1_sp"), ("tiny_mixtral", "tp1_ep2_dp1")}
+        ("tiny_llama", "embedded_tp2_ep1_dp1_sp"), ("tiny_mixtral", "embedded_tp1_ep2_dp1")}
     for row in rows:
         assert row["status"] == "ok", row
         run_dir = finished / "experiments" / row["track"] / row["model"] / row["run"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from workflow import copy_workflow, snakemake
 
 ARGS = ["--configfile", "config/workshop.yaml", "--config", "container=nvcr.io/nvidia/nemo:test"]
@@ -32,12 +31,15 @@ def check_plan(output: str) -> None:
     plan = jobs(output)
     train = [j for j in plan if j["rule"] == "train"]
     assert len(train) == 16 and sum(j["rule"] == "import_model" for j in plan) == 2
+    # the nemo engine reads NeMo's conversion of each imported model
+    assert sum(j["rule"] == "import_nemo" for j in plan) == 2
     for job in train:
         name = re.search(r"name=(\S+)", job["wildcards"])[1]
-        if name.startswith("gpus"):
-            gpus = int(re.match(r"gpus(\d+)", name)[1])
+        assert name.startswith("nemo_") and name.endswith("_bf16"), name
+        if name.startswith("nemo_gpus"):
+            gpus = int(re.match(r"nemo_gpus(\d+)", name)[1])
         else:
-            tp, ep, dp = map(int, re.match(r"tp(\d+)_ep(\d+)_dp(\d+)", name).groups())
+            tp, ep, dp = map(int, re.match(r"nemo_tp(\d+)_ep(\d+)_dp(\d+)", name).groups())
             gpus = tp * ep * dp
         assert job["resources"]["gpu"] == str(gpus), job
         assert job["resources"]["cpus_per_task"] == str(8 * gpus)  # cpus_per_gpu: 8 on one node

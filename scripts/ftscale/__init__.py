@@ -1,9 +1,18 @@
-"""ftscale: library code of the fine-tuning scaling-study workflow (import -> run -> analyze).
+"""ftscale: library code of the fine-tuning scaling-study workflow, one package per stage.
 
-The Snakefile and rules/ only wire files together; everything they do is a call into this package.
+    study      what to run: schemas, models as data, Layout, Run, paths, engines' rules, the sweep
+    estimate   analytic figures of a run: FLOPs, parameters, communication (no measurement)
+    importing  models/<m>/model (and NeMo's conversion): written once, read-only
+    run        one job: configure, launch, log format, data, engines
+    analyze    logs -> records -> results/ (CSV, tables, plots, comparison)
+
+Imports run forward only (a later package may import an earlier one, never the reverse); ``cli``
+and ``dag`` sit on top. The Snakefile and rules/ only wire files together.
 """
 
-from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
 
-#: The repository root when the package is used from a checkout (pip install -e .).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+try:
+    __version__ = version("ftscale")
+except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+    __version__ = "0+unknown"

@@ -1,42 +1,77 @@
 """Command line of the workflow's jobs (what the rules and the standalone sbatch files call).
 
-    ftscale import MODEL [--out DIR] [--engine embedded|nemo]
+    ftscale import MODEL [--out DIR]                  the Hugging Face checkpoint, once (models/<m>/model)
+    ftscale import-nemo MODEL [--out DIR] [--hf DIR] [--transformer-impl local]
+                                                      NeMo's conversion of it, once (models/<m>/nemo)
     ftscale train RUN_DIR/run.json [--cpus N] [--log FILE] [--launch-record FILE]
+    ftscale --version
+
+Run from the workflow's root directory (the repository checkout): models/ and experiments/ are
+found there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from ftscale.config import ConfigError, load_model
-from ftscale.launch import run_job
-from ftscale.models import import_model
+from ftscale import __version__
+from ftscale.importing.checkpoint import import_model
+from ftscale.run.launch import run_job
+from ftscale.study.models import load_model
+from ftscale.study.paths import RunPaths
+from ftscale.study.schema import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftscale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ftscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import a model into models/<name>/model/ (once)")
     imp.add_argument("model")
     imp.add_argument("--out", type=Path, help="default: models/<name>/model")
-    imp.add_argument("--engine", default="embedded", choices=["embedded", "nemo"])
+    nemo = sub.add_parser("import-nemo", help="convert the imported model to a NeMo 2 checkpoint (once)")
+    nemo.add_argument("model")
+    nemo.add_argument("--out", type=Path, help="default: models/<name>/nemo")
+    nemo.add_argument("--hf", type=Path, help="the Hugging Face import to convert (default: models/<name>/model)")
+    nemo.add_argument("--transformer-impl", default="transformer_engine", choices=["transformer_engine", "local"])
     train = sub.add_parser("train", help="run one training job from its run.json")
     train.add_argument("run_json", type=Path)
     train.add_argument("--log", type=Path, help="default: train.log beside run.json")
     train.add_argument("--launch-record", type=Path, help="default: launch.json beside run.json")
     train.add_argument("--cpus", type=int, help="CPUs of the job, shared equally by its ranks (default: all available)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    if not args.run_json.is_file():
+        raise ConfigError(f"{args.run_json}: no such run file (a run directory's run.json, written by the workflow)")
+    try:
+        json.loads(args.run_json.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{args.run_json}:{err.lineno}: not valid JSON: {err.msg}") from None
+    paths = RunPaths(args.run_json.parent)
+    return run_job(args.run_json, args.log or paths.log, args.launch_record or paths.launch, cpus=args.cpus)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.command == "import":
             model = load_model(args.model, Path.cwd())
-            import_model(model, args.out or model.checkpoint, root=Path.cwd(), engine=args.engine)
+            import_model(model, args.out or model.checkpoint, root=Path.cwd())
             return 0
-        run_dir = args.run_json.parent
-        return run_job(args.run_json, args.log or run_dir / "train.log", args.launch_record or run_dir / "launch.json",
-                       cpus=args.cpus)
+        if args.command == "import-nemo":
+            from ftscale.importing.nemo import convert_to_nemo
+
+            model = load_model(args.model, Path.cwd())
+            convert_to_nemo(model, args.hf or model.checkpoint, args.out or model.paths.nemo_checkpoint,
+                            {"transformer_impl": args.transformer_impl})
+            return 0
+        return _train(args)
     except ConfigError as err:
         print(f"ftscale: error: {err}", file=sys.stderr)
         return 2

@@ -2,13 +2,13 @@
 
     .ci/nemo-venv /path/to/venv && /path/to/venv/bin/python -m pytest tests/nemo -q
 
-Each run is built with ftscale.engine.nemo.build_recipe from the real ``llm.<recipe>.finetune_recipe``;
+Each run is built with ftscale.run.engine.nemo.build_recipe from the real ``llm.<recipe>.finetune_recipe``;
 the tests read the settings back (recipe_fields), build every part NeMo can build without a GPU
 (strategy, trainer on the CPU accelerator, data, optimizer, resume, logger, LoRA) and pass them to
 NeMo's own ``llm.api._validate_config``. The model itself cannot be built on CPU: its config needs
 Transformer Engine for ``apply_rope_fusion``, so the validation uses a copy with that one flag off.
 
-The run and model dicts are written out here for now; later they come from config/workshop.yaml.
+The pure checks of a NeMo run (ftscale.study.engines) are tested in the main suite (tests/test_engines.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ os.environ.setdefault("NEMO_HOME", os.path.join(tempfile.gettempdir(), "ftscale-
 llm = pytest.importorskip("nemo.collections.llm", reason="needs the NeMo venv (.ci/nemo-venv)")
 fdl = pytest.importorskip("fiddle")
 
-from ftscale.engine import nemo as engine  # noqa: E402
+from ftscale.importing import nemo as nemo_import  # noqa: E402
+from ftscale.run.engine import nemo as engine  # noqa: E402
+from ftscale.study.engines import run_errors  # noqa: E402
 
 MODELS = {
     "llama31_8b": {
@@ -60,12 +62,12 @@ LORA_NEMO_TARGETS = ["linear_qkv", "linear_proj"]  # what LORA's Hugging Face na
 def make_run(track: str, model: str, tp: int, ep: int, dp: int, *, sp: bool = False, micro_batch: int = 1,
              global_batch: int, seq_length: int = 2048, nodes: int = 1, lora: dict | None = None,
              scaling: str | None = None) -> dict:
-    """A run dict as ftscale.config.Run.to_dict writes it (gpus = tp x ep x dp)."""
+    """A run dict as ftscale.study.run.Run.to_dict writes it (gpus = tp x ep x dp)."""
     gpus = tp * ep * dp
     if track == "data_parallel":
-        name = f"gpus{gpus}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}"
+        name = f"nemo_gpus{gpus}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}_bf16"
     else:
-        name = f"tp{tp}_ep{ep}_dp{dp}{'_sp' if sp else ''}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}"
+        name = f"nemo_tp{tp}_ep{ep}_dp{dp}{'_sp' if sp else ''}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}_bf16"
     return {
         "track": track, "model": model, "engine": "nemo", "gpus": gpus, "nodes": nodes,
         "gpus_per_node": gpus // nodes, "tp": tp, "ep": ep, "sp": sp, "dp": dp,
@@ -73,7 +75,7 @@ def make_run(track: str, model: str, tp: int, ep: int, dp: int, *, sp: bool = Fa
         "grad_accum": global_batch // (micro_batch * ep * dp), "seq_length": seq_length, "steps": 50,
         "warmup_steps": 5, "learning_rate": 1.0e-4 if lora else 5.0e-6, "seed": 1234, "precision": "bf16",
         "device": "auto", "lora": copy.deepcopy(lora), "scaling": scaling, "weights": "pretrained",
-        "checkpoint": f"models/{model}/model", "run_dir": f"experiments/{track}/{model}/{name}", "name": name,
+        "checkpoint": f"models/{model}/nemo", "run_dir": f"experiments/{track}/{model}/{name}", "name": name,
     }
 
 
@@ -122,7 +124,7 @@ def run_id(run: dict) -> str:
 @pytest.fixture(scope="module", params=RUNS, ids=run_id)
 def built(request):
     run = request.param
-    assert engine.check_run(run, MODELS[run["model"]]) == []
+    assert run_errors(run, MODELS[run["model"]]) == []
     return run, engine.build_recipe(run, MODELS[run["model"]])
 
 
@@ -235,91 +237,14 @@ def test_recipe_defaults_that_build_recipe_overrides():
     assert llama.optim.lr_scheduler.max_steps != llama.trainer.max_steps  # cosine over 10 steps by default
 
 
-# ----------------------------------------------------------------------------------------------
-# check_run messages
-# ----------------------------------------------------------------------------------------------
-
-
-def _good_mixtral_mp() -> dict:
-    return make_run("model_parallel", "mixtral_8x7b", 2, 4, 1, sp=True, global_batch=64)
-
-
-def _messages(run: dict, model: dict | None = None) -> list[str]:
-    return engine.check_run(run, model or MODELS[run["model"]])
-
-
-@pytest.mark.parametrize("change, key, value, words", [
-    ({"ep": 3, "gpus": 6, "gpus_per_node": 6, "tp": 2, "data_parallel_size": 3, "global_batch": 6},
-     "ep", "3", "divide the number of experts (8)"),
-    ({"ep": 8, "tp": 1, "dp": 1, "gpus": 4, "gpus_per_node": 4}, "ep", "8", "must not exceed gpus = 4"),
-    ({"gpus": 16, "gpus_per_node": 16}, "gpus", "16", "tp x ep x dp = 2 x 4 x 1 = 8"),
-    ({"gpus_per_node": 4}, "gpus", "8", "nodes x gpus_per_node = 1 x 4"),
-    ({"lora": LORA}, "lora", "{'rank': 8", "model_parallel track is full fine-tuning"),
-    ({"sp": False}, "sp", "False", "sequence parallelism when tp (2) and ep (4)"),
-    ({"global_batch": 6}, "global_batch", "6", "micro_batch x data-parallel size (ep x dp) = 1 x 4 = 4"),
-    ({"grad_accum": 64}, "grad_accum", "64", "= 16 micro-batches"),
-    ({"precision": "fp8"}, "precision", "'fp8'", "bf16"),
-    ({"warmup_steps": 50}, "warmup_steps", "50", "[0, steps = 50)"),
-])
-def test_check_run_layout_messages(change, key, value, words):
-    run = {**_good_mixtral_mp(), **change}
-    msgs = _messages(run)
-    hits = [m for m in msgs if m.startswith(f"run {run['name']}: {key} = {value}") and words in m]
-    assert hits, msgs
-
-
-def test_check_run_accepts_the_good_layouts():
-    assert _messages(_good_mixtral_mp()) == []
-    assert all(_messages(r) == [] for r in RUNS)
-
-
-def test_check_run_sp_needs_tp():
-    run = make_run("model_parallel", "mixtral_8x7b", 1, 8, 1, sp=True, global_batch=8)
-    assert any(m.startswith(f"run {run['name']}: sp = True") and "needs tp > 1" in m for m in _messages(run))
-
-
-def test_check_run_ep_on_dense_model():
-    run = make_run("model_parallel", "llama31_8b", 2, 2, 1, sp=True, global_batch=8)
-    assert any(m.startswith(f"run {run['name']}: ep = 2") and "dense" in m for m in _messages(run))
-
-
-def test_check_run_tp_must_divide_kv_heads():
-    run = make_run("model_parallel", "llama31_8b", 16, 1, 1, sp=True, global_batch=8, nodes=2)
-    assert any(m.startswith(f"run {run['name']}: tp = 16") and "num_key_value_heads = 8" in m
-               for m in _messages(run))
-
-
-def test_check_run_model_sections():
-    run = make_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=LORA)
-    no_nemo = {k: v for k, v in MODELS["llama31_8b"].items() if k != "nemo"}
-    assert any(m.startswith(f"run {run['name']}: model.nemo = None") and "no 'nemo' section" in m
-               for m in _messages(run, no_nemo))
-    for source, words in ((None, "no weights source"), ("", "no weights source"),
-                          ("synthetic", "real Hugging Face"), ("s3://bucket/x", "only 'hf://'")):
-        model = {**MODELS["llama31_8b"], "source": source}
-        assert any(m.startswith(f"run {run['name']}: model.source = {source!r}") and words in m
-                   for m in _messages(run, model)), (source, _messages(run, model))
-
-
-def test_check_run_lora_targets():
-    partial = {**LORA, "targets": ["q_proj", "v_proj"]}
-    run = make_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=partial)
-    msgs = _messages(run)
-    assert any(m.startswith(f"run {run['name']}: lora.targets = ['q_proj', 'v_proj']") and "linear_qkv" in m
-               for m in msgs), msgs
-    assert engine.lora_targets(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) == [
-        "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-    assert engine.lora_targets(["linear_qkv", "*.layers.0.*.linear_proj"]) == ["linear_qkv", "*.layers.0.*.linear_proj"]
-
-
 def test_build_recipe_refuses_an_invalid_run():
-    run = {**_good_mixtral_mp(), "ep": 3}
+    run = {**make_run("model_parallel", "mixtral_8x7b", 2, 4, 1, sp=True, global_batch=64), "ep": 3}
     with pytest.raises(ValueError, match=r"ep = 3"):
         engine.build_recipe(run, MODELS["mixtral_8x7b"])
 
 
 # ----------------------------------------------------------------------------------------------
-# import_checkpoint: the parts that run without a GPU
+# NeMo's checkpoint conversion and model config: the parts that run without a GPU
 # ----------------------------------------------------------------------------------------------
 
 
@@ -327,44 +252,32 @@ def test_import_classes_and_sources_resolve():
     for model in MODELS.values():
         model_cls = getattr(llm, model["nemo"]["model_class"])
         assert getattr(llm, model["nemo"]["config_class"])
-        importer = model_cls.importer(engine.hf_source(model))
+        importer = model_cls.importer("hf://" + os.path.abspath("models/tiny_llama/model"))
         assert type(importer).__name__.startswith("HF"), type(importer)
-        assert str(importer) == model["source"].removeprefix("hf://")
-    local = {**MODELS["llama31_8b"], "source": "models/tiny_llama/model"}
-    assert engine.hf_source(local) == "hf://" + os.path.abspath("models/tiny_llama/model")
 
 
-def test_import_gated_without_token_fails_first(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(RuntimeError, match="gated: set HF_TOKEN"):
-        engine.import_checkpoint(MODELS["llama31_8b"], tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_import_complete_marker(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+def test_import_complete_marker(tmp_path):
     out = tmp_path / "model"
-    for f in engine.IMPORT_COMPLETE_FILES:
+    for f in nemo_import.IMPORT_COMPLETE_FILES:
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text("{}")
-    assert engine.import_complete(out)
-    model = MODELS["mixtral_8x7b"]  # not gated: no token needed
-    assert engine.import_checkpoint(model, out) == out  # complete: nothing to do
+    assert nemo_import.import_complete(out)
     (out / "context" / "model.yaml").unlink()  # as if the import died before the context was dumped
-    assert not engine.import_complete(out)
-    with pytest.raises(FileExistsError, match="not a complete NeMo import"):
-        engine.import_checkpoint(model, out)
+    assert not nemo_import.import_complete(out)
 
 
-def test_import_reaches_nemo(tmp_path, monkeypatch):
-    """On CPU the real llm.import_ckpt path stops where the notes say: the model config needs TE."""
+def test_transformer_engine_config_needs_te_and_local_config_does_not():
+    """NeMo's LLaMA config asks for TE's rope fusion; ``transformer_impl: local`` builds without TE."""
     try:
         import transformer_engine  # noqa: F401
-        pytest.skip("Transformer Engine present: this would really import")
+        pytest.skip("Transformer Engine present")
     except ImportError:
         pass
-    monkeypatch.setenv("HF_TOKEN", "hf_dummy_not_used")
-    out = tmp_path / "out"
-    out.mkdir()  # an empty directory (as a workflow may leave) is replaced, not refused
-    with pytest.raises(ValueError, match="Transformer Engine|TE >= 1.4"):
-        engine.import_checkpoint(MODELS["llama31_8b"], out)
+    spec = MODELS["llama31_8b"]
+    with pytest.raises(Exception, match="Transformer Engine|TE >= 1.4|apply_rope_fusion"):
+        nemo_import.model_config(spec, {})
+    config = nemo_import.model_config(spec, {"transformer_impl": "local"})
+    assert config.apply_rope_fusion is False and config.gradient_accumulation_fusion is False
+    spec_fn = config.transformer_layer_spec
+    layer_spec = spec_fn(config) if callable(spec_fn) else spec_fn
+    assert "TE" not in repr(layer_spec)[:2000]

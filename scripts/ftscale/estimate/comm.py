@@ -43,7 +43,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ftscale.flops import MLP_MODULES, ArchDims, arch_dims, lora_spec
+from ftscale.estimate.flops import MLP_MODULES, arch_dims, lora_spec
+from ftscale.study.layout import Layout
 
 COLUMN_PARALLEL: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL: tuple[str, ...] = ("o_proj", "down_proj")
@@ -72,47 +73,12 @@ def alltoall_bytes(size: float, n: int) -> float:
     return (n - 1) / n * size
 
 
-# --------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A training layout; GPUs = tp·ep·dp. ``sp`` = sequence parallelism (only with tp > 1)."""
-
-    tp: int = 1
-    ep: int = 1
-    dp: int = 1
-    sp: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.ep * self.dp
-
-    @classmethod
-    def coerce(cls, layout: Layout | Mapping[str, Any]) -> Layout:
-        """Accept a ``Layout`` or a config dict like ``{tp: 2, sp: true}`` (missing keys default)."""
-        if isinstance(layout, Layout):
-            return layout
-        return cls(
-            tp=int(layout.get("tp", 1)), ep=int(layout.get("ep", 1)),
-            dp=int(layout.get("dp", 1)), sp=bool(layout.get("sp", False)),
-        )
-
-
-def _check(a: ArchDims, tp: int, ep: int, dp: int = 1) -> None:
-    if min(tp, ep, dp) < 1:
-        raise ValueError(f"tp, ep, dp must be >= 1, got tp={tp} ep={ep} dp={dp}")
-    for what, value in (("num_attention_heads", a.heads), ("num_key_value_heads", a.kv_heads),
-                        ("intermediate_size", a.intermediate)):
-        if value % tp:
-            raise ValueError(f"{what} {value} is not divisible by tp={tp}")
-    if ep > 1 and not a.is_moe:
-        raise ValueError(f"ep={ep} needs a MoE (mixtral) architecture, got {a.type!r}")
-    if a.experts % ep:
-        raise ValueError(f"num_local_experts {a.experts} is not divisible by ep={ep}")
-
-
 # --------------------------------------------------------------------------- parameters per GPU
+
+
+def _divisibility(arch: Mapping[str, Any]) -> dict:
+    """The architecture without its vocabulary: the formulas pad the vocabulary up to a multiple of tp."""
+    return {k: v for k, v in arch.items() if k != "vocab_size"}
 
 
 def trainable_params_per_gpu(
@@ -125,7 +91,7 @@ def trainable_params_per_gpu(
     L·3·h·I/tp, counts as non-expert). LoRA: only the adapters, sharded as in the module docstring.
     """
     a = arch_dims(arch)
-    _check(a, tp, ep)
+    Layout(tp=tp, ep=ep).check(_divisibility(arch))
     shapes = a.linear_shapes()
     spec = lora_spec(lora)
     if spec is None:
@@ -192,7 +158,7 @@ def comm_bytes_per_step(
     """
     lay = Layout.coerce(layout)
     a = arch_dims(arch)
-    _check(a, lay.tp, lay.ep, lay.dp)
+    lay.check(_divisibility(arch))
     if min(micro_batch, seq_length, grad_accum) < 1:
         raise ValueError("micro_batch, seq_length and grad_accum must be >= 1")
     steps = grad_accum * a.layers  # (micro-batch, layer) pairs per optimizer step

@@ -12,7 +12,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftscale.config import Model, Run
+from ftscale.study.models import Model
+from ftscale.study.run import Run
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ def _header(job_name: str, res: Resources, output: str, container: str) -> list[
 
 def render_run_sbatch(run: Run, config: dict, repo: Path, container: str = "") -> str:
     res = train_resources(run, config)
-    d = run.directory
-    cmd = ["ftscale", "train", f"{d}/run.json", "--log", f"{d}/train.log", "--launch-record", f"{d}/launch.json"]
+    d, p = run.directory, run.paths
+    cmd = ["ftscale", "train", str(p.run), "--log", str(p.log), "--launch-record", str(p.launch)]
     return "\n".join([
         *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{repo}/{d}/slurm-%j.out", container),
         "#",
@@ -67,14 +68,14 @@ def render_run_sbatch(run: Run, config: dict, repo: Path, container: str = "") -
 
 def render_import_sbatch(model: Model, config: dict, repo: Path, container: str = "") -> str:
     res = import_resources(config)
-    out = f"models/{model.name}/model"
+    out = str(model.checkpoint)
     return "\n".join([
-        *_header(f"ftscale-import-{model.name}", res, f"{repo}/models/{model.name}/import-%j.out", container),
+        *_header(f"ftscale-import-{model.name}", res, f"{repo}/{model.directory}/import-%j.out", container),
         "#",
         f"# Import {model.name} ({model.spec['source']}) once into {out}, standalone: the workflow's import job.",
         "# A gated hub model needs HF_TOKEN in the environment (never written to a file).",
         "set -euo pipefail",
         f"cd {shlex.quote(str(repo))}",
-        shlex.join(["ftscale", "import", model.name, "--out", out, "--engine", config["engine"]]),
+        shlex.join(["ftscale", "import", model.name, "--out", out]),
         "",
     ])

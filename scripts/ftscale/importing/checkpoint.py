@@ -13,28 +13,18 @@ import shutil
 import stat
 import time
 from pathlib import Path
+from typing import Callable
 
-from ftscale import REPO_ROOT
-from ftscale.config import ConfigError, Model
+from ftscale.importing.synthetic import write_synthetic
+from ftscale.study.models import Model
+from ftscale.study.schema import ConfigError
 
-CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 IMPORT_MARKER = "IMPORT.json"
 # model.yaml architecture keys -> the Hugging Face config.json keys they must match.
 _ARCH_KEYS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "vocab_size", "num_local_experts", "num_experts_per_tok",
 )
-
-
-def hf_config(arch: dict):  # -> transformers.PretrainedConfig
-    """The transformers config of an architecture block."""
-    from transformers import LlamaConfig, MixtralConfig
-
-    kwargs = {k: v for k, v in arch.items() if k != "type"}
-    if arch["type"] == "llama":
-        return LlamaConfig(**kwargs)
-    # Router load-balancing loss off: it would make losses depend on how experts are sharded.
-    return MixtralConfig(**kwargs, output_router_logits=False)
 
 
 def load_for_training(checkpoint: str | Path, dtype, device):  # -> PreTrainedModel
@@ -56,45 +46,6 @@ def load_for_training(checkpoint: str | Path, dtype, device):  # -> PreTrainedMo
 
 def is_imported(out_dir: Path) -> bool:
     return (out_dir / IMPORT_MARKER).is_file()
-
-
-def train_tokenizer(vocab_size: int, corpus: Path = CORPUS):  # -> PreTrainedTokenizerFast
-    """A byte-level BPE tokenizer trained on the shipped corpus (deterministic, ~0.1 s)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 4096),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    tok.train_from_iterator([corpus.read_text()], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def _write_synthetic(model: Model, tmp: Path, device: str) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    arch = model.arch
-    config = hf_config(arch)
-    if model.spec["synthetic_at_load"]:
-        config.save_pretrained(tmp)
-        train_tokenizer(arch["vocab_size"]).save_pretrained(tmp)
-        return {"kind": "synthetic", "seed": model.spec["seed"], "at_load": True}
-    torch.manual_seed(model.spec["seed"])
-    # Large shapes are made in bf16 on the GPU (an 8B model in fp32 on the host would need 32 GB);
-    # small ones in fp32, where the embedded default trains.
-    dtype = torch.bfloat16 if arch["hidden_size"] >= 1024 else torch.float32
-    with torch.device(device):
-        net = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    net.save_pretrained(tmp, safe_serialization=True)
-    train_tokenizer(arch["vocab_size"]).save_pretrained(tmp)
-    return {"kind": "synthetic", "seed": model.spec["seed"], "dtype": str(dtype).removeprefix("torch.")}
 
 
 def _check_hf_dir(model: Model, directory: Path) -> None:
@@ -147,9 +98,10 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def import_model(model: Model, out_dir: Path, root: Path = REPO_ROOT, engine: str = "embedded",
-                 device: str = "auto") -> Path:
-    """Import ``model`` into ``out_dir`` unless it already holds a complete import."""
+def write_once(out_dir: Path, what: str, write: Callable[[Path], dict]) -> Path:
+    """Write a checkpoint into ``out_dir`` once: ``write(tmp)`` fills a temporary sibling and returns
+    what the marker records; the directory is renamed into place only when complete, then made
+    read-only. A directory that already holds a complete import is kept as it is."""
     out_dir = Path(out_dir)
     if is_imported(out_dir):
         print(f"[ftscale] {out_dir} already holds a complete import; nothing to do", flush=True)
@@ -162,30 +114,13 @@ def import_model(model: Model, out_dir: Path, root: Path = REPO_ROOT, engine: st
         _remove_tree(tmp)
     tmp.mkdir(parents=True)
     start = time.time()
-    print(f"[ftscale] importing {model.name} from {model.spec['source']} (engine {engine}) into {out_dir}", flush=True)
+    print(f"[ftscale] {what} into {out_dir}", flush=True)
     try:
-        if engine == "nemo":
-            from ftscale.engine import nemo
-
-            info = {"kind": "nemo"}
-            nemo.import_checkpoint(model.spec, tmp, overwrite=True)
-        elif model.source_kind() == "synthetic":
-            import torch
-
-            dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-            info = _write_synthetic(model, tmp, dev)
-        elif model.source_kind() == "local":
-            info = _write_local(model, tmp, root)
-        else:
-            info = _write_hub(model, tmp)
+        info = write(tmp)
         import torch
         import transformers
 
         marker = {
-            "model": model.name,
-            "source": model.spec["source"],
-            "weights": model.spec["weights"],
-            "engine": engine,
             **info,
             "seconds": round(time.time() - start, 2),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -197,5 +132,24 @@ def import_model(model: Model, out_dir: Path, root: Path = REPO_ROOT, engine: st
         _remove_tree(tmp)
         raise
     make_read_only(out_dir)
-    print(f"[ftscale] imported {model.name} in {time.time() - start:.1f} s; {out_dir} is now read-only", flush=True)
+    print(f"[ftscale] done in {time.time() - start:.1f} s; {out_dir} is now read-only", flush=True)
     return out_dir
+
+
+def import_model(model: Model, out_dir: Path, root: Path = Path("."), device: str = "auto") -> Path:
+    """Import ``model`` as a Hugging Face checkpoint into ``out_dir`` unless it already holds one."""
+
+    def write(tmp: Path) -> dict:
+        if model.source_kind() == "synthetic":
+            import torch
+
+            dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            info = write_synthetic(model, tmp, dev)
+        elif model.source_kind() == "local":
+            info = _write_local(model, tmp, root)
+        else:
+            info = _write_hub(model, tmp)
+        return {"model": model.name, "source": model.spec["source"], "weights": model.spec["weights"],
+                "format": "huggingface", **info}
+
+    return write_once(out_dir, f"importing {model.name} from {model.spec['source']}", write)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ftscale.models import CORPUS
+from ftscale.study.paths import CORPUS
 
 
 def corpus_tokens(tokenizer, corpus: Path = CORPUS) -> torch.Tensor:

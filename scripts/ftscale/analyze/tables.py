@@ -8,31 +8,32 @@ scaling (global batch fixed) it is E = T(1) / (N * T(N)). Both are the throughpu
 Rows that are not ``ok`` keep their status and reason; their derived columns stay blank.
 
 Model FLOPs and MFU (``model_perf``), per record:
-- FLOPs/token from ``ftscale.flops.training_flops_per_token`` (the run's model, sequence length and
+- FLOPs/token from ``ftscale.estimate.flops.training_flops_per_token`` (the run's model, sequence length and
   LoRA setting; full fine-tuning on the model-parallel track);
 - TFLOP/s/GPU = tokens/s/GPU x FLOPs/token / 1e12;
 - MFU = TFLOP/s/GPU / peak TFLOP/s of the device the run reported on its layout line
-  (``ftscale.flops.peak_tflops_for``); blank with the reason where there is no peak (CPU, unknown GPU).
+  (``ftscale.estimate.flops.peak_tflops_for``); blank with the reason where there is no peak (CPU, unknown GPU).
 
-Every row also carries its reference flags (``ftscale.references``) and its provenance
-(``ftscale.provenance``): ``Extras``, computed by ``ftscale.analyze.derive``.
+Every row also carries its reference flags (``ftscale.analyze.references``) and its provenance
+(``ftscale.analyze.provenance``): ``Extras``, computed by ``ftscale.analyze.results.derive``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping
 
-from ftscale import flops as flops_mod
-from ftscale.comm import CommBytes, Layout, comm_bytes_per_step, params_per_gpu
-from ftscale.config import Study
-from ftscale.parse import RunRecord
-from ftscale.provenance import RUN_COLUMNS, STUDY_COLUMNS, device_name
-from ftscale.references import METRICS, RefResult
+from ftscale.analyze.parse import RunRecord
+from ftscale.analyze.provenance import RUN_COLUMNS, STUDY_COLUMNS, device_name
+from ftscale.analyze.references import METRICS, RefResult
+from ftscale.estimate import flops as flops_mod
+from ftscale.estimate.comm import CommBytes, comm_bytes_per_step, params_per_gpu
+from ftscale.study.layout import Layout
+from ftscale.study.sweep import Study
 
 CSV_COLUMNS = [
     "schema_version", "participant",
@@ -47,7 +48,7 @@ CSV_COLUMNS = [
 MFU_FORMULA = ("TFLOP/s/GPU = tokens/s/GPU x FLOPs/token / 1e12; MFU = TFLOP/s/GPU / peak TFLOP/s of the run's "
                "device (dense bf16 tensor-core peak: " +
                ", ".join(f"{k} {v}" for k, v in flops_mod.PEAK_TFLOPS.items() if v) + "). FLOPs/token: model "
-               "FLOPs of `scripts/ftscale/flops.py` (matrix multiplies only, full s x s attention scores)")
+               "FLOPs of `scripts/ftscale/estimate/flops.py` (matrix multiplies only, full s x s attention scores)")
 FLOPS_LORA = "LoRA: frozen weights 2 x forward, attention scores and adapters 3 x forward"
 FLOPS_FULL = "full fine-tuning: 3 x forward"
 
@@ -207,7 +208,7 @@ def dp_section(study: Study, records: dict[str, RunRecord], model: str, extras: 
 
 
 def comm_per_step(study: Study, r: RunRecord) -> CommBytes:
-    """Analytic bytes communicated per step per GPU (ftscale.comm), in the run's precision."""
+    """Analytic bytes communicated per step per GPU (ftscale.estimate.comm), in the run's precision."""
     run = study.run_by_dir(r.run_dir) if r.run_dir in {x.directory for x in study.runs} else None
     bf16 = (r.layout.get("dtype") == "bfloat16") or (run is not None and run.precision == "bf16")
     nbytes = 2 if bf16 else 4
@@ -242,7 +243,7 @@ def mp_section(study: Study, records: dict[str, RunRecord], model: str, extras: 
                      params_per_gpu(study.models[model].arch, r.tp, r.ep), _mib(tp_comm), _mib(comm.ep_alltoall),
                      _mib(comm.dp_allreduce), extras[r.run_dir].ref.summary(), _status(r)])
     note = ("Communication: analytic bytes sent per GPU per optimizer step (ring collectives; formulas in "
-            "`scripts/ftscale/comm.py`): TP = all-reduces, or all-gather + reduce-scatter with SP, of the "
+            "`scripts/ftscale/estimate/comm.py`): TP = all-reduces, or all-gather + reduce-scatter with SP, of the "
             "activations (4 per layer and micro-batch); EP = dispatch and combine all-to-all of the routed "
             "tokens, forward and backward; DP = one gradient all-reduce (non-expert weights over ep x dp "
             "replicas, experts over dp). params/GPU (run) is read back from the sharded model.")

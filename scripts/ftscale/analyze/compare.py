@@ -31,8 +31,8 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from ftscale.provenance import SCHEMA_VERSION  # noqa: E402
-from ftscale.tables import markdown_table  # noqa: E402
+from ftscale.analyze.provenance import SCHEMA_VERSION  # noqa: E402
+from ftscale.analyze.tables import markdown_table  # noqa: E402
 
 KEY = ("participant", "model", "track", "run")
 REQUIRED_COLUMNS = [

@@ -22,7 +22,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from ftscale import REPO_ROOT
+from ftscale.study.paths import CODE_ROOT
 
 SCHEMA_VERSION = 1
 PARTICIPANT_ENV = "FTSCALE_PARTICIPANT"
@@ -78,7 +78,7 @@ def environment(config: dict, root: Path = Path(".")) -> dict[str, object]:
         "schema_version": SCHEMA_VERSION,
         "participant": participant(config),
         "container": config.get("container") or "none",
-        "git_commit": git_commit(root, REPO_ROOT),
+        "git_commit": git_commit(root, CODE_ROOT),
         "versions": library_versions(),
     }
 
@@ -116,7 +116,7 @@ def run_provenance(layout: dict, run_json: dict, launch: dict, env: dict) -> dic
     else:
         model = "unknown"
     start = launch.get("start")
-    date = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat(timespec="seconds") if start else ""
+    date = dt.datetime.fromtimestamp(start, dt.UTC).isoformat(timespec="seconds") if start else ""
     from_run = all(layout.get(name) for name in ("torch", "transformers"))
     versions = ({name: str(layout.get(name, "")) for name in LIBRARIES} if from_run else env["versions"])
     return {

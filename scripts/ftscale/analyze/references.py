@@ -3,7 +3,7 @@
 config/references.yaml (schema: config/references.schema.yaml) lists entries keyed by model, track
 and a ``where`` mapping of configuration keys (gpus, tp, ep, dp, sp, micro_batch, global_batch,
 seq_length, scaling, engine, device); a key left out matches any value. ``device`` is a key of
-``ftscale.flops.PEAK_TFLOPS`` (H100-SXM, H200, A100, L40S) or ``cpu``, as ``peak_tflops_for`` maps
+``ftscale.estimate.flops.PEAK_TFLOPS`` (H100-SXM, H200, A100, L40S) or ``cpu``, as ``peak_tflops_for`` maps
 the device the run reported. Each entry gives, per metric, ``value, lower, upper, unit``:
 
     lower, upper: fractions of ``value`` (ReFrame's thresholds): -0.1 = 10 % below; null = unbounded
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from ftscale import REPO_ROOT
-from ftscale.config import ConfigError, validate
+from ftscale.study.schema import REFERENCES_SCHEMA, ConfigError, validate
 
-SCHEMA = REPO_ROOT / "config" / "references.schema.yaml"
+SCHEMA = REFERENCES_SCHEMA
 
 #: Metrics that can carry a reference: column of results/scaling.csv -> (label, unit).
 METRICS: dict[str, tuple[str, str]] = {

@@ -17,9 +17,9 @@ matplotlib.use("Agg")
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ftscale.config import Study  # noqa: E402
-from ftscale.parse import RunRecord  # noqa: E402
-from ftscale.tables import scaling  # noqa: E402
+from ftscale.analyze.parse import RunRecord  # noqa: E402
+from ftscale.analyze.tables import scaling  # noqa: E402
+from ftscale.study.sweep import Study  # noqa: E402
 
 #: file stem -> title; the files are results/plots/<stem>.png.
 PLOTS: dict[str, str] = {

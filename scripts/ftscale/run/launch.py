@@ -19,7 +19,11 @@ import time
 from pathlib import Path
 from typing import IO
 
-ENGINE_MODULES = {"embedded": "ftscale.engine.embedded", "nemo": "ftscale.engine.nemo"}
+from ftscale.run.logformat import parse_steps
+from ftscale.study.paths import RunPaths
+
+ENGINE_MODULES = {"embedded": "ftscale.run.engine.embedded", "nemo": "ftscale.run.engine.nemo",
+                  "automodel": "ftscale.run.engine.automodel"}
 
 
 def launch_command(run: dict, run_json: str, python: str = sys.executable) -> list[str]:
@@ -55,8 +59,6 @@ def copy_with_progress(lines: IO[str], out: IO[str], name: str, every_s: float =
 
 def write_metrics_from_log(log: Path, metrics: Path) -> None:
     """metrics.jsonl for an engine that only prints (NeMo): one record per parsed step line."""
-    from ftscale.parse import parse_steps
-
     steps, _, _ = parse_steps(log.read_text(errors="replace"))
     metrics.write_text("".join(json.dumps({k: v for k, v in s.items() if k != "line"}) + "\n" for s in steps))
 
@@ -113,7 +115,7 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     record.update(end=time.time(), returncode=code, signal=signal.Signals(received[0]).name if received else None)
     record["wall_s"] = round(record["end"] - record["start"], 3)
     _write(launch_record, record)
-    metrics = Path(run_json).parent / "metrics.jsonl"
+    metrics = RunPaths(Path(run_json).parent).metrics
     if code == 0 and not metrics.exists():
         write_metrics_from_log(log, metrics)
     status = "ok" if code == 0 else f"FAILED (exit {code})"

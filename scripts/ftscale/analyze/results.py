@@ -1,8 +1,8 @@
 """The analyze stage: every planned run's record -> results/scaling.csv, results/tables.md and the
 plots under results/plots/.
 
-Each record gets its model FLOPs and MFU (``ftscale.tables.model_perf``), its flags against
-config/references.yaml (``ftscale.references``) and its provenance (``ftscale.provenance``): ``derive``.
+Each record gets its model FLOPs and MFU (``ftscale.analyze.tables.model_perf``), its flags against
+config/references.yaml (``ftscale.analyze.references``) and its provenance (``ftscale.analyze.provenance``): ``derive``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import json
 import os
 from pathlib import Path
 
-from ftscale.config import Study
-from ftscale.flops import peak_tflops_for
-from ftscale.parse import LAUNCH_NAME, RUN_KEYS, RUN_NAME, RunRecord, parse_run
-from ftscale.plots import write_plots
-from ftscale.provenance import device_name, environment, run_provenance
-from ftscale.references import Reference, check, load_references
-from ftscale.tables import Extras, model_perf, render_tables, write_csv
+from ftscale.analyze.parse import RUN_KEYS, RunRecord, parse_run
+from ftscale.analyze.plots import write_plots
+from ftscale.analyze.provenance import device_name, environment, run_provenance
+from ftscale.analyze.references import Reference, check, load_references
+from ftscale.analyze.tables import Extras, model_perf, render_tables, write_csv
+from ftscale.estimate.flops import peak_tflops_for
+from ftscale.study.paths import RunPaths
+from ftscale.study.sweep import Study
 
 REFERENCES = Path("config/references.yaml")
 
@@ -26,7 +27,7 @@ def collect(study: Study, root: Path = Path(".")) -> list[RunRecord]:
     """One record per planned run, in plan order; a run that never started is ``not_run``."""
     records = []
     for run in study.runs:
-        if (root / run.directory / "run.json").is_file():
+        if (root / run.paths.run).is_file():
             record = parse_run(root / run.directory, root=root)
             record.run_dir = run.directory  # the run's identity, whatever the root
         else:
@@ -44,12 +45,12 @@ def _not_run(run) -> RunRecord:  # type: ignore[no-untyped-def]
 
 def run_files(study: Study, record: RunRecord, root: Path = Path(".")) -> tuple[dict, dict]:
     """The run's run.json (the plan's run dict when it never started) and launch.json ({} when absent)."""
-    run_dir = root / record.run_dir
-    if (run_dir / RUN_NAME).is_file():
-        run_json = json.loads((run_dir / RUN_NAME).read_text())
+    paths = RunPaths(root / record.run_dir)
+    if paths.run.is_file():
+        run_json = json.loads(paths.run.read_text())
     else:
         run_json = study.run_by_dir(record.run_dir).to_dict()
-    launch = json.loads((run_dir / LAUNCH_NAME).read_text()) if (run_dir / LAUNCH_NAME).is_file() else {}
+    launch = json.loads(paths.launch.read_text()) if paths.launch.is_file() else {}
     return run_json, launch
 
 

@@ -1,0 +1,185 @@
+"""Parse one run's files into a record: pure functions, path in, record out.
+
+Every pattern lives in ``PATTERNS`` (per-step metrics, layout read-back, the end of a run) and
+``FAILURES`` (what went wrong, first match wins), for both engines' log formats. A run that claims
+to be complete but lacks a metric raises ``ParseError`` naming the file and the pattern: never a
+silent zero. Warm-up steps are left out of the step-time median; a restarted log (steps seen
+again) keeps the last attempt; a truncated log yields status ``incomplete``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ftscale.run.logformat import PATTERNS, parse_steps
+from ftscale.study.paths import RunPaths
+
+# (status, reason, pattern): the first that matches names what went wrong.
+FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
+    ("oom", "out of GPU memory", re.compile(r"\[ftscale\] error=oom|CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError")),
+    ("failed", "Slurm time limit", re.compile(r"DUE TO TIME LIMIT")),
+    ("failed", "node failure", re.compile(r"DUE TO NODE FAILURE|NODE_FAIL")),
+    ("cancelled", "cancelled", re.compile(r"\[ftscale\] error=cancelled|CANCELLED AT")),
+    ("failed", "NCCL timeout", re.compile(r"Watchdog caught collective operation timeout|NCCL.{0,80}timed? ?out", re.I)),
+    ("failed", "NCCL error", re.compile(r"NCCL error|ncclInternalError|ncclSystemError|ncclUnhandledCudaError")),
+    ("failed", "missing checkpoint", re.compile(
+        r"(FileNotFoundError|OSError).{0,200}(checkpoint|model|config\.json|No such file)|"
+        r"does not appear to have a file named|Can't load the (model|configuration)")),
+    ("failed", "a rank was killed (SIGKILL: out of host memory?)", re.compile(r"Signal 9 \(SIGKILL\)|exitcode\s*:\s*-9")),
+    ("failed", "error", re.compile(r"\[ftscale\] error=(?P<kind>\w+) (?P<msg>.*)")),
+]
+
+# The run.json keys every record repeats (the run's identity and batch).
+RUN_KEYS = ("track", "model", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch", "seq_length",
+            "steps", "warmup_steps")
+
+
+class ParseError(ValueError):
+    """A run that claims completion lacks a metric: names the file and the pattern."""
+
+
+@dataclass
+class RunRecord:
+    """What one run measured; every number comes from the lines named in ``source``."""
+
+    run: str
+    track: str
+    model: str
+    engine: str
+    gpus: int
+    tp: int
+    ep: int
+    dp: int
+    sp: bool
+    micro_batch: int
+    global_batch: int
+    seq_length: int
+    steps: int
+    warmup_steps: int
+    status: str
+    reason: str = ""
+    steps_done: int = 0
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+    tokens_per_s_per_gpu: float | None = None
+    peak_mem_mib: float | None = None
+    reserved_mib: float | None = None
+    mem_kind: str = ""
+    wall_s: float | None = None
+    loss_first: float | None = None
+    loss_last: float | None = None
+    layout: dict = field(default_factory=dict)
+    source: str = ""
+    run_dir: str = ""
+    scaling: str | None = None
+    weights: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def classify_failure(text: str) -> tuple[str, str] | None:
+    for status, reason, pattern in FAILURES:
+        if m := pattern.search(text):
+            if "msg" in pattern.groupindex:
+                return status, f"{m['kind']}: {m['msg'][:200]}"
+            return status, reason
+    return None
+
+
+def _require(rec: dict, key: str, path: Path, pattern: str) -> float:
+    if rec.get(key) is None:
+        raise ParseError(f"{path}:{rec.get('line', '?')}: step {rec.get('step')} has no '{key}' "
+                         f"(pattern '{pattern}'): the metric is missing from the log")
+    return rec[key]
+
+
+def slurm_logs(run_dir: Path, job_id: str | None, root: Path = Path(".")) -> list[Path]:
+    """Slurm's own output for a job: what says "DUE TO TIME LIMIT" or "NODE FAILURE", which the
+    job's processes never see. The executor plugin keeps it (for failed jobs) under
+    .snakemake/slurm_logs/rule_<rule>/<wildcards>/<job id>.log; a hand-submitted run.sbatch writes
+    slurm-<job id>.out into the run directory."""
+    if not job_id:
+        return []
+    found = [run_dir / f"slurm-{job_id}.out"]
+    plugin_logs = root / ".snakemake" / "slurm_logs"
+    if plugin_logs.is_dir():
+        found += sorted(plugin_logs.glob(f"rule_*/**/{job_id}.log"))
+    return [p for p in found if p.is_file()]
+
+
+def sanity(run: dict, steps: list[dict], done: bool, launch: dict, log_text: str, log: Path) -> tuple[str, str]:
+    """Did the run do what was asked? (status, reason), from the failure patterns, the launcher's exit
+    code, the steps seen and the engine's end line; no metric is read here (ReFrame's sanity check)."""
+    if failure := classify_failure(log_text):
+        return failure
+    code = launch.get("returncode")
+    if code not in (None, 0):
+        return "failed", f"exit code {code}"
+    if code == 0 and len(steps) >= run["steps"] and (done or run["engine"] != "embedded"):
+        return "ok", ""
+    if done:
+        pattern = PATTERNS["embedded_step"].pattern
+        raise ParseError(f"{log}: the run says it finished {run['steps']} steps but only {len(steps)} lines "
+                         f"matched the step pattern '{pattern[:60]}...': the metrics are missing from the log")
+    return "incomplete", (f"log ends after {len(steps)} of {run['steps']} steps with no error"
+                          + ("" if launch.get("end") else "; the launcher never finished (killed?)"))
+
+
+def performance(run: dict, steps: list[dict], log: Path, require_memory: bool) -> dict:
+    """What the run measured: the median step time after the warm-up and what follows from it, peak
+    memory over every step, the first and last loss, and the log lines they come from."""
+    out: dict = {}
+    timed = [s for s in steps if s["step"] > run["warmup_steps"]]
+    if timed:
+        name = "embedded_step" if run["engine"] == "embedded" else "nemo_step_time"
+        times = [_require(s, "step_time_s", log, name) for s in timed]
+        out["step_time_s"] = statistics.median(times)
+        out["tokens_per_s"] = run["global_batch"] * run["seq_length"] / out["step_time_s"]
+        out["tokens_per_s_per_gpu"] = out["tokens_per_s"] / run["gpus"]
+        mems = [s["peak_mem_mib"] for s in steps if s.get("peak_mem_mib") is not None]
+        if require_memory and not mems:
+            raise ParseError(f"{log}: no peak memory in any step line (pattern '{name}'; "
+                             "NeMo needs NEMO_LOG_MEMORY_USAGE=1)")
+        out["peak_mem_mib"] = max(mems) if mems else None
+        reserved = [s["reserved_mib"] for s in steps if s.get("reserved_mib") is not None]
+        out["reserved_mib"] = max(reserved) if reserved else None
+        out["mem_kind"] = steps[-1].get("mem_kind", "")
+        out["source"] = f"{log}:{timed[0]['line']}-{timed[-1]['line']}"
+    if steps:
+        out["loss_first"] = steps[0].get("loss")
+        out["loss_last"] = steps[-1].get("loss")
+    return out
+
+
+def parse_run(run_dir: Path | str, extra_logs: list[Path] | None = None, root: Path = Path(".")) -> RunRecord:
+    """The record of one run directory (run.json, train.log, launch.json), with Slurm's own logs of
+    the job (given, or found by its job id under ``root``): its ``sanity`` (status and reason), then
+    its ``performance``."""
+    run_dir = Path(run_dir)
+    paths = RunPaths(run_dir)
+    run = json.loads(paths.run.read_text())
+    base = {k: run[k] for k in RUN_KEYS}
+    record = RunRecord(run=run["name"], status="not_run", run_dir=str(run_dir), scaling=run.get("scaling"),
+                       weights=run.get("weights", ""), **base)
+    log = paths.log
+    if not log.is_file():
+        record.reason = "no log: the job has not run"
+        return record
+    text = log.read_text(errors="replace")
+    launch = json.loads(paths.launch.read_text()) if paths.launch.is_file() else {}
+    record.wall_s = launch.get("wall_s")
+    if extra_logs is None:
+        extra_logs = slurm_logs(run_dir, launch.get("slurm_job_id"), root)
+    extra = "\n".join(p.read_text(errors="replace") for p in extra_logs if p.is_file())
+    steps, layout, done = parse_steps(text)
+    record.layout = {k: v for k, v in layout.items() if k != "line"}
+    record.steps_done = len(steps)
+    record.status, record.reason = sanity(run, steps, done, launch, text + "\n" + extra, log)
+    for key, value in performance(run, steps, log, require_memory=record.status == "ok").items():
+        setattr(record, key, value)
+    return record

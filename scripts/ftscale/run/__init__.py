@@ -1,0 +1,11 @@
+"""The run stage: one fine-tuning job per run.
+
+- ``configure``: the files the configure_run rule writes (run.json, run.sbatch);
+- ``sbatch``: scheduler resources and the standalone sbatch scripts;
+- ``launch``: start a job from its run.json (torchrun, srun) and record what happened;
+- ``logformat``: the one per-step line format, and reading step lines back (ours and NeMo's);
+- ``data``: the training batches;
+- ``engine/``: the engines, started by ``launch`` under torchrun.
+
+Imports only ``ftscale.study`` and ``ftscale.importing``.
+"""

@@ -1,0 +1,24 @@
+"""The data-parallel track of the embedded engine: LoRA adapters (peft) under DistributedDataParallel."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ftscale.run.engine.training import TrainSetup, count_params
+
+
+def prepare_data_parallel(model: torch.nn.Module, run: dict, device: torch.device) -> TrainSetup:
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    lora = run["lora"]
+    config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0),
+                        target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config).to(device)
+    held, trainable = count_params(model)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layout = {"world": world, "tp": 1, "ep": 1, "dp": world, "sp": 0, "lora_rank": lora["rank"],
+              "params_per_rank": held, "trainable_per_rank": trainable}
+    return TrainSetup(model=ddp, dp_rank=rank, dp_size=world, layout=layout, no_sync=ddp.no_sync)

@@ -1,0 +1,92 @@
+"""The embedded engine: a real fine-tuning loop on PyTorch + transformers + peft.
+
+Launched by torchrun, one process per GPU (or per CPU "GPU" with gloo):
+
+    torchrun --standalone --nproc-per-node N -m ftscale.run.engine.embedded RUN_DIR/run.json
+
+The data-parallel track trains LoRA adapters under DistributedDataParallel; the model-parallel
+track fully fine-tunes a model split by ``ftscale.run.engine.model_parallel``. Every step prints one line in
+the format of ``ftscale.run.logformat`` and appends a record to RUN_DIR/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ftscale.importing.checkpoint import load_for_training
+from ftscale.run.data import corpus_tokens
+from ftscale.run.engine.data_parallel import prepare_data_parallel
+from ftscale.run.engine.model_parallel import prepare_model_parallel
+from ftscale.run.engine.training import EXIT_OOM, device_for, dtype_for, train
+from ftscale.run.logformat import error_line, kv_line
+from ftscale.study.paths import RunPaths
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: torchrun ... -m ftscale.run.engine.embedded RUN_DIR/run.json", file=sys.stderr)
+        return 2
+    run_json = Path(argv[0])
+    run = json.loads(run_json.read_text())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = device_for(run, local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        if world != run["gpus"]:
+            raise RuntimeError(f"launched with {world} processes but the run asks for {run['gpus']} GPUs")
+        if device.type == "cpu":
+            # The launcher sets FTSCALE_THREADS_PER_RANK from the job's CPUs (torchrun's own default is 1).
+            per_rank = os.environ.get("FTSCALE_THREADS_PER_RANK")
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            torch.set_num_threads(int(per_rank) if per_rank else max(1, (os.cpu_count() or 1) // local))
+        torch.manual_seed(run["seed"])
+        from transformers import AutoTokenizer
+
+        dtype = dtype_for(run, device)
+        # Synthetic at-load weights are made on the GPU; with model parallelism every rank builds the
+        # same full model on the CPU first and keeps its shards.
+        where = device if (device.type == "cuda" and run["track"] == "data_parallel") else torch.device("cpu")
+        model = load_for_training(run["checkpoint"], dtype, where)
+        options = run.get("engine_options") or {}
+        if options.get("activation_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tokens = corpus_tokens(AutoTokenizer.from_pretrained(run["checkpoint"]))
+        if run["track"] == "data_parallel":
+            prepared = prepare_data_parallel(model, run, device)
+        else:
+            prepared = prepare_model_parallel(model, run, device)
+        if options.get("compile"):
+            prepared.model.compile()
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        if rank == 0:
+            print(kv_line("layout", **prepared.layout, device=device.type, device_name=device_name.replace(" ", "_"),
+                          dtype=str(dtype).removeprefix("torch."),
+                          activation_checkpointing=int(bool(options.get("activation_checkpointing"))),
+                          compile=int(bool(options.get("compile")))), flush=True)
+        train(run, prepared, tokens, device, RunPaths(run_json.parent).metrics)
+        if rank == 0:
+            print(kv_line("done", steps=run["steps"]), flush=True)
+        code = 0
+    except torch.OutOfMemoryError as err:
+        print(error_line("oom", f"rank {rank}: {err}"), flush=True)
+        code = EXIT_OOM
+    except Exception as err:  # noqa: BLE001 - any failure must end the job with a reason in the log
+        traceback.print_exc()
+        print(error_line("failed", f"rank {rank}: {type(err).__name__}: {err}"), flush=True)
+        code = 1
+    if code == 0:
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""NeMo 2 engine: build a fine-tuning recipe from a run, import a Hugging Face checkpoint, run it.
+
+Written against nemo_toolkit 2.7.3, the last release with ``nemo.collections.llm`` (the Llama 3.1 8B
+and Mixtral 8x7B recipes), with nemo_run 0.11.1 (see .ci/nemo-venv for the pins). Nothing here
+imports NeMo at module level (the pure checks are ``ftscale.study.engines``): the functions import
+``nemo``/``nemo_run`` inside, so ``ftscale`` stays importable without NeMo.
+
+Layout vocabulary (the run dict, see ftscale.study.run.Run): ``gpus = tp x ep x dp`` with pipeline
+parallelism 1. Megatron carves expert parallelism out of the data-parallel ranks (expert tensor
+parallelism = tp, as NeMo leaves it), so the dense/attention layers see a data-parallel size of
+``ep x dp`` (= gpus / tp, what NeMo divides the global batch by) and the experts one of ``dp``.
+
+Entry point (started by ftscale.run.launch)::
+
+    torchrun --nproc-per-node=N -m ftscale.run.engine.nemo RUN_DIR/run.json
+
+It cannot train on a CPU-only machine (no Transformer Engine); tests/nemo builds real recipes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+from ftscale.run.logformat import error_line, kv_line
+from ftscale.study.engines import nemo_lora_targets, run_errors
+
+# ----------------------------------------------------------------------------------------------
+# Recipe (needs nemo)
+# ----------------------------------------------------------------------------------------------
+
+
+def _abs(path: str | os.PathLike) -> str:
+    """Paths in the run are relative to the working directory (the repository root)."""
+    return os.path.abspath(os.fspath(path))
+
+
+def build_recipe(run: dict, model: dict):
+    """The ``run.Partial(llm.finetune, ...)`` for ``run``, every layout and batch setting explicit.
+
+    Starts from ``llm.<model.nemo.recipe>.finetune_recipe`` and then sets, whatever the recipe's
+    defaults (the Llama full fine-tune recipe sets TP=2; the Mixtral one EP=8, and PP=4/VP=8 for
+    full fine-tuning)::
+
+        trainer.strategy.tensor_model_parallel_size          = tp
+        trainer.strategy.pipeline_model_parallel_size        = 1
+        trainer.strategy.virtual_pipeline_model_parallel_size= None
+        trainer.strategy.pipeline_dtype                      = None   (no pipeline)
+        trainer.strategy.expert_model_parallel_size          = ep
+        trainer.strategy.expert_tensor_parallel_size         = None   (Megatron: = tp)
+        trainer.strategy.context_parallel_size               = 1
+        trainer.strategy.sequence_parallel                   = sp
+        trainer.strategy.progress_interval                   = 1      (ProgressPrinter line every step)
+        trainer.strategy.replace_progress_bar                = True
+        trainer.devices / num_nodes                          = gpus_per_node / nodes
+        trainer.max_steps / log_every_n_steps                = steps / 1
+        trainer.callbacks                                    += TimingCallback if missing
+        data.global_batch_size / micro_batch_size / seq_length / seed
+        model.config.seq_length                              = seq_length (must agree with data)
+        optim.lr_scheduler.warmup_steps / max_steps          = warmup_steps / steps
+        optim.config.lr                                      = learning_rate (when the run has one)
+        resume.restore_config.path                           = abspath(checkpoint)  (not nemo://...)
+        resume.resume_if_exists                              = False (always start from the import)
+        peft.dim / alpha / target_modules                    = lora rank / alpha / targets
+        log.log_dir / name                                   = abspath(run_dir)/nemo / run name
+
+    Validation, checkpointing and the learning rate (when the run has none) keep the recipe's values.
+    Raises ValueError with ftscale.study.engines.run_errors messages when the run is not valid.
+    """
+    errors = run_errors(run, model)
+    if errors:
+        raise ValueError("cannot build a NeMo recipe:\n  " + "\n  ".join(errors))
+    import nemo_run as nr
+    from nemo.collections import llm
+    from nemo.utils.exp_manager import TimingCallback
+
+    factory = getattr(llm, model["nemo"]["recipe"]).finetune_recipe
+    kwargs = dict(
+        dir=os.path.join(_abs(run["run_dir"]), "nemo"),
+        name=run["name"],
+        num_nodes=run["nodes"],
+        num_gpus_per_node=run["gpus_per_node"],
+        peft_scheme="lora" if run["lora"] else "none",
+    )
+    if "seq_length" in inspect.signature(factory).parameters:  # llama31_8b yes, mixtral_8x7b no
+        kwargs["seq_length"] = run["seq_length"]
+    recipe = factory(**kwargs)
+
+    strategy = recipe.trainer.strategy
+    strategy.tensor_model_parallel_size = run["tp"]
+    strategy.pipeline_model_parallel_size = 1
+    strategy.virtual_pipeline_model_parallel_size = None
+    strategy.pipeline_dtype = None
+    strategy.expert_model_parallel_size = run["ep"]
+    strategy.expert_tensor_parallel_size = None
+    strategy.context_parallel_size = 1
+    strategy.sequence_parallel = bool(run["sp"])
+    strategy.replace_progress_bar = True
+    strategy.progress_interval = 1
+
+    trainer = recipe.trainer
+    trainer.devices = run["gpus_per_node"]
+    trainer.num_nodes = run["nodes"]
+    trainer.max_steps = run["steps"]
+    trainer.log_every_n_steps = 1
+    callbacks = list(trainer.callbacks or [])
+    if not any(getattr(cb, "__fn_or_cls__", None) is TimingCallback for cb in callbacks):
+        callbacks.append(nr.Config(TimingCallback))
+    trainer.callbacks = callbacks
+
+    recipe.data.global_batch_size = run["global_batch"]
+    recipe.data.micro_batch_size = run["micro_batch"]
+    recipe.data.seq_length = run["seq_length"]
+    recipe.data.seed = run["seed"]
+    recipe.model.config.seq_length = run["seq_length"]
+
+    recipe.optim.lr_scheduler.warmup_steps = run["warmup_steps"]
+    recipe.optim.lr_scheduler.max_steps = run["steps"]
+    if run.get("learning_rate") is not None:
+        recipe.optim.config.lr = run["learning_rate"]
+
+    recipe.resume.restore_config.path = _abs(run["checkpoint"])
+    recipe.resume.resume_if_exists = False
+
+    if run["lora"]:
+        recipe.peft.dim = run["lora"]["rank"]
+        recipe.peft.alpha = run["lora"]["alpha"]
+        recipe.peft.target_modules = nemo_lora_targets(run["lora"]["targets"])
+    return recipe
+
+
+def recipe_fields(recipe) -> dict:
+    """What a built recipe will do, in the run dict's vocabulary (for tests and the layout line).
+
+    ``peft`` is 'lora' or None; paths are as stored in the recipe (absolute).
+    """
+    s, t, d = recipe.trainer.strategy, recipe.trainer, recipe.data
+    peft = getattr(recipe, "peft", None)
+    cls = getattr(peft, "__fn_or_cls__", None)
+    callbacks = [getattr(cb, "__fn_or_cls__", type(cb)).__name__ for cb in (t.callbacks or [])]
+    restore = getattr(recipe.resume, "restore_config", None)
+    return {
+        "tp": s.tensor_model_parallel_size,
+        "pp": s.pipeline_model_parallel_size,
+        "vp": s.virtual_pipeline_model_parallel_size,
+        "cp": s.context_parallel_size,
+        "ep": s.expert_model_parallel_size,
+        "sp": s.sequence_parallel,
+        "gpus_per_node": t.devices,
+        "nodes": t.num_nodes,
+        "gpus": t.devices * t.num_nodes,
+        "steps": t.max_steps,
+        "log_every_n_steps": t.log_every_n_steps,
+        "progress_interval": s.progress_interval,
+        "timing_callback": "TimingCallback" in callbacks,
+        "callbacks": callbacks,
+        "global_batch": d.global_batch_size,
+        "micro_batch": d.micro_batch_size,
+        "seq_length": d.seq_length,
+        "model_seq_length": recipe.model.config.seq_length,
+        "seed": d.seed,
+        "warmup_steps": recipe.optim.lr_scheduler.warmup_steps,
+        "lr_max_steps": recipe.optim.lr_scheduler.max_steps,
+        "learning_rate": recipe.optim.config.lr,
+        "precision": t.plugins.precision,
+        "peft": cls.__name__.lower() if cls is not None else None,
+        "lora_rank": getattr(peft, "dim", None) if peft is not None else None,
+        "lora_alpha": getattr(peft, "alpha", None) if peft is not None else None,
+        "lora_targets": list(getattr(peft, "target_modules", [])) if peft is not None else None,
+        "checkpoint": restore.path if restore is not None else None,
+        "resume_if_exists": recipe.resume.resume_if_exists,
+        "log_dir": recipe.log.log_dir,
+        "name": recipe.log.name,
+        "val_check_interval": t.val_check_interval,
+        "limit_val_batches": t.limit_val_batches,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point: one process of a torchrun job
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_model(run: dict, model_yaml: str | None) -> dict:
+    import yaml
+
+    path = Path(model_yaml or Path("models") / run["model"] / "model.yaml")
+    return yaml.safe_load(path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun ... -m ftscale.run.engine.nemo RUN_JSON [--model-yaml PATH]``: build the recipe, run it here.
+
+    Runs the recipe in this (already torchrun-launched) process with ``nemo_run.run(recipe,
+    direct=True)``, which is ``fiddle.build(recipe)()`` = ``llm.finetune(...)``: Lightning picks up
+    the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE), no executor or second launcher.
+    """
+    parser = argparse.ArgumentParser(prog="python -m ftscale.run.engine.nemo")
+    parser.add_argument("run_json")
+    parser.add_argument("--model-yaml", default=None, help="default: models/<run.model>/model.yaml")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    # ProgressPrinter uses a bare print(): into a log file that is block-buffered, so step lines would
+    # arrive late and a killed job would leave a half-written last line. One flush per line instead.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+
+    run = json.loads(Path(args.run_json).read_text())
+    model = _load_model(run, args.model_yaml)
+    rank = int(os.environ.get("RANK", 0))
+    errors = run_errors(run, model)
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and int(world) != run.get("gpus"):
+        errors.append(f"run {run.get('name')}: gpus = {run.get('gpus')!r}: launched with WORLD_SIZE = {world}")
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is not None and int(local) != run.get("gpus_per_node"):
+        errors.append(f"run {run.get('name')}: gpus_per_node = {run.get('gpus_per_node')!r}: "
+                      f"launched with LOCAL_WORLD_SIZE = {local}")
+    if errors:
+        for e in errors:
+            print(error_line("config", e), flush=True)
+        return 2
+
+    # Read by MegatronStrategy.__init__: adds max_memory_reserved/allocated (bytes) to each step line.
+    os.environ["NEMO_LOG_MEMORY_USAGE"] = "1"
+    code = 0
+    try:
+        import lightning.pytorch as pl
+        import nemo
+        import nemo_run as nr
+        import torch
+
+        # Sets PL_GLOBAL_SEED: MegatronStrategy.setup_distributed's reset_seed() re-applies it after
+        # NeMo seeds Megatron's model-parallel RNG with its fixed 1234 (not settable in 2.7.3).
+        pl.seed_everything(run["seed"], workers=True)
+        recipe = build_recipe(run, model)
+        if rank == 0:
+            f = recipe_fields(recipe)
+            print(kv_line("layout", world=f["gpus"], tp=f["tp"], ep=f["ep"], dp=run["dp"], pp=f["pp"], cp=f["cp"],
+                          sp=int(f["sp"]), micro_batch=f["micro_batch"], global_batch=f["global_batch"],
+                          seq_length=f["seq_length"], peft=f["peft"] or "none", lora_rank=f["lora_rank"],
+                          restore=f["checkpoint"], device="cuda",
+                          device_name=torch.cuda.get_device_name().replace(" ", "_"), torch=torch.__version__,
+                          nemo=nemo.__version__), flush=True)
+        nr.run(recipe, direct=True)
+        if rank == 0:
+            print(kv_line("done", steps=run["steps"]), flush=True)
+    except Exception as err:  # noqa: BLE001 - the log must say why the job ended
+        import traceback
+
+        import torch
+
+        traceback.print_exc()
+        kind = "oom" if isinstance(err, torch.OutOfMemoryError) else "failed"
+        print(error_line(kind, f"rank {rank}: {type(err).__name__}: {err}"), flush=True)
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

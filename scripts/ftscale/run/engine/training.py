@@ -1,0 +1,115 @@
+"""The training loop every track of the embedded engine shares: devices, dtypes, memory readings,
+and one optimizer step after another, each printed as one ``ftscale.run.logformat`` line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+
+from ftscale.run.data import global_batch, micro_batches
+from ftscale.run.logformat import step_line
+
+EXIT_OOM = 3
+
+
+@dataclass
+class TrainSetup:
+    """A model made ready for one track: what to train, how the ranks share the data, and the
+    layout as built (read back from the model, for the log's layout line)."""
+
+    model: torch.nn.Module
+    dp_rank: int
+    dp_size: int
+    layout: dict
+    # Context for all but the last micro-batch of a step (DDP's no_sync), if any.
+    no_sync: Callable[[], ContextManager] | None = None
+
+    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+
+def device_for(run: dict, local_rank: int) -> torch.device:
+    want = run.get("device", "auto")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def dtype_for(run: dict, device: torch.device) -> torch.dtype:
+    precision = run.get("precision", "auto")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters held by this rank, trainable ones); DTensor shards counted locally."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def _memory(device: torch.device) -> tuple[float, float, str]:
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) / 2**20,
+                torch.cuda.max_memory_reserved(device) / 2**20, "cuda")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0.0, "rss"  # ru_maxrss is in KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(run: dict, prepared: TrainSetup, tokens: torch.Tensor, device: torch.device, out: Path) -> None:
+    rank = dist.get_rank()
+    model = prepared.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=run["learning_rate"], fused=device.type == "cuda" or None)
+    accum = run["grad_accum"]
+    metrics = out.open("w") if rank == 0 else None
+    for step in range(1, run["steps"] + 1):
+        batch = global_batch(tokens, step, run["global_batch"], run["seq_length"], run["seed"])
+        micros = micro_batches(batch, run["micro_batch"], prepared.dp_rank, prepared.dp_size)
+        assert len(micros) == accum, (len(micros), accum)
+        _sync(device)
+        dist.barrier()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        for i, micro in enumerate(micros):
+            sync_ctx = prepared.no_sync() if (prepared.no_sync and i < len(micros) - 1) else contextlib.nullcontext()
+            with sync_ctx:
+                loss = prepared.loss(micro.to(device))
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        peak, reserved, kind = _memory(device)
+        stats = torch.tensor([elapsed, peak, reserved], dtype=torch.float64, device=device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        mean_loss = loss_sum.item() / (accum * dist.get_world_size())
+        if rank == 0:
+            elapsed, peak, reserved = stats.tolist()
+            tokens_step = run["global_batch"] * run["seq_length"]
+            print(step_line(step, run["steps"], mean_loss, elapsed, tokens_step, peak, reserved, kind), flush=True)
+            metrics.write(json.dumps({"step": step, "loss": mean_loss, "step_time_s": elapsed, "tokens": tokens_step,
+                                      "tokens_per_s": tokens_step / elapsed, "peak_mem_mib": peak,
+                                      "reserved_mib": reserved, "mem_kind": kind}) + "\n")
+            metrics.flush()
+    if metrics:
+        metrics.close()

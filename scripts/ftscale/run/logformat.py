@@ -1,0 +1,103 @@
+"""The one line format every engine's per-step log uses (the parser reads it in ftscale.parse).
+
+    [ftscale] step=3/12 loss=6.9312 step_time_s=0.1234 tokens=1024 tokens_per_s=8298.2 peak_mem_mib=455.1 reserved_mib=0.0 mem_kind=rss
+
+- ``step``: optimizer step, 1-based, over the run's total steps;
+- ``loss``: mean training loss of the step over all micro-batches and data-parallel ranks;
+- ``step_time_s``: wall time of the whole optimizer step (all micro-batches, gradient sync and
+  optimizer), synchronized across ranks;
+- ``tokens``: tokens in the global batch; ``tokens_per_s`` = tokens / step_time_s (whole job);
+- ``peak_mem_mib``: the largest peak over ranks: CUDA max allocated (``mem_kind=cuda``) or the
+  process's peak resident set size on the CPU (``mem_kind=rss``); ``reserved_mib``: CUDA max
+  reserved (0 on the CPU).
+
+NeMo 2's own per-step line (its ProgressPrinter; memory fields with NEMO_LOG_MEMORY_USAGE=1) is read
+back into the same records by ``parse_steps``: every pattern of a step line is in ``PATTERNS``.
+
+Other lines: ``[ftscale] layout key=value ...`` (what the engine actually built, read back from the
+model), ``[ftscale] done steps=N`` at a clean end, ``[ftscale] error=KIND message`` on failure.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "[ftscale]"
+
+
+def step_line(step: int, steps: int, loss: float, step_time_s: float, tokens: int, peak_mem_mib: float,
+              reserved_mib: float, mem_kind: str) -> str:
+    return (
+        f"{PREFIX} step={step}/{steps} loss={loss:.6f} step_time_s={step_time_s:.6f} tokens={tokens} "
+        f"tokens_per_s={tokens / step_time_s:.1f} peak_mem_mib={peak_mem_mib:.1f} "
+        f"reserved_mib={reserved_mib:.1f} mem_kind={mem_kind}"
+    )
+
+
+def kv_line(kind: str, **fields: object) -> str:
+    return f"{PREFIX} {kind} " + " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def error_line(kind: str, message: str) -> str:
+    return f"{PREFIX} error={kind} {' '.join(message.split())[:500]}"
+
+
+PATTERNS: dict[str, re.Pattern[str]] = {
+    # ftscale.logformat (embedded engine)
+    "embedded_step": re.compile(
+        r"\[ftscale\] step=(?P<step>\d+)/(?P<steps>\d+) loss=(?P<loss>\S+) step_time_s=(?P<step_time_s>\S+) "
+        r"tokens=(?P<tokens>\d+) tokens_per_s=\S+ peak_mem_mib=(?P<peak_mem_mib>\S+) "
+        r"reserved_mib=(?P<reserved_mib>\S+) mem_kind=(?P<mem_kind>\w+)"
+    ),
+    "layout": re.compile(r"\[ftscale\] layout (?P<fields>.*)"),
+    "embedded_done": re.compile(r"\[ftscale\] done steps=(?P<steps>\d+)"),
+    # NeMo 2 ProgressPrinter; memory fields need NEMO_LOG_MEMORY_USAGE=1
+    "nemo_step": re.compile(r"Training epoch \d+, iteration (?P<iteration>\d+)/(?P<last>\d+) \|.*"),
+    "nemo_step_time": re.compile(r"train_step_timing in s: (?P<v>[-+.\deE]+)"),
+    "nemo_loss": re.compile(r"reduced_train_loss: (?P<v>[-+.\deE]+|nan)"),
+    "nemo_gbs": re.compile(r"global_batch_size: (?P<v>\d+)"),
+    "nemo_mem_alloc": re.compile(r"max_memory_allocated: (?P<v>[-+.\deE]+)"),
+    "nemo_mem_reserved": re.compile(r"max_memory_reserved: (?P<v>[-+.\deE]+)"),
+    "nemo_tflops": re.compile(r"TFLOPS_per_GPU: (?P<v>[-+.\deE]+)"),
+}
+
+
+def parse_layout(fields: str) -> dict:
+    out: dict = {}
+    for item in fields.split():
+        key, _, value = item.partition("=")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
+    """Per-step records (last attempt of each step), the layout line, and whether a 'done' line was seen."""
+    steps: dict[int, dict] = {}
+    layout: dict = {}
+    done = False
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # a log cut mid-line: its last line is half-written
+    for lineno, line in enumerate(lines, start=1):
+        if m := PATTERNS["embedded_step"].search(line):
+            rec = {k: (float(v) if k not in ("mem_kind",) else v) for k, v in m.groupdict().items()}
+            rec["step"], rec["steps"], rec["line"] = int(rec["step"]), int(rec["steps"]), lineno
+            steps[rec["step"]] = rec
+        elif m := PATTERNS["nemo_step"].search(line):
+            rec = {"step": int(m["iteration"]) + 1, "steps": int(m["last"]) + 1, "line": lineno,
+                   "mem_kind": "cuda"}
+            for key, pattern in (("step_time_s", "nemo_step_time"), ("loss", "nemo_loss"), ("gbs", "nemo_gbs"),
+                                 ("peak_mem_mib", "nemo_mem_alloc"), ("reserved_mib", "nemo_mem_reserved"),
+                                 ("tflops_per_gpu", "nemo_tflops")):
+                if found := PATTERNS[pattern].search(line):
+                    rec[key] = float(found["v"])
+            for key in ("peak_mem_mib", "reserved_mib"):
+                if key in rec:
+                    rec[key] /= 2**20  # NeMo logs bytes
+            steps[rec["step"]] = rec
+        elif m := PATTERNS["layout"].search(line):
+            layout = parse_layout(m["fields"])
+            layout["line"] = lineno
+        elif PATTERNS["embedded_done"].search(line):
+            done = True
+    return [steps[k] for k in sorted(steps)], layout, done

@@ -1,0 +1,222 @@
+"""What each engine accepts: pure checks of a run (its run.json dict) against its model, run
+before any job is submitted (and again by the engine itself before it builds anything).
+
+No engine is imported here. Each message names the run, the key and its value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ftscale.study.layout import EXPERT_KEYS, Layout, num_experts
+from ftscale.study.run import TRACKS
+
+#: The names NeMo's LoRA (nemo.collections.llm.peft.LoRA.target_modules) knows for Megatron layers.
+NEMO_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+#: Hugging Face module names -> the fused Megatron layer NeMo adapts. A fused layer is adapted as
+#: a whole, so its HF names must come together (q_proj alone cannot be expressed with linear_qkv).
+HF_LORA_GROUPS: dict[str, tuple[str, ...]] = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+HF_LINEAR = tuple(n for group in HF_LORA_GROUPS.values() for n in group)
+
+
+def nemo_lora_targets(targets: list[str]) -> list[str]:
+    """NeMo LoRA ``target_modules`` for the run's targets (NeMo or Hugging Face names).
+
+    NeMo names (``linear_qkv`` ...) and wildcard patterns pass through; Hugging Face names are
+    mapped through ``HF_LORA_GROUPS``. Raises ValueError for an unknown name or a partial fused group.
+    """
+    out: list[str] = []
+    hf = set()
+    for t in targets:
+        if t in NEMO_LORA_TARGETS or any(c in t for c in "*.?["):
+            if t not in out:
+                out.append(t)
+        elif t in HF_LINEAR:
+            hf.add(t)
+        else:
+            raise ValueError(f"unknown LoRA target {t!r}: use NeMo names {list(NEMO_LORA_TARGETS)} or Hugging Face "
+                             f"names {sorted(HF_LINEAR)}")
+    for nemo_name, group in HF_LORA_GROUPS.items():
+        present = [n for n in group if n in hf]
+        if present and len(present) != len(group):
+            missing = [n for n in group if n not in hf]
+            raise ValueError(f"LoRA targets {present} without {missing}: NeMo fuses {list(group)} into {nemo_name} "
+                             "and adapts it as a whole; list all of them or none")
+        if present and nemo_name not in out:
+            out.append(nemo_name)
+    return out
+
+
+def hf_lora_targets(targets: list[str]) -> list[str]:
+    """Hugging Face module names for the run's targets (NeMo fused names expand to their group)."""
+    out: list[str] = []
+    for t in targets:
+        names = HF_LORA_GROUPS.get(t, (t,))
+        for n in names:
+            if n not in HF_LINEAR:
+                raise ValueError(f"unknown LoRA target {t!r}: use Hugging Face names {list(HF_LINEAR)} "
+                                 f"or NeMo names {list(NEMO_LORA_TARGETS)}")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+class _Errors(list):
+    def __init__(self, run: dict) -> None:
+        super().__init__()
+        self.name = run.get("name", "<unnamed run>")
+
+    def add(self, key: str, value: Any, why: str) -> None:
+        self.append(f"run {self.name}: {key} = {value!r}: {why}")
+
+
+def _int(run: dict, errs: _Errors, key: str, minimum: int = 1) -> int | None:
+    value = run.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        errs.add(key, value, f"must be an integer >= {minimum}")
+        return None
+    return value
+
+
+def common_errors(run: dict, model: dict) -> list[str]:
+    """What every engine needs: a known track, a layout that fits the model, a batch that divides."""
+    errs = _Errors(run)
+    track = run.get("track")
+    if track not in TRACKS:
+        errs.add("track", track, f"must be one of {list(TRACKS)}")
+    if run.get("model") != model.get("name"):
+        errs.add("model", run.get("model"), f"does not match the model's name {model.get('name')!r}")
+    gpus, nodes, per_node = _int(run, errs, "gpus"), _int(run, errs, "nodes"), _int(run, errs, "gpus_per_node")
+    tp, ep, dp = _int(run, errs, "tp"), _int(run, errs, "ep"), _int(run, errs, "dp")
+    if gpus and nodes and per_node and nodes * per_node != gpus:
+        errs.add("gpus", gpus, f"must equal nodes x gpus_per_node = {nodes} x {per_node} = {nodes * per_node}")
+    sp = run.get("sp")
+    if not isinstance(sp, bool):
+        errs.add("sp", sp, "must be true or false")
+    seq = _int(run, errs, "seq_length")
+    if tp and ep and dp and isinstance(sp, bool):
+        layout = Layout(tp, ep, dp, sp)
+        if gpus and layout.world_size != gpus:
+            errs.add("gpus", gpus, f"must equal tp x ep x dp = {tp} x {ep} x {dp} = {layout.world_size}")
+        for why in layout.errors(model.get("architecture") or {}, seq):
+            errs.add("layout", f"tp{tp}_ep{ep}_dp{dp}{'_sp' if sp else ''}", why)
+    mbs, gbs = _int(run, errs, "micro_batch"), _int(run, errs, "global_batch")
+    if mbs and gbs and ep and dp:
+        dps = ep * dp
+        if gbs % (mbs * dps):
+            errs.add("global_batch", gbs, f"must be divisible by micro_batch x data-parallel size (ep x dp) = "
+                                          f"{mbs} x {dps} = {mbs * dps}")
+        elif "grad_accum" in run and run["grad_accum"] != gbs // (mbs * dps):
+            errs.add("grad_accum", run["grad_accum"], f"must be global_batch / (micro_batch x ep x dp) = "
+                                                      f"{gbs // (mbs * dps)}")
+    steps = _int(run, errs, "steps")
+    warmup = run.get("warmup_steps")
+    if not isinstance(warmup, int) or warmup < 0 or (steps and warmup >= steps):
+        errs.add("warmup_steps", warmup, f"must be an integer in [0, steps = {steps})")
+    lora = run.get("lora")
+    if track == "model_parallel" and lora is not None:
+        errs.add("lora", lora, "the model_parallel track is full fine-tuning: lora must be null")
+    if lora is not None:
+        if not isinstance(lora, dict):
+            errs.add("lora", lora, "must be {rank, alpha, targets} or null")
+        else:
+            for key in ("rank", "alpha"):
+                v = lora.get(key)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                    errs.add(f"lora.{key}", v, "must be a positive number")
+            if not isinstance(lora.get("targets"), list) or not lora["targets"]:
+                errs.add("lora.targets", lora.get("targets"), "must be a non-empty list of module names")
+    return errs
+
+
+def embedded_errors(run: dict, model: dict) -> list[str]:
+    errs = _Errors(run)
+    if run.get("track") == "data_parallel" and run.get("ep", 1) > 1:
+        errs.add("ep", run["ep"], "the embedded engine splits experts on the model_parallel track only")
+    return errs
+
+
+def nemo_errors(run: dict, model: dict) -> list[str]:
+    """NeMo 2.7.3 / Megatron-core rules on top of the common ones."""
+    errs = _Errors(run)
+    if run.get("precision") != "bf16":
+        errs.add("precision", run.get("precision"), "the NeMo recipes train in bf16-mixed only ('bf16')")
+    if run.get("device", "cuda") not in ("auto", "cuda"):
+        errs.add("device", run.get("device"), "NeMo trains on CUDA GPUs only")
+    nemo = model.get("nemo")
+    if not isinstance(nemo, dict):
+        errs.add("model.nemo", nemo, f"model {model.get('name')!r} has no 'nemo' section "
+                                     "{recipe, model_class, config_class} (see models/llama31_8b/model.yaml)")
+    else:
+        for key in ("recipe", "model_class", "config_class"):
+            if not isinstance(nemo.get(key), str) or not nemo.get(key):
+                errs.add(f"model.nemo.{key}", nemo.get(key), "must be a non-empty string (a name in nemo.collections.llm)")
+    source = model.get("source")
+    if not isinstance(source, str) or not source.strip():
+        errs.add("model.source", source, "no weights source: 'synthetic', 'hf://org/name' or a local directory")
+    elif source.startswith("hf://") and source.count("/") < 3:
+        errs.add("model.source", source, "hub sources are 'hf://org/name'")
+    elif "://" in source and not source.startswith("hf://"):
+        errs.add("model.source", source, "only 'hf://' sources or local directories are supported")
+    elif source == "synthetic" and model.get("synthetic_at_load"):
+        errs.add("model.synthetic_at_load", True, "NeMo converts weights from files: a synthetic model for NeMo "
+                                                  "needs synthetic_at_load: false")
+    for key in ("checkpoint", "run_dir"):
+        if not run.get(key):
+            errs.add(key, run.get(key), "is required")
+    tp, ep, gpus = run.get("tp"), run.get("ep"), run.get("gpus")
+    if all(isinstance(v, int) for v in (tp, ep, gpus)) and tp * ep and gpus % (tp * ep):
+        errs.add("ep", ep, f"tp x ep = {tp * ep} must divide gpus = {gpus} (Megatron's expert grid, pp = 1)")
+    if isinstance(tp, int) and isinstance(ep, int) and tp > 1 and ep > 1 and run.get("sp") is False:
+        errs.add("sp", False, f"Megatron requires sequence parallelism when tp ({tp}) and ep ({ep}) are both > 1")
+    if not isinstance(run.get("seed"), int) or run.get("seed", 0) <= 0:
+        errs.add("seed", run.get("seed"), "must be a positive integer (Megatron rejects seed <= 0)")
+    lora = run.get("lora")
+    if isinstance(lora, dict) and isinstance(lora.get("targets"), list) and lora["targets"]:
+        try:
+            nemo_lora_targets(lora["targets"])
+        except ValueError as e:
+            errs.add("lora.targets", lora["targets"], str(e))
+    return errs
+
+
+def automodel_errors(run: dict, model: dict) -> list[str]:
+    errs = _Errors(run)
+    if run.get("device", "cuda") not in ("auto", "cuda"):
+        errs.add("device", run.get("device"), "NeMo AutoModel trains on CUDA GPUs only")
+    if run.get("track") != "data_parallel":
+        errs.add("track", run.get("track"), "the automodel engine runs the data_parallel track (LoRA) only here")
+    if model.get("synthetic_at_load"):
+        errs.add("model.synthetic_at_load", True, "AutoModel loads weights from files: needs synthetic_at_load: false")
+    lora = run.get("lora")
+    if isinstance(lora, dict) and isinstance(lora.get("targets"), list) and lora["targets"]:
+        try:
+            hf_lora_targets(lora["targets"])
+        except ValueError as e:
+            errs.add("lora.targets", lora["targets"], str(e))
+    return errs
+
+
+ENGINE_CHECKS: dict[str, Callable[[dict, dict], list[str]]] = {
+    "embedded": embedded_errors,
+    "nemo": nemo_errors,
+    "automodel": automodel_errors,
+}
+
+
+def run_errors(run: dict, model: dict) -> list[str]:
+    """Every reason ``run`` (a run.json dict) cannot run on its engine for ``model`` (a model.yaml dict)."""
+    engine = run.get("engine")
+    if engine not in ENGINE_CHECKS:
+        return [f"run {run.get('name', '<unnamed run>')}: engine = {engine!r}: must be one of {list(ENGINE_CHECKS)}"]
+    return common_errors(run, model) + ENGINE_CHECKS[engine](run, model)
+
+
+__all__ = ["EXPERT_KEYS", "HF_LORA_GROUPS", "NEMO_LORA_TARGETS", "hf_lora_targets", "nemo_lora_targets",
+           "num_experts", "run_errors"]

@@ -1,0 +1,113 @@
+"""``Run``: one training job. Its identity is its name and its directory, everywhere.
+
+The identity is ``IDENTITY_KEYS``: the engine, the model, the track, the layout, the batch and the
+precision. The name encodes it (model and track are in the directory above it)::
+
+    experiments/data_parallel/tiny_llama/embedded_gpus4_mbs4_gbs32_seq128
+    experiments/model_parallel/tiny_mixtral/nemo_tp2_ep2_dp1_sp_mbs4_gbs16_seq128_bf16
+
+The precision is part of the name unless it is ``auto`` (bf16 on a GPU, fp32 on the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ftscale.study.layout import Layout
+from ftscale.study.paths import RunPaths, model_paths, run_dir
+
+TRACKS = ("data_parallel", "model_parallel")
+ENGINES = ("embedded", "nemo", "automodel")
+
+#: What makes two runs the same configuration (the participant comparison keys on these).
+IDENTITY_KEYS = ("track", "model", "engine", "precision", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
+                 "global_batch", "seq_length")
+
+#: Where each engine reads the imported model: the Hugging Face checkpoint, or NeMo's conversion of it.
+CHECKPOINT_ROLE = {"embedded": "checkpoint", "automodel": "checkpoint", "nemo": "nemo_checkpoint"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training job (see the module docstring for its identity)."""
+
+    track: str
+    model: str
+    engine: str
+    gpus: int
+    tp: int
+    ep: int
+    dp: int
+    sp: bool
+    micro_batch: int
+    global_batch: int
+    seq_length: int
+    steps: int
+    warmup_steps: int
+    learning_rate: float
+    seed: int
+    precision: str
+    device: str
+    lora: dict | None
+    scaling: str | None = None  # data-parallel track: weak or strong
+    nodes: int = 1
+    weights: str = "pretrained"
+    engine_options: dict = field(default_factory=dict)  # the config's section named after the engine
+    data: dict = field(default_factory=lambda: {"kind": "corpus"})  # the config's `data:` section
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tp=self.tp, ep=self.ep, dp=self.dp, sp=self.sp)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.layout.data_parallel_size
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.micro_batch * self.data_parallel_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_length
+
+    @property
+    def identity(self) -> tuple:
+        return tuple(getattr(self, k) for k in IDENTITY_KEYS)
+
+    @property
+    def name(self) -> str:
+        batch = f"mbs{self.micro_batch}_gbs{self.global_batch}_seq{self.seq_length}"
+        precision = "" if self.precision == "auto" else f"_{self.precision}"
+        if self.track == "data_parallel":
+            ep = f"_ep{self.ep}" if self.ep > 1 else ""
+            return f"{self.engine}_gpus{self.gpus}{ep}_{batch}{precision}"
+        sp = "_sp" if self.sp else ""
+        return f"{self.engine}_tp{self.tp}_ep{self.ep}_dp{self.dp}{sp}_{batch}{precision}"
+
+    @property
+    def directory(self) -> str:
+        """Relative to the workflow's root directory."""
+        return run_dir(self.track, self.model, self.name)
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(Path(self.directory))
+
+    @property
+    def checkpoint(self) -> str:
+        return str(getattr(model_paths(self.model), CHECKPOINT_ROLE[self.engine]))
+
+    def to_dict(self) -> dict:
+        """The resolved configuration written to the run's run.json and read by the engines."""
+        out = asdict(self)
+        out.update(
+            name=self.name,
+            run_dir=self.directory,
+            checkpoint=self.checkpoint,
+            grad_accum=self.grad_accum,
+            data_parallel_size=self.data_parallel_size,
+            gpus_per_node=self.gpus // self.nodes,
+        )
+        return out

@@ -1,0 +1,191 @@
+"""The study: a validated configuration expanded into its runs, before any job is submitted.
+
+Every error names the file, the key and the value that broke a rule (``ConfigError``); all errors
+of a configuration are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftscale.study.engines import run_errors
+from ftscale.study.layout import Layout
+from ftscale.study.models import Model, load_model
+from ftscale.study.run import TRACKS, Run
+from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, validate
+
+
+def engines_of(config: dict) -> list[str]:
+    """The config's ``engine``: one name or a list."""
+    engine = config.get("engine", "embedded")
+    return list(engine) if isinstance(engine, list) else [engine]
+
+
+@dataclass(frozen=True)
+class Study:
+    """The validated configuration and the runs it asks for."""
+
+    config: dict
+    models: dict[str, Model]
+    runs: tuple[Run, ...]
+    source: str
+
+    @property
+    def engines(self) -> list[str]:
+        return engines_of(self.config)
+
+    def runs_of(self, track: str) -> list[Run]:
+        return [r for r in self.runs if r.track == track]
+
+    def run_by_dir(self, directory: str) -> Run:
+        for run in self.runs:
+            if run.directory == directory:
+                return run
+        raise KeyError(directory)
+
+    def scaling_groups(self, model: str) -> dict[str, list[Run]]:
+        """Data-parallel runs of one model per engine, scaling mode and batch shape (the 1-GPU run
+        belongs to every mode), labelled for the tables."""
+        dp_cfg = self.config["tracks"]["data_parallel"]
+        variants = batch_variants(self.config, "data_parallel")
+        runs = [r for r in self.runs_of("data_parallel") if r.model == model]
+        groups = {}
+        for engine in self.engines:
+            for mode in dp_cfg["scaling"]:
+                for batch in variants:
+                    parts = [engine] if len(self.engines) > 1 else []
+                    parts.append(mode)
+                    if len(variants) > 1:
+                        parts.append(f"micro batch {batch['micro_batch']}, sequence {batch['seq_length']}")
+                    groups[", ".join(parts)] = sorted(
+                        (r for r in runs if r.engine == engine and r.micro_batch == batch["micro_batch"]
+                         and r.seq_length == batch["seq_length"]
+                         and r.global_batch == batch["global_batch"] * (r.gpus if mode == "weak" else 1)),
+                        key=lambda r: r.gpus)
+        return groups
+
+
+def _track_batch(config: dict, track: str) -> dict:
+    batch = dict(config["batch"])
+    batch.update(config["tracks"].get(track, {}).get("batch", {}) or {})
+    return batch
+
+
+def _as_list(value: int | list[int]) -> list[int]:
+    return value if isinstance(value, list) else [value]
+
+
+def batch_variants(config: dict, track: str) -> list[dict]:
+    """The batch settings of a track, one dict per (micro batch, sequence length) of the sweep."""
+    batch = _track_batch(config, track)
+    return [{**batch, "micro_batch": m, "seq_length": s}
+            for s in _as_list(batch["seq_length"]) for m in _as_list(batch["micro_batch"])]
+
+
+def _check_engines(cfg: dict, models: dict[str, Model], source: str) -> None:
+    engines = engines_of(cfg)
+    if "nemo" in engines:
+        for model in models.values():
+            if "nemo" not in model.spec:
+                raise ConfigError(
+                    f"{model.yaml_path}: key 'nemo' is missing: engine 'nemo' (from {source}) needs "
+                    "the NeMo recipe, model_class and config_class of this model")
+    needs = [e for e in engines if e in ("nemo", "automodel")]
+    if needs and not cfg["container"]:
+        raise ConfigError(
+            f"{source}: key 'container' = \"\": engine '{needs[0]}' needs the NeMo container image "
+            "(e.g. --config container=nvcr.io/nvidia/nemo:TAG), or \"none\" when NeMo is installed on the nodes")
+
+
+def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> Study:
+    """Validate a configuration (as Snakemake loaded it) and expand it into runs.
+
+    ``source`` names the config file(s) in error messages; ``root`` is the workflow's root directory.
+    """
+    if not config:
+        raise ConfigError(f"{source}: the configuration is empty")
+    cfg = validate(config, CONFIG_SCHEMA, source)
+    tracks = cfg["tracks"]
+    models = {name: load_model(name, root) for name in cfg["models"]}
+    _check_engines(cfg, models, source)
+
+    runs: dict[str, Run] = {}
+    errors: list[str] = []
+
+    def add(run: Run) -> None:
+        per_node = cfg["gpus_per_node"]
+        if run.gpus > per_node:
+            if run.gpus % per_node:
+                errors.append(f"{source}: run {run.directory}: {run.gpus} GPUs do not fill whole nodes of "
+                              f"gpus_per_node = {per_node}")
+                return
+            run = dataclasses.replace(run, nodes=run.gpus // per_node)
+        errors.extend(f"{source}: {e}" for e in run_errors(run.to_dict(), models[run.model].spec))
+        runs.setdefault(run.directory, run)
+
+    def add_track_runs(track: str, batch: dict, engine: str) -> None:
+        common = dict(
+            engine=engine, micro_batch=batch["micro_batch"], seq_length=batch["seq_length"],
+            steps=batch["steps"], warmup_steps=batch["warmup_steps"], learning_rate=batch["learning_rate"],
+            seed=cfg["seed"], precision=cfg["precision"], device=cfg["device"],
+            engine_options=dict(cfg.get(engine) or {}), data=dict(cfg["data"]),
+        )
+        if track == "data_parallel":
+            dp_cfg = tracks[track]
+            for name, model in models.items():
+                for mode in dp_cfg["scaling"]:
+                    for i, gpus in enumerate(dp_cfg["gpus"]):
+                        key = f"{source}: key 'tracks.data_parallel.gpus[{i}]' = {gpus}"
+                        ep = gpus if (dp_cfg["moe_expert_parallel"] and model.is_moe) else 1
+                        gbs = batch["global_batch"] * (gpus if mode == "weak" else 1)
+                        if gbs % (batch["micro_batch"] * gpus):
+                            errors.append(f"{key}: global batch {gbs} ({mode} scaling) is not divisible by "
+                                          f"micro_batch x data-parallel size = {batch['micro_batch']} x {gpus}")
+                            continue
+                        layout = Layout(tp=1, ep=ep, dp=gpus // ep)
+                        if errs := layout.errors(model.arch):
+                            errors.extend(f"{key} (moe_expert_parallel, {name}): {e}" for e in errs)
+                            continue
+                        add(Run(**common, model=name, track=track, gpus=gpus, tp=1, ep=ep, dp=gpus // ep,
+                                sp=False, global_batch=gbs, lora=dict(dp_cfg["lora"]),
+                                scaling=mode if gpus > 1 else None, weights=model.spec["weights"]))
+        else:
+            layouts = tracks[track]["layouts"]
+            for name in layouts:
+                if name not in models:
+                    errors.append(f"{source}: key 'tracks.model_parallel.layouts.{name}': model '{name}' is not in 'models'")
+            for name, model in models.items():
+                for i, lay in enumerate(layouts.get(name, [])):
+                    key = f"{source}: key 'tracks.model_parallel.layouts.{name}[{i}]' = {json.dumps(lay)}"
+                    layout = Layout.coerce(lay)
+                    errs = layout.errors(model.arch, batch["seq_length"])
+                    if layout.world_size < 2:
+                        errs.append(f"model-parallel runs need 2 or more GPUs, this one has tp x ep x dp = "
+                                    f"{layout.world_size}")
+                    if errs:
+                        errors.extend(f"{key}: {e}" for e in errs)
+                        continue
+                    gbs = batch["global_batch"] * layout.data_parallel_size
+                    add(Run(**common, model=name, track=track, gpus=layout.world_size, tp=layout.tp, ep=layout.ep,
+                            dp=layout.dp, sp=layout.sp, global_batch=gbs, lora=None, weights=model.spec["weights"]))
+
+    for track in TRACKS:
+        if not tracks[track]["enabled"]:
+            continue
+        first = _track_batch(cfg, track)
+        if first["warmup_steps"] >= first["steps"]:
+            errors.append(f"{source}: key 'batch' (with tracks.{track}.batch): warmup_steps = "
+                          f"{first['warmup_steps']} must be less than steps = {first['steps']}")
+            continue
+        for engine in engines_of(cfg):
+            for batch in batch_variants(cfg, track):
+                add_track_runs(track, batch, engine)
+
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(errors)))
+    if not runs:
+        raise ConfigError(f"{source}: no runs: every track is disabled or empty")
+    return Study(config=cfg, models=models, runs=tuple(runs.values()), source=source)
