@@ -12,6 +12,7 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 include: "rules/import.smk"
+include: "rules/data.smk"
 include: "rules/finetune.smk"
 include: "rules/analyze.smk"
 include: "rules/graph.smk"

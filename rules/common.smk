@@ -1,6 +1,7 @@
 # Bookkeeping done once: the validated study, wildcard constraints, named input functions.
 from ftscale.analyze.results import write_partial_results, write_results
 from ftscale.run.configure import write_run_files, write_text
+from ftscale.run.data import prepare_dataset_logged
 from ftscale.run.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
 from ftscale.study import paths
 from ftscale.study.schema import ConfigError
@@ -14,12 +15,15 @@ except ConfigError as err:
 RUNS = {run.directory: run for run in STUDY.runs}
 RUN_FILE = paths.run_file_pattern
 MODEL_FILE = paths.model_file_pattern
+DATA_DIR = paths.DATA_DIR_PATTERN
+DATA_LOG = paths.DATA_DIR_PATTERN + ".log"
 
 
 wildcard_constraints:
     model="|".join(STUDY.models),
     track="data_parallel|model_parallel",
     name="[A-Za-z0-9_]+",
+    dataset="[A-Za-z0-9_.-]+",
 
 
 def run_of(wildcards):
@@ -39,9 +43,21 @@ def run_checkpoint(wildcards):
     return run_of(wildcards).checkpoint
 
 
+def run_dataset(wildcards):
+    """The prepared dataset the run reads (none for mock data, made inside the job)."""
+    directory = run_of(wildcards).dataset_dir
+    return [directory] if directory else []
+
+
 def import_sbatch(wildcards):
     model = STUDY.models[wildcards.model]
     return render_import_sbatch(model, STUDY.config, Path.cwd(), STUDY.config["container"])
+
+
+def nemo_ftscale_command():
+    """ftscale under the nemo engine's own Python when the config names one (nemo.python)."""
+    python = STUDY.config["nemo"].get("python")
+    return f"{python} -m ftscale.cli" if python else "ftscale"
 
 
 def container_image():

@@ -22,6 +22,7 @@ rule train:
     input:
         run=RUN_FILE("run"),
         checkpoint=run_checkpoint,
+        dataset=run_dataset,
     output:
         RUN_FILE("metrics"),
     log:

@@ -58,8 +58,9 @@ rule import_nemo:
         runtime=import_runtime,
     params:
         transformer_impl=STUDY.config["nemo"]["transformer_impl"],
+        ftscale=nemo_ftscale_command(),
     shell:
-        "ftscale import-nemo {wildcards.model} --hf {input} --out {output} "
+        "{params.ftscale} import-nemo {wildcards.model} --hf {input} --out {output} "
         "--transformer-impl {params.transformer_impl} > {log} 2>&1"
 
 

@@ -1,33 +1,56 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine (device tool), from the repository root, with the project's wheels in
-# .whl (see benchmarks/gpu/NOTES.md for how they are made). Usage:
-#   bash benchmarks/gpu/run_device.sh CONFIG [CONFIG ...]
-# Runs the workflow itself (snakemake ... results/tables.md) once per config, each in its own copy of
-# the workflow, and leaves one results-<name>.tar.gz per config in $OUT (tables, CSV, logs, provenance).
+# Runs on the lent GPU machine (device tool), from the repository root. Usage:
+#   bash benchmarks/gpu/run_device.sh [--target TARGET] CONFIG [CONFIG ...]
+# Wheels (made here by benchmarks/gpu/wheels.sh, carried as .whl/<set>/) go into one directory per set,
+# so each engine gets the versions it was made for:
+#   .whl/base      -> /tmp/site       ftscale's own needs (snakemake, transformers, peft, ...)
+#   .whl/nemo      -> /tmp/site-nemo  NeMo 2.7.3 + megatron-core; /tmp/bin/python-nemo puts it first
+#   .whl/automodel -> /tmp/site-am    NeMo AutoModel 0.7.0;         /tmp/bin/python-am puts it first
+# (the configs name those interpreters as nemo.python / automodel.python). A set not carried in this
+# call is kept from an earlier call while the machine stays warm.
+# The workflow runs in ONE work directory, /tmp/wf, kept between calls of a warm machine, so that a
+# later call reuses the imports of an earlier one. Leaves results-<config>.tar.gz per config in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/scripts PYTHONUNBUFFERED=1
+target=results/tables.md
+if [ "${1:-}" = "--target" ]; then target=$2; shift 2; fi
+repo=$PWD
+declare -A SITE=([base]=/tmp/site [nemo]=/tmp/site-nemo [automodel]=/tmp/site-am)
+for set in base nemo automodel; do
+  if ls .whl/$set/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${SITE[$set]}" \
+      .whl/$set/*.whl || { echo "wheel install failed ($set)"; exit 1; }
+    echo "installed $(ls .whl/$set/*.whl | wc -l) wheels of $set into ${SITE[$set]}"
+  fi
+done
+export PYTHONPATH=/tmp/site:$repo/scripts PYTHONUNBUFFERED=1
 mkdir -p /tmp/bin
-printf '#!/bin/sh\nexec python3 -m ftscale.cli "$@"\n' > /tmp/bin/ftscale && chmod +x /tmp/bin/ftscale
+printf '#!/bin/sh\nexec python3 -m ftscale.cli "$@"\n' > /tmp/bin/ftscale
+printf '#!/bin/sh\nPYTHONPATH=/tmp/site-nemo:%s:/tmp/site exec python3 "$@"\n' "$repo/scripts" > /tmp/bin/python-nemo
+printf '#!/bin/sh\nPYTHONPATH=/tmp/site-am:%s:/tmp/site exec python3 "$@"\n' "$repo/scripts" > /tmp/bin/python-am
+chmod +x /tmp/bin/*
 export PATH=/tmp/bin:/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-repo=$PWD
+work=/tmp/wf; mkdir -p "$work"
 for config in "$@"; do
   name=$(basename "$config" .yaml)
-  work=/tmp/wf-$name; rm -rf "$work"; mkdir -p "$work"
-  cp -r Snakefile rules config models benchmarks "$work"/
+  cp -r Snakefile rules config models benchmarks "$work"/ 2>/dev/null || true
   cd "$work"
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, transformers, peft, snakemake; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "snakemake", snakemake.__version__)'
+    [ -d /tmp/site-nemo/nemo ] && python-nemo -c 'import nemo, megatron.core, transformers; print("nemo", nemo.__version__, "megatron-core", megatron.core.__version__, "transformers", transformers.__version__)' 2>&1 | tail -1
+    [ -d /tmp/site-am/nemo_automodel ] && python-am -c 'import nemo_automodel, transformers; print("nemo_automodel", nemo_automodel.__version__, "transformers", transformers.__version__)' 2>&1 | tail -1
     echo "commit ${FTSCALE_COMMIT:-unknown} (plus uncommitted changes, if any)"; date -u +%FT%TZ; } > provenance.txt 2>&1
   cat provenance.txt
   start=$(date +%s)
   # one job per GPU at a time: Snakemake counts the gpu resource the train jobs declare
-  snakemake results/tables.md --cores 16 --resources gpu=$(nvidia-smi -L | wc -l) --scheduler greedy --keep-going --configfile "$config" > snakemake.log 2>&1
-  echo "snakemake exit $? after $(( $(date +%s) - start )) s ($config)"
-  grep -h "\[ftscale\]" snakemake.log | tail -20
-  cat results/tables.md
-  tar czf "$OUT/results-$name.tar.gz" provenance.txt snakemake.log results experiments/*/*/*/{train.log,launch.json,run.json} 2>/dev/null
+  snakemake "$target" --cores 16 --resources gpu=$(nvidia-smi -L | wc -l) --scheduler greedy --keep-going \
+    --configfile "$config" > "snakemake-$name.log" 2>&1
+  echo "snakemake exit $? after $(( $(date +%s) - start )) s ($config, $target)"
+  grep -h "\[ftscale\]\|Error\|error" "snakemake-$name.log" | tail -20
+  for log in models/*/import.log models/*/nemo-import.log; do [ -f "$log" ] && { echo "== $log"; tail -5 "$log"; }; done
+  [ -f results/tables.md ] && cat results/tables.md
+  for log in experiments/*/*/*/train.log; do echo "== $log"; grep -E "error=|Error|step [0-9]+ \||Training epoch|\[ftscale\] (layout|done)" "$log" | tail -6; done
+  tar czf "$OUT/results-$name.tar.gz" provenance.txt "snakemake-$name.log" results models/*/*.log models/*/*/IMPORT.json \
+    experiments/*/*/*/{train.log,launch.json,run.json,automodel.yaml} 2>/dev/null
   cd "$repo"
 done

@@ -76,6 +76,8 @@ def make_run(track: str, model: str, tp: int, ep: int, dp: int, *, sp: bool = Fa
         "warmup_steps": 5, "learning_rate": 1.0e-4 if lora else 5.0e-6, "seed": 1234, "precision": "bf16",
         "device": "auto", "lora": copy.deepcopy(lora), "scaling": scaling, "weights": "pretrained",
         "checkpoint": f"models/{model}/nemo", "run_dir": f"experiments/{track}/{model}/{name}", "name": name,
+        "data": {"kind": "corpus"}, "dataset_dir": "experiments/data/corpus", "tokenizer": f"models/{model}/model",
+        "engine_options": {},
     }
 
 
@@ -281,3 +283,82 @@ def test_transformer_engine_config_needs_te_and_local_config_does_not():
     spec_fn = config.transformer_layer_spec
     layer_spec = spec_fn(config) if callable(spec_fn) else spec_fn
     assert "TE" not in repr(layer_spec)[:2000]
+
+
+TINY = {
+    "name": "tiny_llama", "source": "synthetic", "synthetic_at_load": False,
+    "architecture": {"type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                     "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1024,
+                     "max_position_embeddings": 512},
+    "nemo": {"recipe": "llama31_8b", "model_class": "LlamaModel", "config_class": "Llama31Config8B"},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A real Hugging Face checkpoint directory of TINY (config and tokenizer; no weights needed)."""
+    from ftscale.importing.synthetic import hf_config, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_hf")
+    config = hf_config(TINY["architecture"])
+    config.torch_dtype = "bfloat16"  # as save_pretrained of a bf16 model writes it (NeMo's importer reads it)
+    config.save_pretrained(out)
+    train_tokenizer(1024).save_pretrained(out)
+    return out
+
+
+def tiny_run(tiny_hf, **changes) -> dict:
+    run = make_run("data_parallel", "tiny_llama", 1, 1, 1, global_batch=4, seq_length=128, lora=LORA)
+    run.update(tokenizer=str(tiny_hf), **changes)
+    return run
+
+
+def test_recipe_takes_the_models_shape_and_the_local_implementation(tiny_hf):
+    """The 8B recipe restores a 2-layer model when the model.yaml says so; with transformer_impl local,
+    the model config builds without Transformer Engine (the TE-only fusions off, the local spec)."""
+    run = tiny_run(tiny_hf, engine_options={"transformer_impl": "local"})
+    recipe = engine.build_recipe(run, TINY)
+    fields = engine.recipe_fields(recipe)
+    assert (fields["num_layers"], fields["hidden_size"], fields["vocab_size"]) == (2, 128, 1024)
+    model = fdl.build(recipe.model)
+    assert model.config.apply_rope_fusion is False
+    assert model.config.transformer_layer_spec is nemo_import.local_layer_spec
+
+
+def test_mock_data_uses_the_imported_tokenizer(tiny_hf):
+    run = tiny_run(tiny_hf, data={"kind": "mock"}, dataset_dir=None)
+    recipe = engine.build_recipe(run, TINY)
+    assert engine.recipe_fields(recipe)["data"] == "MockDataModule"
+    data = fdl.build(recipe.data)
+    assert (data.seq_length, data.micro_batch_size, data.global_batch_size) == (128, 1, 4)
+    assert data.tokenizer.vocab_size > 100  # the shipped BPE tokenizer, not a download
+
+
+def test_prepared_data_is_read_from_the_dataset_directory(tiny_hf):
+    recipe = engine.build_recipe(tiny_run(tiny_hf), TINY)
+    fields = engine.recipe_fields(recipe)
+    assert fields["data"] == "FineTuningDataModule"
+    assert fields["dataset_root"] == os.path.abspath("experiments/data/corpus")
+    assert recipe.data.dataset_kwargs == {"pad_to_max_length": True}
+
+
+def test_hf_importer_config_builds_without_te_under_the_workaround(tiny_hf):
+    """NeMo's HF importer makes its config with TE fusions on; te_free_importer swaps the classes."""
+    try:
+        import transformer_engine  # noqa: F401
+        pytest.skip("Transformer Engine present")
+    except ImportError:
+        pass
+    from nemo.collections.llm.gpt.model.llama import HFLlamaImporter, LlamaConfig
+
+    importer = HFLlamaImporter(str(tiny_hf))
+    with pytest.raises(Exception, match="Transformer Engine|TE >= 1.4|apply_rope_fusion"):
+        importer.config
+    with nemo_import.te_free_importer(llm.LlamaModel):
+        config = importer.config
+    assert isinstance(config, LlamaConfig) and config.apply_rope_fusion is False
+    assert config.num_layers == 2 and config.transformer_layer_spec is nemo_import.local_layer_spec
+    assert HFLlamaImporter.__module__ and LlamaConfig.__init__ is not None  # classes restored
+    import nemo.collections.llm.gpt.model.llama as llama_module
+
+    assert llama_module.LlamaConfig is LlamaConfig

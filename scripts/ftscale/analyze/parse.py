@@ -112,6 +112,10 @@ def slurm_logs(run_dir: Path, job_id: str | None, root: Path = Path(".")) -> lis
     return [p for p in found if p.is_file()]
 
 
+#: The pattern each engine's step time is read with (for error messages).
+STEP_PATTERN = {"embedded": "embedded_step", "nemo": "nemo_step_time", "automodel": "automodel_step"}
+
+
 def sanity(run: dict, steps: list[dict], done: bool, launch: dict, log_text: str, log: Path) -> tuple[str, str]:
     """Did the run do what was asked? (status, reason), from the failure patterns, the launcher's exit
     code, the steps seen and the engine's end line; no metric is read here (ReFrame's sanity check)."""
@@ -136,7 +140,7 @@ def performance(run: dict, steps: list[dict], log: Path, require_memory: bool) -
     out: dict = {}
     timed = [s for s in steps if s["step"] > run["warmup_steps"]]
     if timed:
-        name = "embedded_step" if run["engine"] == "embedded" else "nemo_step_time"
+        name = STEP_PATTERN[run["engine"]]
         times = [_require(s, "step_time_s", log, name) for s in timed]
         out["step_time_s"] = statistics.median(times)
         out["tokens_per_s"] = run["global_batch"] * run["seq_length"] / out["step_time_s"]

@@ -8,6 +8,7 @@ node in NeMo's container (Transformer Engine) or, without TE, ``transformer_impl
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,22 +28,44 @@ def import_complete(out_dir: str | os.PathLike) -> bool:
     return all((out / f).is_file() for f in IMPORT_COMPLETE_FILES)
 
 
-#: Fusions of NeMo's LLaMA/Mixtral configs that need Transformer Engine (off with transformer_impl: local).
+#: Settings of NeMo's LLaMA/Mixtral configs that need Transformer Engine (off with transformer_impl: local):
+#: the fusions, and persist_layer_norm (Megatron's torch norm asserts it is off).
 TE_FUSIONS = ("apply_rope_fusion", "gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activation_fusion",
-              "bias_dropout_fusion", "cross_entropy_loss_fusion")
+              "bias_dropout_fusion", "cross_entropy_loss_fusion", "persist_layer_norm")
+
+
+#: model.yaml architecture keys -> the fields of NeMo's GPT configs they set (as NeMo's HF importers do).
+ARCH_TO_NEMO = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "vocab_size": "vocab_size",
+    "rope_theta": "rotary_base",
+    "num_local_experts": "num_moe_experts",
+    "num_experts_per_tok": "moe_router_topk",
+}
+
+
+def arch_fields(arch: dict) -> dict:
+    """NeMo GPT-config fields of a model.yaml architecture, so that a recipe's config (the 8B one,
+    say) takes the model's real shape: a 2-layer model restores into a 2-layer NeMo model. The vocab
+    size is set explicitly: NeMo would otherwise size it from the tokenizer."""
+    return {nemo: arch[key] for key, nemo in ARCH_TO_NEMO.items() if key in arch}
 
 
 def model_config(spec: dict, options: dict):  # -> nemo.collections.llm.GPTConfig
-    """NeMo's model config of a model.yaml (``nemo.config_class``), with the engine options applied:
-    ``transformer_impl: local`` selects Megatron-core's local layer spec and turns off the fusions
-    that need Transformer Engine (NeMo's container has TE: the default is ``transformer_engine``).
-    The fusions go to the constructor: NeMo's configs check them as they are made."""
+    """NeMo's model config of a model.yaml (``nemo.config_class``) at the model's shape, with the
+    engine options applied: ``transformer_impl: local`` selects Megatron-core's local layer spec and
+    turns off the fusions that need Transformer Engine (NeMo's container has TE: the default is
+    ``transformer_engine``). The fusions go to the constructor: NeMo's configs check them as they are made."""
     from nemo.collections import llm
 
     cls = getattr(llm, spec["nemo"]["config_class"])
-    kwargs: dict = {}
+    kwargs: dict = {**arch_fields(spec.get("architecture") or {})}
     if options.get("transformer_impl") == "local":
-        kwargs = local_overrides(cls)
+        kwargs.update(local_overrides(cls))
     return cls(**kwargs)
 
 
@@ -62,6 +85,82 @@ def local_layer_spec(config):  # -> megatron.core.transformer.ModuleSpec
                                     qk_layernorm=getattr(config, "qk_layernorm", False))
 
 
+def local_config_class(cls: type) -> type:
+    """A dataclass subclass of a NeMo GPT config whose defaults are ``local_overrides``; it keeps the
+    parent's module and name, so a checkpoint's serialized context names NeMo's own class."""
+    import dataclasses
+    from typing import Any
+
+    overrides = local_overrides(cls)
+    namespace = {"__annotations__": {k: Any for k in overrides}, **overrides,
+                 "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return dataclasses.dataclass(type(cls.__name__, (cls,), namespace))
+
+
+@contextlib.contextmanager
+def te_free_importer(model_class: type):
+    """Workaround (NeMo 2.7.3): a Hugging Face importer builds its model config from the HF config
+    with NeMo's defaults, which turn on TE-only fusions, so ``llm.import_ckpt`` fails without
+    Transformer Engine. For the duration, the config classes named in the importer's module are
+    replaced by ``local_config_class`` variants."""
+    import dataclasses
+    import sys
+
+    module = sys.modules[model_class.__module__]
+    saved = {name: obj for name, obj in vars(module).items()
+             if isinstance(obj, type) and dataclasses.is_dataclass(obj)
+             and any(f.name == "apply_rope_fusion" for f in dataclasses.fields(obj))}
+    importers = [obj for obj in vars(module).values()
+                 if isinstance(obj, type) and obj.__name__.startswith("HF") and obj.__name__.endswith("Importer")]
+    converters = {imp: imp.convert_state for imp in importers}
+    try:
+        for name, cls in saved.items():
+            setattr(module, name, local_config_class(cls))
+        for imp, convert in converters.items():
+            imp.convert_state = _with_local_norms(convert)
+        yield
+    finally:
+        for name, cls in saved.items():
+            setattr(module, name, cls)
+        for imp, convert in converters.items():
+            imp.convert_state = convert
+
+
+#: Hugging Face norm weights -> where Megatron's local layer spec keeps them. NeMo 2.7.3's importers
+#: map them onto TE's fused layer-norm weights (linear_qkv.layer_norm_weight, linear_fc1.layer_norm_weight),
+#: which the local spec does not have.
+LOCAL_NORMS = {"input_layernorm.weight": "input_layernorm.weight",
+               "post_attention_layernorm.weight": "pre_mlp_layernorm.weight"}
+
+
+def _with_local_norms(convert):
+    """``convert_state`` that also copies each layer's norm weights to the local spec's modules."""
+    import functools
+
+    import torch
+
+    @functools.wraps(convert)
+    def convert_state(self, source, target, *args, **kwargs):
+        result = convert(self, source, target, *args, **kwargs)
+        source_state = source.state_dict()
+        params = dict(target.named_parameters())
+        copied = 0
+        for name, param in params.items():
+            marker = "decoder.layers."
+            if marker not in name:
+                continue
+            layer, _, rest = name.split(marker, 1)[1].partition(".")
+            for hf_name, local_name in LOCAL_NORMS.items():
+                if rest == local_name and (src := source_state.get(f"model.layers.{layer}.{hf_name}")) is not None:
+                    with torch.no_grad():
+                        param.copy_(src.to(param.dtype))
+                    copied += 1
+        print(f"[ftscale] te_free_importer: copied {copied} layer-norm weights to the local layer spec", flush=True)
+        return result
+
+    return convert_state
+
+
 def convert_to_nemo(model: Model, hf_checkpoint: Path, out_dir: Path, options: dict | None = None) -> Path:
     """``llm.import_ckpt(model=<model_class>(<config_class>(...)), source='hf://<abs hf_checkpoint>')``
     into ``out_dir`` (written once, read-only). ``options`` are the config's ``nemo:`` section."""
@@ -78,8 +177,11 @@ def convert_to_nemo(model: Model, hf_checkpoint: Path, out_dir: Path, options: d
 
         config = model_config(model.spec, options or {})
         target = tmp / "nemo"
-        llm.import_ckpt(model=getattr(llm, nemo_cfg["model_class"])(config),
-                        source="hf://" + str(hf_checkpoint.resolve()), output_path=target, overwrite=True)
+        model_class = getattr(llm, nemo_cfg["model_class"])
+        local = (options or {}).get("transformer_impl") == "local"
+        with te_free_importer(model_class) if local else contextlib.nullcontext():
+            llm.import_ckpt(model=model_class(config), source="hf://" + str(hf_checkpoint.resolve()),
+                            output_path=target, overwrite=True)
         if not import_complete(target):
             raise RuntimeError(f"llm.import_ckpt returned but {target} lacks "
                                f"{[f for f in IMPORT_COMPLETE_FILES if not (target / f).is_file()]}")

@@ -26,9 +26,12 @@ ENGINE_MODULES = {"embedded": "ftscale.run.engine.embedded", "nemo": "ftscale.ru
                   "automodel": "ftscale.run.engine.automodel"}
 
 
-def launch_command(run: dict, run_json: str, python: str = sys.executable) -> list[str]:
-    """torchrun on one node; on several nodes, srun starts one torchrun per node (c10d rendezvous)."""
+def launch_command(run: dict, run_json: str, python: str | None = None) -> list[str]:
+    """torchrun on one node; on several nodes, srun starts one torchrun per node (c10d rendezvous).
+    The interpreter is the engine's ``python`` option when set (an engine in its own environment),
+    else this one."""
     module = ENGINE_MODULES[run["engine"]]
+    python = python or (run.get("engine_options") or {}).get("python") or sys.executable
     per_node = run["gpus"] // run.get("nodes", 1)
     torchrun = [python, "-m", "torch.distributed.run"]
     if run.get("nodes", 1) == 1:

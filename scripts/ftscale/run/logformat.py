@@ -11,8 +11,9 @@
   process's peak resident set size on the CPU (``mem_kind=rss``); ``reserved_mib``: CUDA max
   reserved (0 on the CPU).
 
-NeMo 2's own per-step line (its ProgressPrinter; memory fields with NEMO_LOG_MEMORY_USAGE=1) is read
-back into the same records by ``parse_steps``: every pattern of a step line is in ``PATTERNS``.
+NeMo 2's own per-step line (its ProgressPrinter; memory fields with NEMO_LOG_MEMORY_USAGE=1) and NeMo
+AutoModel's (``step N | ... | mem X GiB | tps T(P/gpu)``) are read back into the same records by
+``parse_steps``: every pattern of a step line is in ``PATTERNS``.
 
 Other lines: ``[ftscale] layout key=value ...`` (what the engine actually built, read back from the
 model), ``[ftscale] done steps=N`` at a clean end, ``[ftscale] error=KIND message`` on failure.
@@ -59,6 +60,13 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     "nemo_mem_alloc": re.compile(r"max_memory_allocated: (?P<v>[-+.\deE]+)"),
     "nemo_mem_reserved": re.compile(r"max_memory_reserved: (?P<v>[-+.\deE]+)"),
     "nemo_tflops": re.compile(r"TFLOPS_per_GPU: (?P<v>[-+.\deE]+)"),
+    # NeMo AutoModel's TrainFinetuneRecipeForNextTokenPrediction.log_train_metrics (0-based step;
+    # mem = CUDA max allocated over the step, GiB; tps = tokens of the global batch, tail padding
+    # excluded, over the wall time since the previous step's end)
+    "automodel_step": re.compile(
+        r"step (?P<step>\d+) \| epoch \d+ \| loss (?P<loss>\S+) \| grad_norm \S+ \| lr \S+ \| "
+        r"mem (?P<mem_gib>[-+.\deE]+) GiB \| tps (?P<tps>[-+.\deE]+)\((?P<tps_per_gpu>[-+.\deE]+)/gpu\)"
+    ),
 }
 
 
@@ -94,6 +102,15 @@ def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
             for key in ("peak_mem_mib", "reserved_mib"):
                 if key in rec:
                     rec[key] /= 2**20  # NeMo logs bytes
+            steps[rec["step"]] = rec
+        elif m := PATTERNS["automodel_step"].search(line):
+            # Step time from AutoModel's tokens/s and the batch of the layout line printed before training.
+            tokens = layout.get("global_batch", 0) * layout.get("seq_length", 0)
+            tps = float(m["tps"])
+            rec = {"step": int(m["step"]) + 1, "steps": layout.get("steps"), "line": lineno, "mem_kind": "cuda",
+                   "loss": float(m["loss"]), "peak_mem_mib": float(m["mem_gib"]) * 1024, "tokens_per_s": tps}
+            if tokens and tps > 0:
+                rec["tokens"], rec["step_time_s"] = float(tokens), tokens / tps
             steps[rec["step"]] = rec
         elif m := PATTERNS["layout"].search(line):
             layout = parse_layout(m["fields"])

@@ -42,6 +42,15 @@ MODEL_FILES = {
     "render_log": "render.log",
 }
 
+#: A prepared dataset (ftscale.run.data.prepare_dataset), one directory per dataset, read by every run
+#: of every engine; NeMo's FineTuningDataModule reads exactly these two file names.
+DATA_DIR_PATTERN = f"{EXPERIMENTS}/data/{{dataset}}"
+DATA_FILES = {
+    "training": "training.jsonl",
+    "validation": "validation.jsonl",
+    "info": "DATASET.json",  # what it was made from; written last
+}
+
 #: Snakemake's pattern of a run directory (wildcards track, model, name).
 RUN_DIR_PATTERN = f"{EXPERIMENTS}/{{track}}/{{model}}/{{name}}"
 MODEL_DIR_PATTERN = f"{MODELS}/{{model}}"
@@ -49,6 +58,10 @@ MODEL_DIR_PATTERN = f"{MODELS}/{{model}}"
 
 def run_dir(track: str, model: str, name: str) -> str:
     return RUN_DIR_PATTERN.format(track=track, model=model, name=name)
+
+
+def data_dir(dataset: str) -> str:
+    return DATA_DIR_PATTERN.format(dataset=dataset)
 
 
 def run_file_pattern(role: str) -> str:

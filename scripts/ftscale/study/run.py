@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ftscale.study.data import dataset_name
 from ftscale.study.layout import Layout
-from ftscale.study.paths import RunPaths, model_paths, run_dir
+from ftscale.study.paths import RunPaths, data_dir, model_paths, run_dir
 
 TRACKS = ("data_parallel", "model_parallel")
 ENGINES = ("embedded", "nemo", "automodel")
@@ -99,6 +100,15 @@ class Run:
     def checkpoint(self) -> str:
         return str(getattr(model_paths(self.model), CHECKPOINT_ROLE[self.engine]))
 
+    @property
+    def dataset_dir(self) -> str | None:
+        """The prepared dataset the run reads (None for mock data, made inside the job, and for the
+        corpus on the embedded engine, which reads the shipped text itself)."""
+        if self.engine == "embedded" and self.data.get("kind", "corpus") == "corpus":
+            return None
+        name = dataset_name(self.data)
+        return data_dir(name) if name else None
+
     def to_dict(self) -> dict:
         """The resolved configuration written to the run's run.json and read by the engines."""
         out = asdict(self)
@@ -106,6 +116,8 @@ class Run:
             name=self.name,
             run_dir=self.directory,
             checkpoint=self.checkpoint,
+            tokenizer=str(model_paths(self.model).checkpoint),  # the Hugging Face import holds it
+            dataset_dir=self.dataset_dir,
             grad_accum=self.grad_accum,
             data_parallel_size=self.data_parallel_size,
             gpus_per_node=self.gpus // self.nodes,

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftscale.study.data import data_errors
 from ftscale.study.engines import run_errors
 from ftscale.study.layout import Layout
 from ftscale.study.models import Model, load_model
@@ -111,6 +112,8 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
     tracks = cfg["tracks"]
     models = {name: load_model(name, root) for name in cfg["models"]}
     _check_engines(cfg, models, source)
+    if data_problems := data_errors(cfg["data"], source, root):
+        raise ConfigError("invalid data:\n  " + "\n  ".join(data_problems))
 
     runs: dict[str, Run] = {}
     errors: list[str] = []

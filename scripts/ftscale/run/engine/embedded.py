@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ftscale.importing.checkpoint import load_for_training
-from ftscale.run.data import corpus_tokens
+from ftscale.run.data import dataset_tokens
 from ftscale.run.engine.data_parallel import prepare_data_parallel
 from ftscale.run.engine.model_parallel import prepare_model_parallel
 from ftscale.run.engine.training import EXIT_OOM, device_for, dtype_for, train
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         options = run.get("engine_options") or {}
         if options.get("activation_checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        tokens = corpus_tokens(AutoTokenizer.from_pretrained(run["checkpoint"]))
+        tokens = dataset_tokens(run, AutoTokenizer.from_pretrained(run["checkpoint"]), model.config.vocab_size)
         if run["track"] == "data_parallel":
             prepared = prepare_data_parallel(model, run, device)
         else:

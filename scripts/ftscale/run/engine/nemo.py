@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from ftscale.importing.nemo import arch_fields, local_overrides
 from ftscale.run.logformat import error_line, kv_line
 from ftscale.study.engines import nemo_lora_targets, run_errors
 
@@ -112,11 +113,14 @@ def build_recipe(run: dict, model: dict):
         callbacks.append(nr.Config(TimingCallback))
     trainer.callbacks = callbacks
 
-    recipe.data.global_batch_size = run["global_batch"]
-    recipe.data.micro_batch_size = run["micro_batch"]
-    recipe.data.seq_length = run["seq_length"]
-    recipe.data.seed = run["seed"]
-    recipe.model.config.seq_length = run["seq_length"]
+    recipe.data = data_module(run)
+    config = recipe.model.config
+    for key, value in arch_fields(model.get("architecture") or {}).items():
+        setattr(config, key, value)
+    config.seq_length = run["seq_length"]
+    if (run.get("engine_options") or {}).get("transformer_impl") == "local":
+        for key, value in local_overrides(config.__fn_or_cls__).items():
+            setattr(config, key, value)
 
     recipe.optim.lr_scheduler.warmup_steps = run["warmup_steps"]
     recipe.optim.lr_scheduler.max_steps = run["steps"]
@@ -131,6 +135,28 @@ def build_recipe(run: dict, model: dict):
         recipe.peft.alpha = run["lora"]["alpha"]
         recipe.peft.target_modules = nemo_lora_targets(run["lora"]["targets"])
     return recipe
+
+
+def data_module(run: dict):
+    """The recipe's data (never the recipe's SQuAD default, which downloads inside the job):
+
+    - ``mock``: ``llm.MockDataModule`` (random tokens), with the imported model's tokenizer;
+    - any prepared dataset: ``llm.FineTuningDataModule`` over ``experiments/data/<dataset>``
+      (training.jsonl / validation.jsonl), padded to the sequence length, so every step has
+      global_batch x seq_length tokens. Its tokenizer is the model's (``llm.finetune`` sets it).
+    """
+    import nemo_run as nr
+    from nemo.collections import llm
+
+    common = dict(seq_length=run["seq_length"], micro_batch_size=run["micro_batch"],
+                  global_batch_size=run["global_batch"], num_workers=2)
+    if (run.get("data") or {}).get("kind") == "mock":
+        from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+
+        return nr.Config(llm.MockDataModule, **common,
+                         tokenizer=nr.Config(AutoTokenizer, pretrained_model_name=_abs(run["tokenizer"])))
+    return nr.Config(llm.FineTuningDataModule, dataset_root=_abs(run["dataset_dir"]), seed=run["seed"],
+                     dataset_kwargs={"pad_to_max_length": True}, **common)
 
 
 def recipe_fields(recipe) -> dict:
@@ -162,7 +188,12 @@ def recipe_fields(recipe) -> dict:
         "micro_batch": d.micro_batch_size,
         "seq_length": d.seq_length,
         "model_seq_length": recipe.model.config.seq_length,
-        "seed": d.seed,
+        "seed": getattr(d, "seed", None),
+        "data": getattr(d, "__fn_or_cls__", type(d)).__name__,
+        "dataset_root": str(getattr(d, "dataset_root", "")) or None,
+        "num_layers": recipe.model.config.num_layers,
+        "hidden_size": recipe.model.config.hidden_size,
+        "vocab_size": getattr(recipe.model.config, "vocab_size", None),
         "warmup_steps": recipe.optim.lr_scheduler.warmup_steps,
         "lr_max_steps": recipe.optim.lr_scheduler.max_steps,
         "learning_rate": recipe.optim.config.lr,
