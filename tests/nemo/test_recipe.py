@@ -353,7 +353,7 @@ def test_hf_importer_config_builds_without_te_under_the_workaround(tiny_hf):
 
     importer = HFLlamaImporter(str(tiny_hf))
     with pytest.raises(Exception, match="Transformer Engine|TE >= 1.4|apply_rope_fusion"):
-        importer.config
+        _ = importer.config
     with nemo_import.te_free_importer(llm.LlamaModel):
         config = importer.config
     assert isinstance(config, LlamaConfig) and config.apply_rope_fusion is False
