@@ -11,6 +11,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "rules/common.smk"
+include: "rules/plan.smk"
 include: "rules/import.smk"
 include: "rules/data.smk"
 include: "rules/finetune.smk"

@@ -1,5 +1,6 @@
 # Bookkeeping done once: the validated study, wildcard constraints, named input functions.
 from ftscale.analyze.results import write_partial_results, write_results
+from ftscale.estimate.plan import with_predicted_oom_skipped
 from ftscale.run.configure import write_run_files, write_text
 from ftscale.run.data import prepare_dataset_logged
 from ftscale.run.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
@@ -8,7 +9,10 @@ from ftscale.study.schema import ConfigError
 from ftscale.study.sweep import load_study
 
 try:
-    STUDY = load_study(config, source=", ".join(map(str, workflow.configfiles)) or "config")
+    # With plan.skip_predicted_oom, runs the plan predicts out of memory are marked to be skipped.
+    STUDY = with_predicted_oom_skipped(
+        load_study(config, source=", ".join(map(str, workflow.configfiles)) or "config")
+    )
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -39,8 +43,10 @@ def run_sbatch(wildcards):
 
 
 def run_checkpoint(wildcards):
-    """The imported model the run's engine reads: the Hugging Face checkpoint, or NeMo's conversion."""
-    return run_of(wildcards).checkpoint
+    """The imported model the run's engine reads: the Hugging Face checkpoint, or NeMo's conversion
+    (none for a run the plan skips: it trains nothing)."""
+    run = run_of(wildcards)
+    return [] if run.skip_reason else run.checkpoint
 
 
 def run_dataset(wildcards):

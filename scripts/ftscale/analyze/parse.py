@@ -69,6 +69,7 @@ class RunRecord:
     peak_mem_mib: float | None = None
     reserved_mib: float | None = None
     mem_kind: str = ""
+    state_mib: float | None = None  # parameters + gradients + optimizer state of the largest rank (embedded)
     wall_s: float | None = None
     loss_first: float | None = None
     loss_last: float | None = None
@@ -118,7 +119,10 @@ STEP_PATTERN = {"embedded": "embedded_step", "nemo": "nemo_step_time", "automode
 
 def sanity(run: dict, steps: list[dict], done: bool, launch: dict, log_text: str, log: Path) -> tuple[str, str]:
     """Did the run do what was asked? (status, reason), from the failure patterns, the launcher's exit
-    code, the steps seen and the engine's end line; no metric is read here (ReFrame's sanity check)."""
+    code, the steps seen and the engine's end line; no metric is read here (ReFrame's sanity check).
+    A run the plan skipped (``plan.skip_predicted_oom``) is ``skipped`` with the plan's reason."""
+    if skipped := PATTERNS["skipped"].search(log_text):
+        return "skipped", skipped["reason"]
     if failure := classify_failure(log_text):
         return failure
     code = launch.get("returncode")
@@ -153,6 +157,8 @@ def performance(run: dict, steps: list[dict], log: Path, require_memory: bool) -
         reserved = [s["reserved_mib"] for s in steps if s.get("reserved_mib") is not None]
         out["reserved_mib"] = max(reserved) if reserved else None
         out["mem_kind"] = steps[-1].get("mem_kind", "")
+        states = [s["state_mib"] for s in steps if s.get("state_mib") is not None]
+        out["state_mib"] = max(states) if states else None
         out["source"] = f"{log}:{timed[0]['line']}-{timed[-1]['line']}"
     if steps:
         out["loss_first"] = steps[0].get("loss")

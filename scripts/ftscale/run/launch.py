@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from ftscale.run.logformat import parse_steps
+from ftscale.run.logformat import parse_steps, skipped_line
 from ftscale.study.paths import RunPaths
 
 ENGINE_MODULES = {"embedded": "ftscale.run.engine.embedded", "nemo": "ftscale.run.engine.nemo",
@@ -77,10 +77,25 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def skip_job(run: dict, log: Path, launch_record: Path, metrics: Path) -> int:
+    """A run the plan skipped (predicted OOM): the run's files, written without training, so that it keeps
+    its row (status ``skipped``, the plan's reason): a log line, a launch record, an empty metrics.jsonl."""
+    now = time.time()
+    _write(launch_record, {"run": run["name"], "command": None, "host": socket.gethostname(), "start": now,
+                           "end": now, "wall_s": 0.0, "returncode": 0, "signal": None, "skipped": run["skip_reason"]})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(skipped_line(run["skip_reason"]) + "\n")
+    metrics.write_text("")
+    print(f"[ftscale] {run['name']}: skipped ({run['skip_reason']})", flush=True)
+    return 0
+
+
 def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = None) -> int:
     """Run the job of ``run_json`` on ``cpus`` CPUs (default: all available) and return its exit code
     (128 + signal when it was stopped). Each rank gets an equal share of the CPUs, at least one."""
     run = json.loads(Path(run_json).read_text())
+    if run.get("skip_reason"):
+        return skip_job(run, log, launch_record, RunPaths(Path(run_json).parent).metrics)
     command = launch_command(run, str(run_json))
     env = dict(os.environ)
     cpus = cpus or available_cpus()

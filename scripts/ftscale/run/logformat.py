@@ -1,6 +1,6 @@
 """The one line format every engine's per-step log uses (the parser reads it in ftscale.parse).
 
-    [ftscale] step=3/12 loss=6.9312 step_time_s=0.1234 tokens=1024 tokens_per_s=8298.2 peak_mem_mib=455.1 reserved_mib=0.0 mem_kind=rss
+    [ftscale] step=3/12 loss=6.9312 step_time_s=0.1234 tokens=1024 tokens_per_s=8298.2 peak_mem_mib=455.1 reserved_mib=0.0 mem_kind=rss state_mib=1.9
 
 - ``step``: optimizer step, 1-based, over the run's total steps;
 - ``loss``: mean training loss of the step over all micro-batches and data-parallel ranks;
@@ -9,7 +9,10 @@
 - ``tokens``: tokens in the global batch; ``tokens_per_s`` = tokens / step_time_s (whole job);
 - ``peak_mem_mib``: the largest peak over ranks: CUDA max allocated (``mem_kind=cuda``) or the
   process's peak resident set size on the CPU (``mem_kind=rss``); ``reserved_mib``: CUDA max
-  reserved (0 on the CPU).
+  reserved (0 on the CPU);
+- ``state_mib``: the largest over ranks of the bytes a rank's parameters, gradients and optimizer
+  state hold, summed from the tensors (DTensor shards counted locally) after the optimizer step: on
+  the CPU too, so that TP and EP visibly divide it. Logs written before it existed lack it.
 
 NeMo 2's own per-step line (its ProgressPrinter; memory fields with NEMO_LOG_MEMORY_USAGE=1) and NeMo
 AutoModel's (``step N | ... | mem X GiB | tps T(P/gpu)``) are read back into the same records by
@@ -27,12 +30,18 @@ PREFIX = "[ftscale]"
 
 
 def step_line(step: int, steps: int, loss: float, step_time_s: float, tokens: int, peak_mem_mib: float,
-              reserved_mib: float, mem_kind: str) -> str:
+              reserved_mib: float, mem_kind: str, state_mib: float | None = None) -> str:
     return (
         f"{PREFIX} step={step}/{steps} loss={loss:.6f} step_time_s={step_time_s:.6f} tokens={tokens} "
         f"tokens_per_s={tokens / step_time_s:.1f} peak_mem_mib={peak_mem_mib:.1f} "
         f"reserved_mib={reserved_mib:.1f} mem_kind={mem_kind}"
+        + ("" if state_mib is None else f" state_mib={state_mib:.1f}")
     )
+
+
+def skipped_line(reason: str) -> str:
+    """What a job the plan skipped writes instead of training (``ftscale.run.launch.skip_job``)."""
+    return f"{PREFIX} skipped {' '.join(reason.split())}"
 
 
 def kv_line(kind: str, **fields: object) -> str:
@@ -48,8 +57,9 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     "embedded_step": re.compile(
         r"\[ftscale\] step=(?P<step>\d+)/(?P<steps>\d+) loss=(?P<loss>\S+) step_time_s=(?P<step_time_s>\S+) "
         r"tokens=(?P<tokens>\d+) tokens_per_s=\S+ peak_mem_mib=(?P<peak_mem_mib>\S+) "
-        r"reserved_mib=(?P<reserved_mib>\S+) mem_kind=(?P<mem_kind>\w+)"
+        r"reserved_mib=(?P<reserved_mib>\S+) mem_kind=(?P<mem_kind>\w+)(?: state_mib=(?P<state_mib>\S+))?"
     ),
+    "skipped": re.compile(r"\[ftscale\] skipped (?P<reason>.*)"),
     "layout": re.compile(r"\[ftscale\] layout (?P<fields>.*)"),
     "embedded_done": re.compile(r"\[ftscale\] done steps=(?P<steps>\d+)"),
     # NeMo 2 ProgressPrinter; memory fields need NEMO_LOG_MEMORY_USAGE=1
@@ -88,7 +98,7 @@ def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
         lines.pop()  # a log cut mid-line: its last line is half-written
     for lineno, line in enumerate(lines, start=1):
         if m := PATTERNS["embedded_step"].search(line):
-            rec = {k: (float(v) if k not in ("mem_kind",) else v) for k, v in m.groupdict().items()}
+            rec = {k: (float(v) if k not in ("mem_kind",) else v) for k, v in m.groupdict().items() if v is not None}
             rec["step"], rec["steps"], rec["line"] = int(rec["step"]), int(rec["steps"]), lineno
             steps[rec["step"]] = rec
         elif m := PATTERNS["nemo_step"].search(line):

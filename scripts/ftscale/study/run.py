@@ -56,6 +56,9 @@ class Run:
     weights: str = "pretrained"
     engine_options: dict = field(default_factory=dict)  # the config's section named after the engine
     data: dict = field(default_factory=lambda: {"kind": "corpus"})  # the config's `data:` section
+    # Set by the plan when it predicts an OOM and the config's plan.skip_predicted_oom is on: the job then
+    # writes its files with status "skipped" instead of training (ftscale.run.launch).
+    skip_reason: str = ""
 
     @property
     def layout(self) -> Layout:

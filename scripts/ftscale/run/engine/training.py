@@ -61,6 +61,25 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this rank's parameters, their gradients and the optimizer state hold, summed from the
+    tensors (DTensor shards counted locally; each tensor once)."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += _local_bytes(t)
+    return total
+
+
 def _memory(device: torch.device) -> tuple[float, float, str]:
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) / 2**20,
@@ -95,21 +114,23 @@ def train(run: dict, prepared: TrainSetup, tokens: torch.Tensor, device: torch.d
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         _sync(device)
         elapsed = time.perf_counter() - start
+        state = state_bytes(model, optimizer) / 2**20  # gradients still held: measured before zero_grad
+        optimizer.zero_grad(set_to_none=True)
         peak, reserved, kind = _memory(device)
-        stats = torch.tensor([elapsed, peak, reserved], dtype=torch.float64, device=device)
+        stats = torch.tensor([elapsed, peak, reserved, state], dtype=torch.float64, device=device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         mean_loss = loss_sum.item() / (accum * dist.get_world_size())
         if rank == 0:
-            elapsed, peak, reserved = stats.tolist()
+            elapsed, peak, reserved, state = stats.tolist()
             tokens_step = run["global_batch"] * run["seq_length"]
-            print(step_line(step, run["steps"], mean_loss, elapsed, tokens_step, peak, reserved, kind), flush=True)
+            print(step_line(step, run["steps"], mean_loss, elapsed, tokens_step, peak, reserved, kind, state),
+                  flush=True)
             metrics.write(json.dumps({"step": step, "loss": mean_loss, "step_time_s": elapsed, "tokens": tokens_step,
                                       "tokens_per_s": tokens_step / elapsed, "peak_mem_mib": peak,
-                                      "reserved_mib": reserved, "mem_kind": kind}) + "\n")
+                                      "reserved_mib": reserved, "mem_kind": kind, "state_mib": state}) + "\n")
             metrics.flush()
     if metrics:
         metrics.close()

@@ -1,0 +1,19 @@
+# plan: every run's predicted memory per GPU and step time, before any job (no GPU, no training):
+# snakemake results/plan.md --cores 1 [--configfile ...]
+from ftscale.estimate.plan import write_plan
+
+
+localrules:
+    plan,
+
+
+rule plan:
+    input:
+        models=model_files("spec"),
+    output:
+        csv="results/plan.csv",
+        md="results/plan.md",
+    log:
+        "results/logs/plan.log",
+    run:
+        write_plan(STUDY, Path(output.csv), Path(output.md))

@@ -1,0 +1,295 @@
+"""Predicted memory per GPU of one training run, part by part, from its configuration alone.
+
+What is modelled is what the engines' code does (``ftscale.run.engine``), tensor by tensor; every
+fitted number is a named constant below. Sizes are bytes; ``a`` is the bytes of the model's dtype
+(2 for bf16, 4 for fp32), ``t`` = tp, ``S`` = tp when sequence parallelism is on (else 1),
+h hidden, q = H·d (query width), kv = K·d, I intermediate, V vocab, E experts, k experts per token,
+L layers, n = micro_batch × seq_length tokens of one micro-batch (each data-parallel replica has its
+own). Parameter counts per GPU come from ``ftscale.estimate.comm`` (tp shards attention, MLP,
+experts, embedding and lm_head; ep gives E/ep whole experts).
+
+Model state (persistent from the first optimizer step on)::
+
+    embedded engine (torch AdamW on the parameters' own dtype, no master copy):
+      weights    = N_gpu·a + N_lora·4          (peft keeps LoRA adapters in fp32: autocast_adapter_dtype)
+      gradients  = N_train·g  (g = a full fine-tuning, 4 LoRA) ; ×2 under DDP (data-parallel track:
+                   its gradient buckets are a second copy)
+      optimizer  = 2·N_train·g                 (exp_avg and exp_avg_sq in the parameter's dtype)
+    nemo / automodel (Megatron mixed precision, distributed optimizer as in NeMo's recipes):
+      weights    = N_gpu·2 (+ N_lora·2) ; gradients = N_train·4 (fp32 main grads)
+      optimizer  = 12·N_train / DP_param       (fp32 master + 2 moments, sharded over the param's
+                                                data-parallel ranks: ep·dp dense, dp experts)
+
+Activations saved for backward, per token of a micro-batch and per layer (embedded engine, eager
+PyTorch, Hugging Face Llama/Mixtral + peft, SDPA flash attention: nothing of size s² is kept)::
+
+    RMSNorm (×2)     (4h + a·h·[norm weight trains]) / S    fp32 copy of its input (+ normalised input)
+    attention        a·h·[full]                   q/k/v input (under SP the all-gathered input is kept)
+                     (2·a·q + 2·a·kv + 4·H) / t   RoPE'd q, k, v, SDPA output, fp32 logsumexp
+                     (o_proj's input is the SDPA output itself: its transpose is already contiguous)
+    LoRA inputs      per target, 4·d_in when the adapters (fp32) differ from the model dtype: peft
+                     casts the input for each target separately (q, k and v make three copies);
+                     else one a·d_in per distinct input (q/k/v share one, gate/up share one, o_proj's
+                     is the SDPA output); plus lora_A's output, adapter bytes·r per target
+    dense MLP        3·a·I/t (gate, up, SiLU out) + a·h·[full] (input) + a·I/t·[full] (down input)
+    (checked tensor by tensor against autograd's saved tensors of a small model: tests/test_memory.py)
+    MoE MLP, Hugging Face experts (data-parallel track), per routed row (k per token):
+                     3·a·I (gate_up kept whole by chunk, SiLU out) + a·h (down out, × fp32 router
+                     weight) + (a·h + a·I)·[full]; router: a·h·[full] (input) + 4·E (fp32 softmax)
+                     + MOE_ROUTING_BYTES_PER_CHOICE·k (indices and routing weights)
+    MoE MLP, ExpertParallelMoE (model-parallel track, full fine-tuning), per token:
+                     a·h/S (router input) + k·a·h (rows grouped by expert; SP all-gathers them)
+                     + k·4·a·I/t (gate, up, SiLU out, down input) + k·4·h/S (fp32 combine) + 4·E/S
+
+``[full]`` is 1 when the base weights train (full fine-tuning), 0 for LoRA (a frozen linear keeps no
+input). Activation checkpointing (non-reentrant, per decoder layer) keeps a·h/S per layer and
+recomputes one layer at a time: L·a·h/S + one layer. ``torch.compile`` keeps fewer intermediates
+(fused norms, RoPE and SiLU): the per-layer figure is scaled by ``COMPILE_LAYER_ACTIVATION_FACTOR``.
+
+Logits and loss (Hugging Face's ForCausalLMLoss upcasts the logits to fp32, then log-softmax): the
+peak is at the start of backward with the fp32 log-probabilities, their gradient and the gradient
+of the logits alive: ``12·V`` per token (the forward holds 2V + 4V + 4V = 10V for bf16). The TP plan
+all-gathers the vocab-parallel logits, so TP does not divide them. With ``torch.compile`` the
+cross-entropy is fused: ``COMPILE_LOGITS_BYTES_PER_VOCAB``·V. NeMo: vocab-parallel fused
+cross-entropy, 6·V/t (bf16 logits shard + fp32 shard).
+
+Peak per GPU = weights + gradients + optimizer + L·n·layer (or the checkpointing figure) + n·logits
++ ``ALLOCATOR_OVERHEAD_MIB``; on the model-parallel track the gradient sync flattens the gradients
+of a bucket into one buffer at the end of backward (activations freed by then), a second candidate:
+state + largest bucket·a + overhead. The prediction is the larger.
+
+NeMo is modelled with the same per-tensor terms, with Megatron's differences: SP divides every term
+by tp (inputs are re-gathered in backward), TE norms keep a·h, LoRA adapters are bf16. No NeMo step
+has run in this project: those predictions are unvalidated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ftscale.estimate.comm import trainable_params_per_gpu
+from ftscale.estimate.flops import MLP_MODULES, ArchDims, LoraSpec, arch_dims, lora_spec
+from ftscale.study.layout import Layout
+
+MIB = 2**20
+
+#: Allocated memory that no tensor above accounts for (cuBLAS workspace, RoPE tables, index tensors,
+#: small buffers). Fitted: measured peak minus the modelled parts is 80-175 MiB for the eager GPU
+#: examples (LLaMA 3.1 8B on H100, Mixtral 8x7B on H200); 128 is their middle.
+ALLOCATOR_OVERHEAD_MIB = 128.0
+
+#: torch.compile's saved activations per layer / the eager figure above. Fitted on one pair of
+#: measurements (LLaMA 3.1 8B LoRA, compile, seq 4096, micro batch 1 and 2 on H100: the slope of the
+#: peak per token, less the compiled logits term); the checkpointed compile runs are out of sample.
+COMPILE_LAYER_ACTIVATION_FACTOR = 0.766
+
+#: Bytes per token and vocabulary entry of the compiled (fused) logits + cross-entropy: bf16 logits
+#: kept for backward and their bf16 gradient, 2 + 2. A structural assumption, checked by the
+#: checkpointed compile runs (their per-token slope is mostly this term).
+COMPILE_LOGITS_BYTES_PER_VOCAB = 4
+
+#: Bytes per token and vocabulary entry at the peak of the eager loss (see the module docstring).
+EAGER_LOGITS_BYTES_PER_VOCAB = 12
+
+#: Hugging Face MoE routing kept per token and chosen expert: int64 top-k index (8), int64 row positions
+#: of torch.where (16), fp32 routing weight, its slice and the renormalisation (12).
+MOE_ROUTING_BYTES_PER_CHOICE = 36
+
+LORA_ADAPTER_BYTES = {"embedded": 4, "nemo": 2, "automodel": 2}
+
+
+@dataclass(frozen=True)
+class MemorySetting:
+    """What the memory of a run depends on (all resolved: no ``auto`` left)."""
+
+    arch: ArchDims
+    arch_dict: Mapping[str, Any]
+    lora: LoraSpec | None
+    layout: Layout
+    micro_batch: int
+    seq_length: int
+    dtype_bytes: int
+    engine: str = "embedded"
+    track: str = "data_parallel"
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    @property
+    def full(self) -> bool:
+        """Base weights train (full fine-tuning)."""
+        return self.lora is None
+
+    @property
+    def megatron(self) -> bool:
+        return self.engine in ("nemo", "automodel")
+
+    def lora_dict(self) -> dict | None:
+        if self.lora is None:
+            return None
+        return {"rank": self.lora.rank, "alpha": self.lora.alpha, "targets": list(self.lora.targets)}
+
+
+def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layout: Layout | Mapping[str, Any], *,
+                   micro_batch: int, seq_length: int, dtype_bytes: int, engine: str = "embedded",
+                   track: str = "data_parallel", activation_checkpointing: bool = False,
+                   compile: bool = False) -> MemorySetting:
+    if "architecture" in arch:
+        arch = arch["architecture"]
+    if dtype_bytes not in (2, 4):
+        raise ValueError(f"dtype_bytes must be 2 (bf16) or 4 (fp32), got {dtype_bytes}")
+    if min(micro_batch, seq_length) < 1:
+        raise ValueError(f"micro_batch and seq_length must be >= 1, got {micro_batch}, {seq_length}")
+    if engine not in LORA_ADAPTER_BYTES:
+        raise ValueError(f"unknown engine {engine!r}")
+    return MemorySetting(arch=arch_dims(arch), arch_dict=dict(arch), lora=lora_spec(lora),
+                         layout=Layout.coerce(layout), micro_batch=micro_batch, seq_length=seq_length,
+                         dtype_bytes=dtype_bytes, engine=engine, track=track,
+                         activation_checkpointing=activation_checkpointing, compile=compile)
+
+
+# --------------------------------------------------------------------------- model state
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Model state per GPU, bytes; ``sync_buffer``: the gradient sync's flat copy (model-parallel track)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    sync_buffer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+
+def _params_per_gpu(s: MemorySetting) -> tuple[int, int]:
+    """(non-expert, expert) base parameters held by one GPU."""
+    return trainable_params_per_gpu(s.arch_dict, s.layout.tp, s.layout.ep, None)
+
+
+def state_bytes(s: MemorySetting) -> StateBytes:
+    lay, a = s.layout, s.dtype_bytes
+    dense, expert = _params_per_gpu(s)
+    base = dense + expert
+    if s.full:
+        train_dense, train_expert = dense, expert
+        adapters = 0
+    else:
+        train_dense, train_expert = trainable_params_per_gpu(s.arch_dict, lay.tp, lay.ep, s.lora_dict())
+        adapters = train_dense + train_expert
+    trainable = train_dense + train_expert
+    if s.megatron:
+        weights = base * 2 + adapters * LORA_ADAPTER_BYTES[s.engine]
+        grads = trainable * 4
+        optimizer = 12 * (train_dense / lay.data_parallel_size + train_expert / lay.dp)
+        return StateBytes(weights, grads, optimizer, 0.0)
+    g = a if s.full else LORA_ADAPTER_BYTES["embedded"]
+    weights = base * a + adapters * LORA_ADAPTER_BYTES["embedded"]
+    grads = trainable * g * (2 if s.track == "data_parallel" else 1)
+    optimizer = 2 * trainable * g
+    sync = 0.0
+    if s.track == "model_parallel":
+        buckets = [train_dense * g if lay.data_parallel_size > 1 else 0, train_expert * g if lay.dp > 1 else 0]
+        sync = float(max(buckets))
+    return StateBytes(weights, grads, optimizer, sync)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
+    """Bytes saved for backward per token of a micro-batch in one decoder layer, by part
+    (norms, attention, lora, mlp); formulas in the module docstring."""
+    d, a, t = s.arch, s.dtype_bytes, s.layout.tp
+    S = t if s.layout.sp else 1
+    h, q, kv, inter = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim, d.intermediate
+    full = 1 if s.full else 0
+    # Megatron (NeMo) keeps the SP shard of a column-parallel input and re-gathers it in backward.
+    gathered = S if s.megatron else 1
+    norm = (a * h / S) if s.megatron else (4 * h + a * h * full) / S
+    # The SDPA output, transposed back, is already contiguous: it is o_proj's input, no copy.
+    attention = a * h * full / gathered + (2 * a * q + 2 * a * kv + 4 * d.heads) / t
+    lora = 0.0
+    if s.lora is not None:
+        adapter = LORA_ADAPTER_BYTES[s.engine]
+        shapes = d.linear_shapes()
+        routed = d.top_k if d.is_moe else 1
+        if adapter != a:  # one cast copy per target
+            for m in s.lora.targets:
+                din = shapes[m][0] / (t if m in ("o_proj", "down_proj") else gathered)
+                lora += adapter * din * (routed if m in MLP_MODULES else 1)
+        else:  # the input itself, once per distinct input (o_proj's is the SDPA output, counted above)
+            inputs = {"attn_in": h / gathered if {"q_proj", "k_proj", "v_proj"} & set(s.lora.targets) else 0,
+                      "mlp_in": routed * h / gathered if {"gate_proj", "up_proj"} & set(s.lora.targets) else 0,
+                      "down_in": routed * inter / t if "down_proj" in s.lora.targets else 0}
+            lora = a * sum(inputs.values())
+        # lora_A's output (rank r, adapter dtype), kept for lora_B's weight gradient
+        lora += sum(adapter * s.lora.rank * (routed if m in MLP_MODULES else 1) for m in s.lora.targets)
+    if not d.is_moe:
+        mlp = 3 * a * inter / t + a * h * full / gathered + a * inter * full / t
+    elif s.track == "model_parallel" and s.engine == "embedded":
+        k = d.top_k
+        mlp = a * h / S + k * a * h + k * 4 * a * inter / t + k * 4 * h / S + 4 * d.experts / S
+    else:
+        k = d.top_k
+        mlp = (k * (3 * a * inter / t + a * h + (a * h + a * inter / t) * full) + a * h * full
+               + 4 * d.experts + MOE_ROUTING_BYTES_PER_CHOICE * k)
+    return {"norms": 2 * norm, "attention": attention, "lora": lora, "mlp": mlp}
+
+
+def activation_bytes(s: MemorySetting) -> float:
+    """Saved activations of all layers for one micro-batch, at their peak (start of backward)."""
+    per_layer = sum(layer_activation_bytes(s).values())
+    if s.compile:
+        per_layer *= COMPILE_LAYER_ACTIVATION_FACTOR
+    tokens = s.micro_batch * s.seq_length
+    if s.activation_checkpointing:
+        S = s.layout.tp if s.layout.sp else 1
+        return tokens * (s.arch.layers * s.dtype_bytes * s.arch.hidden / S + per_layer)
+    return tokens * s.arch.layers * per_layer
+
+
+def logits_bytes(s: MemorySetting) -> float:
+    """Logits and loss at their peak for one micro-batch (see the module docstring)."""
+    tokens = s.micro_batch * s.seq_length
+    if s.megatron:
+        return tokens * 6 * s.arch.vocab / s.layout.tp
+    per_vocab = COMPILE_LOGITS_BYTES_PER_VOCAB if s.compile else EAGER_LOGITS_BYTES_PER_VOCAB
+    return tokens * per_vocab * s.arch.vocab
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """Predicted memory per GPU in MiB, part by part; ``peak`` is what CUDA's max allocated would show."""
+
+    weights_mib: float
+    gradients_mib: float
+    optimizer_mib: float
+    activations_mib: float
+    logits_mib: float
+    overhead_mib: float
+    sync_buffer_mib: float
+
+    @property
+    def state_mib(self) -> float:
+        """Parameters, gradients and optimizer state: what a rank's ``state_mib`` measures."""
+        return self.weights_mib + self.gradients_mib + self.optimizer_mib
+
+    @property
+    def peak_mib(self) -> float:
+        compute = self.activations_mib + self.logits_mib
+        return self.state_mib + max(compute, self.sync_buffer_mib) + self.overhead_mib
+
+
+def predict_memory(s: MemorySetting) -> MemoryPrediction:
+    state = state_bytes(s)
+    return MemoryPrediction(
+        weights_mib=state.weights / MIB, gradients_mib=state.gradients / MIB, optimizer_mib=state.optimizer / MIB,
+        activations_mib=activation_bytes(s) / MIB, logits_mib=logits_bytes(s) / MIB,
+        overhead_mib=ALLOCATOR_OVERHEAD_MIB, sync_buffer_mib=state.sync_buffer / MIB)

@@ -1,0 +1,131 @@
+"""ftscale.estimate.memory: hand-computed cases, and the activation formula against the tensors autograd
+really saves for backward in small Hugging Face models (bf16 and fp32, LoRA and full, dense and MoE)."""
+
+import pytest
+
+from ftscale.estimate.memory import (
+    ALLOCATOR_OVERHEAD_MIB,
+    MIB,
+    layer_activation_bytes,
+    memory_setting,
+    predict_memory,
+    state_bytes,
+)
+
+LLAMA_8B = {
+    "type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+}
+MIXTRAL_8X7B = {**LLAMA_8B, "type": "mixtral", "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2}
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMALL = {"type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 1,
+         "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512}
+
+
+def test_llama_8b_lora_state_by_hand():
+    s = memory_setting(LLAMA_8B, {"rank": 8, "targets": ALL7}, {}, micro_batch=1, seq_length=2048, dtype_bytes=2)
+    st = state_bytes(s)
+    adapters = 20_971_520  # 32 layers x 8 x (q 8192 + k 5120 + v 5120 + o 8192 + gate 18432 + up 18432 + down 18432)
+    assert st.weights == 8_030_261_248 * 2 + adapters * 4  # bf16 base, fp32 adapters (peft)
+    assert st.gradients == adapters * 4 * 2  # fp32 grads + DDP's bucket copy
+    assert st.optimizer == adapters * 4 * 2  # AdamW's two moments in fp32
+
+
+def test_full_finetuning_embedded_is_8_bytes_per_param_in_bf16_and_tp_divides_it():
+    one = state_bytes(memory_setting(LLAMA_8B, None, {"tp": 2, "sp": True}, micro_batch=1, seq_length=2048,
+                                     dtype_bytes=2, track="model_parallel"))
+    per_gpu = (8_030_261_248 - 4096 * 65) // 2 + 4096 * 65  # norms (2 per layer + final) replicated
+    assert one.total == per_gpu * 8  # weights, grads, exp_avg, exp_avg_sq: 2 bytes each
+    four = state_bytes(memory_setting(LLAMA_8B, None, {"tp": 4, "sp": True}, micro_batch=1, seq_length=2048,
+                                      dtype_bytes=2, track="model_parallel"))
+    assert four.total < one.total / 1.99
+
+
+def test_ep_divides_the_experts_and_nemo_is_mixed_precision():
+    def state(ep: int, engine: str = "embedded") -> float:
+        return state_bytes(memory_setting(MIXTRAL_8X7B, None, {"ep": ep}, micro_batch=1, seq_length=2048,
+                                          dtype_bytes=2, engine=engine, track="model_parallel")).total
+    expert_bytes = 32 * 8 * 3 * 4096 * 14336 * 8  # all experts, 8 bytes per parameter
+    assert state(1) - state(2) == expert_bytes / 2
+    nemo = state_bytes(memory_setting(MIXTRAL_8X7B, None, {"ep": 1}, micro_batch=1, seq_length=2048, dtype_bytes=2,
+                                      engine="nemo", track="model_parallel"))
+    assert nemo.total == 46_702_792_704 * (2 + 4 + 12)  # the issue's ~16 bytes per parameter (+2 main grads)
+
+
+def test_eager_lora_layer_by_hand():
+    s = memory_setting(LLAMA_8B, {"rank": 8, "targets": ALL7}, {}, micro_batch=1, seq_length=4096, dtype_bytes=2)
+    h, q, kv, inter = 4096, 4096, 1024, 14336
+    parts = layer_activation_bytes(s)
+    assert parts["norms"] == 2 * 4 * h
+    assert parts["attention"] == 2 * 2 * q + 2 * 2 * kv + 4 * 32
+    assert parts["lora"] == 4 * (h * 3 + q + h * 2 + inter) + 7 * 4 * 8
+    assert parts["mlp"] == 3 * 2 * inter
+    mem = predict_memory(s)
+    assert mem.logits_mib == 4096 * 12 * 128256 / MIB
+    assert mem.peak_mib == pytest.approx(mem.state_mib + mem.activations_mib + mem.logits_mib + ALLOCATOR_OVERHEAD_MIB)
+
+
+def test_sp_divides_the_norms_and_checkpointing_keeps_layer_inputs():
+    kw = dict(micro_batch=1, seq_length=2048, dtype_bytes=2, track="model_parallel")
+    no_sp = layer_activation_bytes(memory_setting(LLAMA_8B, None, {"tp": 4}, **kw))
+    sp = layer_activation_bytes(memory_setting(LLAMA_8B, None, {"tp": 4, "sp": True}, **kw))
+    assert sp["norms"] == no_sp["norms"] / 4 and sp["attention"] == no_sp["attention"]
+    eager = memory_setting(LLAMA_8B, None, {"tp": 4, "sp": True}, **kw)
+    ckpt = memory_setting(LLAMA_8B, None, {"tp": 4, "sp": True}, activation_checkpointing=True, **kw)
+    one_layer = sum(layer_activation_bytes(eager).values())
+    assert predict_memory(ckpt).activations_mib * MIB == 2048 * (32 * 2 * 4096 / 4 + one_layer)
+    assert predict_memory(ckpt).activations_mib < predict_memory(eager).activations_mib / 10
+
+
+def _saved_bytes_per_token_per_layer(kind, dtype, lora):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def build(layers):
+        torch.manual_seed(0)
+        common = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=layers, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=512, attn_implementation="sdpa")
+        if kind == "llama":
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+        else:
+            model = transformers.MixtralForCausalLM(
+                transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
+        model = model.to(dtype)
+        if lora:
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=lora, task_type="CAUSAL_LM"))
+        return model.train()
+
+    def saved(model):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids, use_cache=False)
+        return sum(storages.values())
+
+    return (saved(build(3)) - saved(build(1))) / 2 / ids.numel()  # two more layers: per layer, per token
+
+
+@pytest.mark.parametrize("kind,dtype_name,lora", [
+    ("llama", "bfloat16", ALL7),
+    ("llama", "bfloat16", None),
+    ("llama", "float32", ["q_proj", "v_proj", "o_proj", "down_proj"]),
+    ("mixtral", "bfloat16", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("mixtral", "bfloat16", None),
+])
+def test_layer_formula_matches_autograd_saved_tensors(kind, dtype_name, lora):
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, dtype_name)
+    measured = _saved_bytes_per_token_per_layer(kind, dtype, lora)
+    arch = {**SMALL, "type": kind, **({"num_local_experts": 4, "num_experts_per_tok": 2} if kind == "mixtral" else {})}
+    s = memory_setting(arch, lora and {"rank": 8, "targets": lora}, {}, micro_batch=2, seq_length=64,
+                       dtype_bytes=dtype.itemsize)
+    assert sum(layer_activation_bytes(s).values()) == pytest.approx(measured, rel=0.01)

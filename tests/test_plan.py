@@ -1,0 +1,154 @@
+"""The plan (ftscale.estimate.plan): calibration against the committed GPU examples, the fit flags, the
+GPU-hours, the skip of predicted-OOM runs through the run stage, and state_mib in the step line."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from ftscale.analyze.parse import parse_run
+from ftscale.estimate.plan import (
+    FITS,
+    PREDICTED_OOM,
+    TIGHT,
+    Target,
+    fit_flag,
+    plan_rows,
+    predict,
+    with_predicted_oom_skipped,
+    write_plan,
+)
+from ftscale.run.configure import write_run_files
+from ftscale.run.launch import run_job
+from ftscale.run.logformat import parse_steps, step_line
+from ftscale.study.sweep import load_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _calibration():
+    spec = importlib.util.spec_from_file_location("calibrate_plan", REPO / "benchmarks" / "gpu" / "calibrate_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.calibration_rows()
+
+
+def test_every_gpu_example_is_predicted_within_15_percent_and_the_oom_as_oom():
+    rows = _calibration()
+    assert len(rows) == 9  # 4 eager LLaMA (one OOM), 2 compiled, 2 compiled + checkpointing, 1 Mixtral
+    for r in rows:
+        if r["status"] == "ok":
+            assert abs(r["mem_error_pct"]) <= 15, r
+            assert not r["predicted_oom"], r
+        else:
+            assert r["status"] == "oom" and r["predicted_oom"], r
+
+
+def test_fit_flags():
+    t = Target(gpu_memory_gib=80)
+    assert fit_flag(0.9 * 81920, t) == FITS
+    assert fit_flag(0.9 * 81920 + 1, t) == TIGHT
+    assert fit_flag(81920, t) == TIGHT
+    assert fit_flag(81921, t) == PREDICTED_OOM
+
+
+def _workshop(repo_root: Path, **plan) -> dict:
+    from ftscale.study.schema import load_yaml
+
+    cfg = load_yaml(repo_root / "config" / "workshop.yaml")
+    cfg["container"] = "IMAGE"
+    if plan:
+        cfg["plan"] = plan
+    return cfg
+
+
+def test_workshop_plan_flags_the_layouts_that_cannot_fit(tmp_path):
+    study = load_study(_workshop(REPO), "config/workshop.yaml", root=REPO)
+    rows = write_plan(study, tmp_path / "plan.csv", tmp_path / "plan.md")
+    fit = {r["run_dir"].split("/", 2)[2]: r["fit"] for r in rows}
+    # Mixtral full fine-tuning at 18 bytes per parameter: no workshop layout fits 80 GB.
+    assert {f for d, f in fit.items() if d.startswith("mixtral_8x7b/") and "_tp" in d} == {PREDICTED_OOM}
+    # Mixtral's 93 GB of bf16 weights on one GPU do not fit; split over 2 or more with EP they do.
+    assert fit["mixtral_8x7b/nemo_gpus1_mbs1_gbs16_seq2048_bf16"] == PREDICTED_OOM
+    assert fit["mixtral_8x7b/nemo_gpus2_ep2_mbs1_gbs32_seq2048_bf16"] == FITS
+    assert fit["llama31_8b/nemo_gpus1_mbs1_gbs16_seq2048_bf16"] == FITS
+    md = (tmp_path / "plan.md").read_text()
+    hours = sum(r["predicted_gpu_hours"] for r in rows)
+    assert f"GPU-hours of the whole sweep: {hours:,.2f}" in md and hours > 0
+    assert md.count("| experiments/") == len(study.runs) == len(rows)
+    assert (tmp_path / "plan.csv").read_text().count("\n") == len(rows) + 1
+
+
+def test_plan_memory_grows_with_micro_batch_and_falls_with_tp():
+    cfg = _workshop(REPO)
+    cfg["batch"]["micro_batch"] = [1, 2]
+    rows = {r["run_dir"]: r for r in plan_rows(load_study(cfg, "workshop", root=REPO))}
+    one = rows["experiments/data_parallel/llama31_8b/nemo_gpus1_mbs1_gbs16_seq2048_bf16"]
+    two = rows["experiments/data_parallel/llama31_8b/nemo_gpus1_mbs2_gbs16_seq2048_bf16"]
+    assert two["predicted_activations_mib"] == pytest.approx(2 * one["predicted_activations_mib"])
+    tp = [rows[f"experiments/model_parallel/llama31_8b/nemo_tp{t}_ep1_dp1_sp_mbs1_gbs16_seq2048_bf16"]
+          for t in (2, 4, 8)]
+    assert tp[0]["predicted_peak_mem_mib"] > tp[1]["predicted_peak_mem_mib"] > tp[2]["predicted_peak_mem_mib"]
+
+
+def test_predict_reads_what_was_built_from_the_layout_line():
+    run = {"track": "data_parallel", "engine": "embedded", "gpus": 1, "tp": 1, "ep": 1, "dp": 1, "sp": False,
+           "micro_batch": 1, "global_batch": 8, "seq_length": 4096, "steps": 6, "precision": "auto",
+           "device": "auto", "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]}}
+    spec = {"architecture": {"type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                             "vocab_size": 128256}}
+    gpu = predict(run, spec)
+    cpu = predict(run, spec, built={"dtype": "float32", "compile": 0, "activation_checkpointing": 0})
+    assert cpu["predicted_weights_mib"] > 1.9 * gpu["predicted_weights_mib"]
+    compiled = predict(run, spec, built={"dtype": "bfloat16", "compile": 1, "activation_checkpointing": 0})
+    assert compiled["predicted_peak_mem_mib"] < gpu["predicted_peak_mem_mib"]
+    assert {"predicted_peak_mem_mib", "predicted_step_time_s", "predicted_state_mib", "fit"} <= set(gpu)
+
+
+def test_skip_predicted_oom_keeps_the_row_through_the_run_stage(tmp_path, default_config):
+    cfg = copy.deepcopy(default_config)
+    # 140 MiB: between the tiny models' predicted peaks (137-148 MiB, mostly the allocator constant)
+    cfg["plan"] = {"gpu_memory_gib": 140 / 1024, "skip_predicted_oom": True}
+    study = with_predicted_oom_skipped(load_study(cfg, "config.yaml", root=REPO))
+    skipped = [r for r in study.runs if r.skip_reason]
+    kept = [r for r in study.runs if not r.skip_reason]
+    assert skipped and kept and all(r.skip_reason.startswith("predicted OOM: ") for r in skipped)
+    off = with_predicted_oom_skipped(load_study(default_config, "config.yaml", root=REPO))
+    assert not any(r.skip_reason for r in off.runs)  # off by default
+
+    run = skipped[0]
+    run_dir = tmp_path / run.directory
+    run_dir.mkdir(parents=True)
+    write_run_files(run.to_dict(), "#!/bin/bash\n", str(run_dir / "run.json"), str(run_dir / "run.sbatch"),
+                    str(run_dir / "configure.log"))
+    code = run_job(run_dir / "run.json", run_dir / "train.log", run_dir / "launch.json", cpus=1)
+    assert code == 0 and (run_dir / "metrics.jsonl").read_text() == ""
+    record = parse_run(run_dir)
+    assert record.status == "skipped" and record.reason == run.skip_reason
+    assert f"{record.status}: {record.reason}".startswith("skipped: predicted OOM")
+
+
+def test_state_mib_in_the_step_line_and_the_record():
+    line = step_line(3, 10, 2.5, 0.25, 4096, 123.4, 0.0, "rss", 12.5)
+    steps, _, _ = parse_steps(line + "\n")
+    assert steps[0]["state_mib"] == 12.5
+    old = step_line(3, 10, 2.5, 0.25, 4096, 123.4, 0.0, "rss")  # logs from before state_mib still parse
+    assert "state_mib" not in parse_steps(old + "\n")[0][0]
+
+
+def test_measured_state_bytes_counts_dtensor_shards_locally():
+    torch = pytest.importorskip("torch")
+    from ftscale.run.engine.training import state_bytes
+
+    model = torch.nn.Linear(8, 4, bias=False)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 8)).sum().backward()
+    assert state_bytes(model, opt) == 32 * 4 * 2  # weight + grad (no optimizer state before the step)
+    opt.step()
+    assert state_bytes(model, opt) == 32 * 4 * 4 + 4  # + exp_avg, exp_avg_sq and the fp32 step counter
+    json.dumps(state_bytes(model, opt))
