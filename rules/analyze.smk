@@ -3,9 +3,18 @@
 # against other participants' exported CSVs in results/participants/.
 from ftscale.analyze.compare import write_comparison
 from ftscale.analyze.plots import PLOTS
+from ftscale.analyze.results import mark_for_redo
 
 # Read when the workflow starts: a file added later counts from the next invocation.
 PARTICIPANT_CSVS = sorted(str(p) for p in Path("results/participants").glob("*.csv"))
+TABLES_OUTPUTS = ["results/scaling.csv", "results/tables.md", *(f"results/plots/{stem}.png" for stem in PLOTS)]
+
+# A run whose outputs were deleted or whose log was damaged after it finished is redone by the main
+# command (ftscale.analyze.results.mark_for_redo says how); only the main process looks.
+if workflow.is_main_process:
+    HAD_TABLES = Path("results/tables.md").exists()
+    if (REDO := mark_for_redo(STUDY, [Path(p) for p in TABLES_OUTPUTS])) and HAD_TABLES:
+        print(f"[ftscale] {len(REDO)} run(s) to do again:", *(f"{d}: {why}" for d, why in REDO.items()), sep="\n  ")
 
 
 report: "report/workflow.rst"
@@ -31,7 +40,7 @@ rule tables:
     log:
         "results/logs/tables.log",
     run:
-        write_results(STUDY, Path(output.csv), Path(output.md), plots_dir=Path("results/plots"), log=Path(log[0]))
+        write_tables(STUDY, Path(output.csv), Path(output.md), Path("results/plots"), Path(log[0]))
 
 
 rule compare:
