@@ -3,17 +3,20 @@
 # against other participants' exported CSVs in results/participants/.
 from ftscale.analyze.compare import write_comparison
 from ftscale.analyze.plots import PLOTS
-from ftscale.analyze.results import mark_for_redo
+from ftscale.analyze.results import REDO_FILE, ResultsError, mark_for_redo
 
 # Read when the workflow starts: a file added later counts from the next invocation.
 PARTICIPANT_CSVS = sorted(str(p) for p in Path("results/participants").glob("*.csv"))
-TABLES_OUTPUTS = ["results/scaling.csv", "results/tables.md", *(f"results/plots/{stem}.png" for stem in PLOTS)]
 
 # A run whose outputs were deleted or whose log was damaged after it finished is redone by the main
 # command (ftscale.analyze.results.mark_for_redo says how); only the main process looks.
 if workflow.is_main_process:
     HAD_TABLES = Path("results/tables.md").exists()
-    if (REDO := mark_for_redo(STUDY, [Path(p) for p in TABLES_OUTPUTS])) and HAD_TABLES:
+    try:
+        REDO = mark_for_redo(STUDY)
+    except ResultsError as err:
+        raise WorkflowError(str(err)) from None
+    if REDO and HAD_TABLES:
         print(f"[ftscale] {len(REDO)} run(s) to do again:", *(f"{d}: {why}" for d, why in REDO.items()), sep="\n  ")
 
 
@@ -30,6 +33,7 @@ rule tables:
         runs=run_files("run"),
         metrics=run_files("metrics"),
         references=STUDY.config["references"],
+        redo=REDO_FILE,
     output:
         csv=report("results/scaling.csv", caption="report/scaling.rst", category="Tables"),
         md=report("results/tables.md", caption="report/tables.rst", category="Tables"),

@@ -164,6 +164,18 @@ def test_tables_state_the_formula_flags_and_link_the_plots(analysed):
         assert f"[{title}](plots/{stem}.png)" in md
 
 
+def test_a_row_not_ok_fails_the_tables_job_with_the_runs_named(analysed):
+    from ftscale.analyze.results import collect, not_ok_message
+
+    records = collect(study_of(), analysed)
+    message = not_ok_message(records, Path("results/tables.md"))
+    assert message.startswith("results/tables.md: 6 of 7 runs not ok: experiments/data_parallel/tiny_llama/"
+                              "embedded_gpus1_mbs4_gbs8_seq128: not_run (never configured)")
+    assert "run the same command again" in message
+    md = (analysed / "results/tables.md").read_text()  # written before the failure, marked partial
+    assert "**Partial results**: 6 of 7 runs not ok" in md and "## Runs not ok" in md
+
+
 def test_plots_are_written_and_not_empty(analysed):
     for stem in PLOTS:
         data = (analysed / "results/plots" / f"{stem}.png").read_bytes()

@@ -7,6 +7,7 @@ config/references.yaml (``ftscale.analyze.references``) and its provenance (``ft
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -183,23 +184,33 @@ def runs_to_redo(study: Study, root: Path = Path(".")) -> dict[str, str]:
     return redo
 
 
-def mark_for_redo(study: Study, outputs: list[Path], root: Path = Path(".")) -> dict[str, str]:
-    """Make Snakemake redo what ``runs_to_redo`` finds, from the main command alone.
+#: Written when the workflow starts and finds runs to redo; an input of the tables.
+REDO_FILE = Path("results/redo.txt")
 
-    Snakemake reruns a job whose output is missing only when a job downstream of it runs too; the
-    tables, up to date by their time stamps, would keep it from running ("Nothing to be done"). So
-    the analysis ``outputs`` are dated 1970 (older than their inputs: they will be rewritten), and
-    the metrics.jsonl of a run whose log is damaged as well (older than its run.json: the run is
-    redone). Nothing is deleted: Snakemake removes a job's old outputs itself when it reruns it.
+
+def mark_for_redo(study: Study, root: Path = Path("."), redo_file: Path = REDO_FILE) -> dict[str, str]:
+    """Make Snakemake redo what ``runs_to_redo`` finds, from the main command alone; returns it.
+
+    Snakemake reruns a job whose output is missing only when a job downstream of it runs too, and
+    the tables, up to date by time stamps and checksums, would not ("Nothing to be done"). So
+    ``redo_file``, an input of the tables, is rewritten (with the date: new content each time) when
+    there is something to redo, and left alone otherwise: the tables run again, and with them every
+    run whose metrics.jsonl is missing. A damaged run's metrics.jsonl, which its log contradicts, is
+    moved aside to metrics.jsonl.stale (kept, not deleted) so that the run counts as missing.
     """
     redo = runs_to_redo(study, root)
-    if not redo:
-        return redo
     for directory in redo:
         metrics = root / RunPaths(Path(directory)).metrics
         if metrics.is_file():
-            os.utime(metrics, (1, 1))  # 1, not 0: Snakemake reads an mtime of 0 as "none"
-    for path in outputs:
-        if (root / path).exists():
-            os.utime(root / path, (1, 1))
+            metrics.replace(metrics.with_name(metrics.name + ".stale"))
+    path = root / redo_file
+    if redo or not path.exists():
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        lines = [f"# runs to do again, found when the workflow started at {stamp} (ftscale.analyze.results)"]
+        lines += [f"{d}: {why}" for d, why in redo.items()]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+        except OSError as err:
+            raise ResultsError(f"{err.filename}: cannot write: {err.strerror}") from None
     return redo
