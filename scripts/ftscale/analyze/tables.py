@@ -227,7 +227,7 @@ def track_section(study: Study, frame: pd.DataFrame, track: str) -> list[str]:
     for model in study.models:
         if (rows["model"] == model).any():
             table = dp_table(study, frame, model) if track == "data_parallel" else mp_table(frame, model)
-            out += [f"### {model}", "", table, ""]
+            out += [f"### {model} ({TRACK_TITLES[track].split(' (')[0].lower()})", "", table, ""]
     if track == "model_parallel" and (section := dense_vs_moe_section(study, frame)):
         out += [section, ""]
     return out
