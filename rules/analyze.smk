@@ -3,9 +3,21 @@
 # against other participants' exported CSVs in results/participants/.
 from ftscale.analyze.compare import write_comparison
 from ftscale.analyze.plots import PLOTS
+from ftscale.analyze.results import REDO_FILE, ResultsError, mark_for_redo
 
 # Read when the workflow starts: a file added later counts from the next invocation.
 PARTICIPANT_CSVS = sorted(str(p) for p in Path("results/participants").glob("*.csv"))
+
+# A run whose outputs were deleted or whose log was damaged after it finished is redone by the main
+# command (ftscale.analyze.results.mark_for_redo says how); only the main process looks.
+if workflow.is_main_process:
+    HAD_TABLES = Path("results/tables.md").exists()
+    try:
+        REDO = mark_for_redo(STUDY)
+    except ResultsError as err:
+        raise WorkflowError(str(err)) from None
+    if REDO and HAD_TABLES:
+        print(f"[ftscale] {len(REDO)} run(s) to do again:", *(f"{d}: {why}" for d, why in REDO.items()), sep="\n  ")
 
 
 report: "report/workflow.rst"
@@ -21,6 +33,7 @@ rule tables:
         runs=run_files("run"),
         metrics=run_files("metrics"),
         references=STUDY.config["references"],
+        redo=REDO_FILE,
     output:
         csv=report("results/scaling.csv", caption="report/scaling.rst", category="Tables"),
         md=report("results/tables.md", caption="report/tables.rst", category="Tables"),
@@ -31,7 +44,7 @@ rule tables:
     log:
         "results/logs/tables.log",
     run:
-        write_results(STUDY, Path(output.csv), Path(output.md), plots_dir=Path("results/plots"), log=Path(log[0]))
+        write_tables(STUDY, Path(output.csv), Path(output.md), Path("results/plots"), Path(log[0]))
 
 
 rule compare:

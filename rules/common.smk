@@ -1,5 +1,5 @@
 # Bookkeeping done once: the validated study, wildcard constraints, named input functions.
-from ftscale.analyze.results import write_partial_results, write_results
+from ftscale.analyze.results import ResultsError, not_ok_message, write_partial_results, write_results
 from ftscale.estimate.plan import with_predicted_oom_skipped
 from ftscale.run.configure import write_run_files, write_text
 from ftscale.run.data import prepare_dataset_logged
@@ -110,6 +110,17 @@ def import_runtime(wildcards, attempt):
 def run_files(role, track=None):
     """One file of every planned run (of one track, when given)."""
     return [f"{d}/{paths.RUN_FILES[role]}" for d, run in RUNS.items() if track in (None, run.track)]
+
+
+def write_tables(study, csv, md, plots_dir, log):
+    """The tables; then a job failure when a run is not ok, so that the workflow ends non-zero (onerror
+    rewrites them, marked partial)."""
+    try:
+        records = write_results(study, csv, md, plots_dir=plots_dir, log=log)
+    except ResultsError as err:
+        raise WorkflowError(str(err)) from None
+    if message := not_ok_message(records, md):
+        raise WorkflowError(message)
 
 
 def model_files(role):

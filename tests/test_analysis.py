@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,12 +13,12 @@ import pytest
 import yaml
 
 from ftscale.analyze.compare import CompareError, merge, write_comparison
+from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, model_perf
 from ftscale.analyze.parse import RunRecord, parse_run
 from ftscale.analyze.plots import PLOTS, _dp_plot, mp_memory
 from ftscale.analyze.provenance import SCHEMA_VERSION, device_name
 from ftscale.analyze.references import ReferencesError, check, flag_value, load_references
 from ftscale.analyze.results import write_results
-from ftscale.analyze.tables import CSV_COLUMNS, model_perf
 from ftscale.study.sweep import load_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,29 +138,42 @@ def test_csv_has_flops_mfu_reference_and_provenance(analysed):
             if r["model"] == "tiny_llama"}
     row = rows["embedded_gpus2_mbs4_gbs16_seq128"]
     assert list(row) == CSV_COLUMNS
+    assert row["cpus"] == "" and row["oversubscribed"] == ""  # the fixture's launch.json predates "cpus"
     assert int(row["flops_per_token"]) == TINY_LORA_FLOPS
     assert float(row["tflops_per_gpu"]) == pytest.approx(FIXTURE_TFLOPS)
     assert row["mfu"] == "" and row["mfu_note"] == "no peak for cpu"
-    assert (row["ref_step_time_s"], row["ref_tokens_per_s_per_gpu"], row["ref_peak_mem_mib"]) == ("within",) * 3
-    assert row["ref_name"] == "tiny-llama-embedded-2cpu-vm" and row["ref_tflops_per_gpu"] == "no reference"
+    assert (row["ref_throughput"], row["ref_memory"]) == ("within", "within")
+    assert row["ref_name"] == "tiny-llama-embedded-2cpu-vm"
     assert row["schema_version"] == str(SCHEMA_VERSION) and row["participant"] == "tester"
     assert row["device"] == "cpu" and row["gpus_per_node"] == "2" and row["nodes"] == "1"
     assert row["host"] == "vm" and row["date"].startswith("2026-")
     assert row["torch_version"] and row["versions_from"] == "analysis" and row["git_commit"]
     other = rows["embedded_gpus1_mbs4_gbs8_seq128"]
     assert other["status"] == "not_run" and other["tflops_per_gpu"] == "" and other["ref_name"] == ""
-    assert other["ref_tokens_per_s_per_gpu"] == "no reference"
+    assert other["ref_throughput"] == "no reference"
 
 
 def test_tables_state_the_formula_flags_and_link_the_plots(analysed):
-    md = (analysed / "results/tables.md").read_text()
-    assert "| FLOPs/token | TFLOP/s/GPU | MFU |" in md
-    assert "| 2.18 M | 0.0305 |  |" in md  # the fixture's row: MFU blank
-    assert "TFLOP/s/GPU = tokens/s/GPU x FLOPs/token / 1e12" in md and "MFU blank: no peak for cpu" in md
-    assert "tokens/s/GPU within" in md and "`tiny-llama-embedded-2cpu-vm`" in md
+    md = re.sub(r" +", " ", (analysed / "results/tables.md").read_text())  # cells without their padding
+    assert "| TFLOP/s/GPU | MFU |" in md and "FLOPs/token 2,183,168" in md
+    assert "| 0.0305 | | 461 |" in md  # the fixture's row: MFU blank, then peak memory
+    assert md.count("TFLOP/s/GPU = tokens/s/GPU x FLOPs/token / 1e12") == 1 and "MFU blank: no peak for cpu" in md
+    assert "| throughput within; memory within | ok |" in md and "`tiny-llama-embedded-2cpu-vm`" in md
     assert "## Provenance" in md and "`tester`" in md
     for stem, title in PLOTS.items():
         assert f"[{title}](plots/{stem}.png)" in md
+
+
+def test_a_row_not_ok_fails_the_tables_job_with_the_runs_named(analysed):
+    from ftscale.analyze.results import collect, not_ok_message
+
+    records = collect(study_of(), analysed)
+    message = not_ok_message(records, Path("results/tables.md"))
+    assert message.startswith("results/tables.md: 6 of 7 runs not ok: experiments/data_parallel/tiny_llama/"
+                              "embedded_gpus1_mbs4_gbs8_seq128: not_run (never configured)")
+    assert "run the same command again" in message
+    md = (analysed / "results/tables.md").read_text()  # written before the failure, marked partial
+    assert "**Partial results**: 6 of 7 runs not ok" in md and "## Runs not ok" in md
 
 
 def test_plots_are_written_and_not_empty(analysed):
@@ -182,12 +196,14 @@ def dp_record(gpus: int, status: str = "ok", step: float = 0.1) -> RunRecord:
 def test_failed_runs_are_left_out_of_plots_not_drawn_as_zero(tmp_path):
     study = study_of(model_parallel={"enabled": False})
     records = [dp_record(1), dp_record(2, status="oom"), dp_record(4, step=0.2)]
-    fig = _dp_plot(study, records, tmp_path / "t.png", "throughput")
+    frame = build_frame(study, records, {r.run_dir: Extras(Perf(None)) for r in records})
+    fig = _dp_plot(study, frame, tmp_path / "t.png", "throughput")
     measured = fig.axes[0].lines[0]  # the first line of tiny_llama's panel; the dashed one is ideal scaling
     assert list(measured.get_xdata()) == [1, 4]
     assert list(measured.get_ydata()) == pytest.approx([8 * 128 / 0.1, 32 * 128 / 0.2])
     assert any("embedded_gpus2_mbs4_gbs16_seq128 (oom)" in t.get_text() for t in fig.axes[0].texts)
-    fig = mp_memory(study, records, tmp_path / "m.png")  # no model-parallel runs: a figure that says so
+    assert fig.axes[0].get_ylim()[0] == 0  # throughput starts at zero
+    fig = mp_memory(study, frame, tmp_path / "m.png")  # no model-parallel runs: a figure that says so
     assert any("no model-parallel runs" in t.get_text() for t in fig.axes[0].texts)
     assert (tmp_path / "m.png").stat().st_size > 1024
 
@@ -232,11 +248,30 @@ def test_most_specific_reference_wins_and_no_reference(tmp_path):
                                                  {**entry(gpus=1, device="H100-SXM"), "name": "h100"}]))
     facts = {"model": "m", "track": "data_parallel", "gpus": 1, "device": "H100-SXM"}
     res = check(refs, facts, {"tokens_per_s_per_gpu": 80.0})
-    assert res.entry.name == "h100" and res.flag("tokens_per_s_per_gpu") == "below"
-    assert res.flag("step_time_s") == "no reference"
+    assert res.entry.name == "h100" and res.flag("throughput") == "below"
+    assert res.flag("memory") == "no reference" and res.summary() == "throughput below (-20%)"
     assert check(refs, {**facts, "device": "cpu"}, {"tokens_per_s_per_gpu": 105.0}).entry.name == "one"
     none = check(refs, {**facts, "gpus": 2}, {"tokens_per_s_per_gpu": 100.0})
     assert none.entry is None and none.summary() == "no reference"
+
+
+def test_one_throughput_verdict_whichever_metric_the_entry_gives(tmp_path):
+    """Step time is the reciprocal of throughput: a step time above its bounds is throughput below,
+    and the two can never contradict each other (an entry gives one of them)."""
+    slow = {**entry(), "name": "slow"}
+    slow["metrics"] = {"step_time_s": {"value": 1.0, "lower": -0.1, "upper": 0.1, "unit": "s"},
+                       "peak_mem_mib": {"value": 400.0, "lower": -0.2, "upper": 0.2, "unit": "MiB"}}
+    refs = load_references(write_refs(tmp_path, [slow]))
+    facts = {"model": "m", "track": "data_parallel"}
+    res = check(refs, facts, {"step_time_s": 1.25, "peak_mem_mib": 401.0})
+    assert res.flag("throughput") == "below" and res.flag("memory") == "within"
+    assert res.summary() == "throughput below (-20%); memory within"  # no "+-0%": under 1 % is no news
+    assert check(refs, facts, {"step_time_s": 0.8}).flag("throughput") == "above"
+    both = {**entry(), "name": "both"}
+    both["metrics"]["step_time_s"] = {"value": 1.0, "lower": -0.1, "upper": 0.1, "unit": "s"}
+    with pytest.raises(ReferencesError, match=r"references\[0\]'.metrics = tokens_per_s_per_gpu, step_time_s: these "
+                                              "measure the same throughput"):
+        load_references(write_refs(tmp_path, [both]))
 
 
 def test_equally_specific_references_are_an_error(tmp_path):
@@ -271,12 +306,12 @@ def test_comparison_of_participants(tmp_path):
     others = sorted((ANALYSIS / "participants").glob("*.csv"))
     md, png = tmp_path / "comparison.md", tmp_path / "plots" / "comparison.png"
     write_comparison(ANALYSIS / "ours.csv", others, md, png)
-    text = md.read_text()
+    text = re.sub(r" +", " ", md.read_text())  # cells without their padding
     assert "6 runs of 2 participant(s)" in text  # alice_again.csv repeats a row of alice.csv: kept once
     assert "## tiny_llama: data parallel (LoRA)" in text
     assert "| gpus1_mbs4_gbs8_seq128 | 1 | tp1 ep1 dp1 | alice | NVIDIA H100 80GB HBM3 | 34,556 | 100% |" in text
     assert "| gpus1_mbs4_gbs8_seq128 | 1 | tp1 ep1 dp1 | carol | AMD EPYC | 23,037 | 67% |" in text
-    assert "| alice | NVIDIA H100 80GB HBM3 |  |  |  |  |  |  | oom: out of GPU memory |" in text
+    assert "| alice | NVIDIA H100 80GB HBM3 | | | | | | | oom: out of GPU memory |" in text
     assert "[tokens/s/GPU per configuration and participant](plots/comparison.png)" in text
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1024
 
@@ -288,8 +323,8 @@ def test_participant_file_missing_a_column():
 
 
 def test_participant_file_of_another_schema_version():
-    bad = ANALYSIS / "bad" / "schema_v2.csv"
-    with pytest.raises(CompareError, match=rf"{bad}:3: column 'schema_version' = '2'.*reads schema_version 1"):
+    bad = ANALYSIS / "bad" / "schema_v1.csv"
+    with pytest.raises(CompareError, match=rf"{bad}:3: column 'schema_version' = '1'.*reads schema_version 2"):
         merge([ANALYSIS / "ours.csv", bad])
 
 

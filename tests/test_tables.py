@@ -1,46 +1,118 @@
-"""Scaling maths: speedup and efficiency for weak and strong scaling, failed rows kept."""
+"""The analysis frame and the tables: speedup and efficiency for weak and strong scaling, failed rows
+kept, one number format, every note once, extra columns flowing to the CSV."""
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
+from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, csv_frame
 from ftscale.analyze.parse import RunRecord
-from ftscale.analyze.tables import scaling
+from ftscale.analyze.tables import fmt_number, render_tables
+from ftscale.study.sweep import load_study
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ = 100
 
 
-def rec(gpus: int, gbs: int, step_time: float, status: str = "ok") -> RunRecord:
-    seq = 100
-    tps = gbs * seq / step_time if status == "ok" else None
-    return RunRecord(run=f"gpus{gpus}", track="data_parallel", model="m", engine="embedded", gpus=gpus, tp=1,
-                     ep=1, dp=gpus, sp=False, micro_batch=1, global_batch=gbs, seq_length=seq, steps=10,
-                     warmup_steps=1, status=status, step_time_s=step_time if status == "ok" else None,
-                     tokens_per_s=tps)
+def study(modes: list[str], gpus: list[int] = [1, 2, 4]):  # noqa: B006 - read only
+    cfg = {"models": ["tiny_llama"], "engine": "embedded",
+           "batch": {"micro_batch": 1, "global_batch": 8, "seq_length": SEQ, "steps": 10, "warmup_steps": 1},
+           "tracks": {"data_parallel": {"gpus": gpus, "scaling": modes}, "model_parallel": {"enabled": False}}}
+    return load_study(cfg, "test", REPO)
+
+
+def rec(gpus: int, gbs: int, step_time: float, status: str = "ok", **fields) -> RunRecord:
+    tps = gbs * SEQ / step_time if status == "ok" else None
+    name = f"embedded_gpus{gpus}_mbs1_gbs{gbs}_seq{SEQ}"
+    return RunRecord(run=name, track="data_parallel", model="tiny_llama", engine="embedded", gpus=gpus, tp=1,
+                     ep=1, dp=gpus, sp=False, micro_batch=1, global_batch=gbs, seq_length=SEQ, steps=10,
+                     warmup_steps=1, status=status, reason="" if status == "ok" else "out of GPU memory",
+                     step_time_s=step_time if status == "ok" else None, tokens_per_s=tps,
+                     tokens_per_s_per_gpu=tps / gpus if tps else None, mem_kind="rss",
+                     peak_mem_mib=400.0 if status == "ok" else None,
+                     run_dir=f"experiments/data_parallel/tiny_llama/{name}", **fields)
+
+
+def frame_of(st, records, provenance=None):
+    extras = {r.run_dir: Extras(Perf(2_183_168), provenance=(provenance or {}).get(r.gpus, {})) for r in records}
+    return build_frame(st, records, extras)
+
+
+def by_run(frame, column):
+    return dict(zip(frame["run"], frame[column]))
 
 
 def test_weak_scaling_efficiency_is_step_time_ratio():
     # global batch grows with N; step time grows from 1.0 s to 1.25 s at 4 GPUs
-    rows = [rec(1, 8, 1.0), rec(2, 16, 1.1), rec(4, 32, 1.25)]
-    (s1, e1), (s2, e2), (s4, e4) = scaling(rows)
-    assert (s1, e1) == (1.0, 1.0)
-    assert e2 == pytest.approx(1.0 / 1.1) and s2 == pytest.approx(2 / 1.1)
-    assert e4 == pytest.approx(1.0 / 1.25) and s4 == pytest.approx(4 / 1.25)
+    frame = frame_of(study(["weak"]), [rec(1, 8, 1.0), rec(2, 16, 1.1), rec(4, 32, 1.25)])
+    speedup, eff = by_run(frame, "speedup"), by_run(frame, "efficiency")
+    assert speedup["embedded_gpus1_mbs1_gbs8_seq100"] == 1.0 and eff["embedded_gpus1_mbs1_gbs8_seq100"] == 1.0
+    assert eff["embedded_gpus2_mbs1_gbs16_seq100"] == pytest.approx(1.0 / 1.1)
+    assert speedup["embedded_gpus2_mbs1_gbs16_seq100"] == pytest.approx(2 / 1.1)
+    assert eff["embedded_gpus4_mbs1_gbs32_seq100"] == pytest.approx(1.0 / 1.25)
 
 
-def test_strong_scaling_efficiency():
+def test_strong_scaling_efficiency_and_the_shared_one_gpu_run():
     # global batch fixed; step time 1.0 -> 0.3 at 4 GPUs: speedup 3.33, efficiency 0.833
-    rows = [rec(1, 8, 1.0), rec(4, 8, 0.3)]
-    (_, _), (s4, e4) = scaling(rows)
-    assert s4 == pytest.approx(1.0 / 0.3)
-    assert e4 == pytest.approx(1.0 / (4 * 0.3))
+    records = [rec(1, 8, 1.0), rec(2, 16, 1.1), rec(4, 32, 1.25), rec(2, 8, 0.6), rec(4, 8, 0.3)]
+    frame = frame_of(study(["weak", "strong"]), records)
+    assert len(frame) == 5  # the 1-GPU run serves both modes, once in the CSV
+    assert by_run(frame, "speedup")["embedded_gpus4_mbs1_gbs8_seq100"] == pytest.approx(1.0 / 0.3)
+    assert by_run(frame, "efficiency")["embedded_gpus4_mbs1_gbs8_seq100"] == pytest.approx(1.0 / (4 * 0.3))
+    md = render_tables(study(["weak", "strong"]), frame)
+    table = re.sub(r" +", " ", md.split("### tiny_llama")[1].split("## ")[0])
+    assert table.count("| weak ") == 3 and table.count("| strong ") == 3  # 1 GPU listed under each mode
 
 
 def test_failed_rows_keep_status_and_get_no_derived_numbers():
-    rows = [rec(1, 8, 1.0), rec(2, 16, 0.0, status="oom"), rec(4, 32, 1.2)]
-    out = scaling(rows)
-    assert out[1] == (None, None)
-    assert out[2][1] == pytest.approx(1 / 1.2)
+    frame = frame_of(study(["weak"]), [rec(1, 8, 1.0), rec(2, 16, 0.0, status="oom"), rec(4, 32, 1.2)])
+    assert frame["speedup"].isna().tolist() == [False, True, False]
+    assert by_run(frame, "efficiency")["embedded_gpus4_mbs1_gbs32_seq100"] == pytest.approx(1 / 1.2)
+    assert by_run(frame, "status")["embedded_gpus2_mbs1_gbs16_seq100"] == "oom"
 
 
 def test_no_baseline_means_no_speedup():
-    rows = [rec(1, 8, 0.0, status="failed"), rec(2, 16, 1.0)]
-    assert scaling(rows) == [(None, None), (None, None)]
+    frame = frame_of(study(["weak"], [1, 2]), [rec(1, 8, 0.0, status="failed"), rec(2, 16, 1.0)])
+    assert frame["speedup"].isna().all() and frame["efficiency"].isna().all()
+
+
+@pytest.mark.parametrize("value, text", [
+    (None, ""), (float("nan"), ""), (279168, "279,168"), (24539.4, "24,539"), (7445.3, "7,445"), (248.4, "248"),
+    (2.2046, "2.2"), (0.030492, "0.0305"), (1.0, "1"), (True, "yes"), ("oom", "oom"),
+])
+def test_one_number_format(value, text):
+    assert fmt_number(value) == text
+
+
+def test_every_paragraph_once_constants_above_the_table_and_oversubscription():
+    records = [rec(1, 8, 1.0), rec(2, 16, 1.1), rec(4, 32, 2.5)]
+    cpus = {1: {"cpus": 2, "nodes": 1, "device": "cpu"}, 2: {"cpus": 2, "nodes": 1, "device": "cpu"},
+            4: {"cpus": 2, "nodes": 1, "device": "cpu"}}
+    frame = frame_of(study(["weak"]), records, cpus)
+    assert by_run(frame, "oversubscribed") == {"embedded_gpus1_mbs1_gbs8_seq100": False,
+                                               "embedded_gpus2_mbs1_gbs16_seq100": False,
+                                               "embedded_gpus4_mbs1_gbs32_seq100": True}
+    md = re.sub(r" +", " ", render_tables(study(["weak"]), frame))  # cells without their padding
+    paragraphs = [p for p in md.split("\n\n") if p.strip() and not p.startswith("|")]
+    repeated = [p for p, n in Counter(paragraphs).items() if n > 1]
+    assert not repeated
+    assert "scaling weak; engine embedded; micro batch 1; sequence 100; FLOPs/token 2,183,168" in md
+    assert "| 4 | 2 (oversubscribed) | 32 |" in md and md.count("*oversubscribed*:") == 1
+    assert "reference" not in md.split("### tiny_llama")[1].split("\n\n")[2].split("\n")[0]  # no entry: no column
+    assert "No entry of `config/references.yaml` matches these runs." in md
+
+
+def test_extra_numeric_columns_flow_to_the_csv(tmp_path):
+    records = [rec(1, 8, 1.0), rec(2, 16, 1.1), rec(4, 32, 1.25)]
+    planned = {g: {"predicted_peak_mem_mib": 100.0 * g, "predicted_step_time_s": 0.5 * g} for g in (1, 2, 4)}
+    frame = frame_of(study(["weak"]), records, planned)
+    csv = tmp_path / "scaling.csv"
+    csv_frame(frame).to_csv(csv, index=False)
+    header = csv.read_text().splitlines()[0].split(",")
+    assert header[:len(CSV_COLUMNS)] == CSV_COLUMNS
+    assert header[len(CSV_COLUMNS):] == ["predicted_peak_mem_mib", "predicted_step_time_s"]
+    assert "run_dir" not in header

@@ -14,6 +14,9 @@ Bad input is an error naming the file, the line and the column:
 Merge rule: a row identical in every column to one already read (the same export copied twice,
 e.g. our own CSV also dropped into results/participants/) is kept once.
 
+Every file is read with pandas into one frame (column ``file`` and ``line`` say where each row comes
+from); the tables and the plot read that frame.
+
 Output: results/comparison.md (a provenance table per participant, then per model and track one
 table with every configuration and participant) and results/plots/comparison.png (tokens/s/GPU
 per configuration, one bar per participant; runs that are not ``ok`` are left out).
@@ -21,166 +24,144 @@ per configuration, one bar per participant; runs that are not ``ok`` are left ou
 
 from __future__ import annotations
 
-import csv
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
+import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ftscale.analyze.provenance import SCHEMA_VERSION  # noqa: E402
-from ftscale.analyze.tables import markdown_table  # noqa: E402
+from ftscale.analyze.tables import fmt_number, markdown  # noqa: E402
 
-KEY = ("participant", "model", "track", "run")
+KEY = ["participant", "model", "track", "run"]
 REQUIRED_COLUMNS = [
     "schema_version", *KEY, "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch", "seq_length",
     "status", "reason", "step_time_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "peak_mem_mib", "mem_kind",
     "device", "device_model", "gpus_per_node", "nodes", "container", "git_commit", "date",
     "torch_version", "transformers_version", "peft_version", "nemo_version",
 ]
+NUMERIC = ["gpus", "step_time_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "peak_mem_mib"]
 TRACK_TITLES = {"data_parallel": "data parallel (LoRA)", "model_parallel": "model parallel (full fine-tuning)"}
+WHERE = ["file", "line"]
 
 
 class CompareError(ValueError):
     """A participant file that cannot be compared: names the file, line and column."""
 
 
-@dataclass(frozen=True)
-class Row:
-    file: Path
-    line: int
-    data: dict[str, str]
-
-    def key(self) -> tuple[str, ...]:
-        return tuple(self.data[k] for k in KEY)
-
-    def num(self, column: str) -> float | None:
-        text = self.data.get(column, "")
-        try:
-            return float(text) if text not in ("", "None") else None
-        except ValueError:
-            raise CompareError(f"{self.file}:{self.line}: column '{column}' = {text!r} is not a number") from None
-
-    @property
-    def ok(self) -> bool:
-        return self.data["status"] == "ok" and self.num("tokens_per_s_per_gpu") is not None
-
-
-def read_csv(path: Path) -> list[Row]:
-    """One participant's export, checked against the columns and the schema version."""
-    with Path(path).open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise CompareError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}: an export of "
-                               f"results/scaling.csv with schema_version {SCHEMA_VERSION} has them")
-        rows = []
-        for line, data in enumerate(reader, start=2):
-            version = data.get("schema_version") or ""
-            if version.strip() != str(SCHEMA_VERSION):
-                raise CompareError(f"{path}:{line}: column 'schema_version' = {version!r}, but this analysis reads "
-                                   f"schema_version {SCHEMA_VERSION}: re-export it with a matching ftscale")
-            if not (data.get("participant") or "").strip():
-                raise CompareError(f"{path}:{line}: column 'participant' is empty (set FTSCALE_PARTICIPANT "
-                                   "before the analysis)")
-            rows.append(Row(Path(path), line, {k: (v or "") for k, v in data.items() if k is not None}))
-    if not rows:
+def read_csv(path: Path | str) -> pd.DataFrame:
+    """One participant's export, checked against the columns and the schema version; every cell a
+    string ('' when empty), plus ``file`` and ``line`` (the header is line 1)."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise CompareError(f"{path}: empty file (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise CompareError(f"{path}: not a CSV file: {str(err).strip()}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise CompareError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}: an export of "
+                           f"results/scaling.csv with schema_version {SCHEMA_VERSION} has them")
+    if frame.empty:
         raise CompareError(f"{path}: no rows")
-    return rows
+    frame.insert(0, "line", range(2, len(frame) + 2))
+    frame.insert(0, "file", str(path))
+    wrong = frame[frame["schema_version"].str.strip() != str(SCHEMA_VERSION)]
+    if not wrong.empty:
+        row = wrong.iloc[0]
+        raise CompareError(f"{path}:{row['line']}: column 'schema_version' = {row['schema_version']!r}, but this "
+                           f"analysis reads schema_version {SCHEMA_VERSION}: re-export it with a matching ftscale")
+    nobody = frame[frame["participant"].str.strip() == ""]
+    if not nobody.empty:
+        raise CompareError(f"{path}:{nobody.iloc[0]['line']}: column 'participant' is empty (set "
+                           "FTSCALE_PARTICIPANT before the analysis)")
+    for column in NUMERIC:
+        numbers = pd.to_numeric(frame[column].replace({"None": ""}), errors="coerce")
+        bad = frame[numbers.isna() & ~frame[column].isin(["", "None"])]
+        if not bad.empty:
+            raise CompareError(f"{path}:{bad.iloc[0]['line']}: column '{column}' = {bad.iloc[0][column]!r} is not "
+                               "a number")
+    return frame
 
 
-def merge(paths: list[Path]) -> list[Row]:
-    """Every row of every file once (merge rule in the module docstring); duplicates are errors."""
-    seen: dict[tuple[str, ...], Row] = {}
-    out = []
-    for path in paths:
-        for row in read_csv(path):
-            prev = seen.get(row.key())
-            if prev is None:
-                seen[row.key()] = row
-                out.append(row)
-                continue
-            if prev.data == row.data:
-                continue
-            differ = sorted(k for k in set(prev.data) | set(row.data) if prev.data.get(k) != row.data.get(k))
-            ident = ", ".join(f"{k}={v!r}" for k, v in zip(KEY, row.key()))
-            raise CompareError(f"{row.file}:{row.line}: duplicate run ({ident}; columns {', '.join(KEY)}), also at "
-                               f"{prev.file}:{prev.line} with other values in column(s) {', '.join(differ[:8])}: "
-                               "keep one of them")
-    return out
+def merge(paths: list[Path]) -> pd.DataFrame:
+    """Every row of every file once (merge rule in the module docstring); duplicates are errors.
+    The result has the numeric columns as numbers and ``ok`` (status ok, with a throughput)."""
+    frame = pd.concat([read_csv(p) for p in paths], ignore_index=True)
+    values = [c for c in frame.columns if c not in WHERE]
+    frame = frame.drop_duplicates(values)  # the same export read twice: kept once
+    dup = frame[frame.duplicated(KEY, keep=False)]
+    if not dup.empty:
+        first, again = dup.iloc[0], dup[(dup[KEY] == dup.iloc[0][KEY]).all(axis=1)].iloc[1]
+        differ = sorted(c for c in values if first[c] != again[c])
+        ident = ", ".join(f"{k}={again[k]!r}" for k in KEY)
+        raise CompareError(f"{again['file']}:{again['line']}: duplicate run ({ident}; columns {', '.join(KEY)}), also "
+                           f"at {first['file']}:{first['line']} with other values in column(s) "
+                           f"{', '.join(differ[:8])}: keep one of them")
+    for column in NUMERIC:
+        frame[column] = pd.to_numeric(frame[column].replace({"None": ""}), errors="coerce")
+    frame["ok"] = frame["status"].eq("ok") & frame["tokens_per_s_per_gpu"].notna()
+    frame["layout"] = ("tp" + frame["tp"] + " ep" + frame["ep"] + " dp" + frame["dp"]
+                       + frame["sp"].isin(["True", "true", "1", "yes"]).map({True: " sp", False: ""}))
+    frame["device_shown"] = frame["device_model"].where(~frame["device_model"].isin(["", "unknown"]), frame["device"])
+    return frame.reset_index(drop=True)
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return ""
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
+def participants_table(rows: pd.DataFrame) -> str:
+    def values(series: pd.Series) -> str:
+        return ", ".join(sorted(set(series) - {""})) or "-"
+
+    def one(mine: pd.DataFrame) -> pd.Series:
+        dates = sorted(d for d in mine["date"] if d)
+        return pd.Series({
+            "file(s)": ", ".join(f"`{f}`" for f in sorted(set(mine["file"]))),
+            "runs ok / all": f"{int(mine['ok'].sum())} / {len(mine)}",
+            "devices": values(mine["device_shown"]),
+            "GPUs per node x nodes": values(mine["gpus_per_node"] + " x " + mine["nodes"]),
+            "engine": values(mine["engine"]),
+            "torch / transformers / peft / nemo": " / ".join(values(mine[f"{lib}_version"]) for lib in
+                                                              ("torch", "transformers", "peft", "nemo")),
+            "container": values(mine["container"]), "git commit": values(mine["git_commit"]),
+            "runs started": f"{dates[0]} .. {dates[-1]}" if dates else "-",
+        })
+
+    table = rows.groupby("participant")[rows.columns.tolist()].apply(one).reset_index()
+    return markdown(table)
 
 
-def _layout(row: Row) -> str:
-    d = row.data
-    return f"tp{d['tp']} ep{d['ep']} dp{d['dp']}" + (" sp" if d["sp"] in ("True", "true", "1", "yes") else "")
+def group_table(rows: pd.DataFrame) -> str:
+    """Every configuration (run name) of one model and track, a row per participant; *vs best* is
+    tokens/s/GPU over the best participant's for the same configuration."""
+    rows = rows.sort_values(["gpus", "run", "participant"])
+    best = rows[rows["ok"]].groupby("run")["tokens_per_s_per_gpu"].max()
+    relative = rows["tokens_per_s_per_gpu"] / rows["run"].map(best)
+
+    def figure(column: str) -> pd.Series:
+        return rows[column].where(rows["ok"]).map(fmt_number)
+
+    mem = figure("peak_mem_mib")
+    table = pd.DataFrame({
+        "configuration": rows["run"], "GPUs": rows["gpus"].map(lambda g: fmt_number(int(g))),
+        "layout": rows["layout"], "participant": rows["participant"], "device": rows["device_shown"],
+        "tokens/s/GPU": figure("tokens_per_s_per_gpu"),
+        "vs best": relative.where(rows["ok"]).map(lambda v: "" if pd.isna(v) else f"{v:.0%}"),
+        "step time (s)": figure("step_time_s"),
+        "peak mem/GPU (MiB)": mem.where(mem == "", mem + rows["mem_kind"].map(
+            lambda k: " (RSS)" if k == "rss" else " (CUDA)")),
+        "TFLOP/s/GPU": figure("tflops_per_gpu"),
+        "MFU": rows["mfu"].map(lambda v: "" if pd.isna(v) else f"{v:.1%}"),
+        "status": rows["status"].where((rows["reason"] == "") | rows["ok"], rows["status"] + ": " + rows["reason"]),
+    })
+    return markdown(table)
 
 
-def _device(row: Row) -> str:
-    model = row.data["device_model"]
-    return model if model and model != "unknown" else row.data["device"]
-
-
-def participants_table(rows: list[Row]) -> str:
-    header = ["participant", "file(s)", "runs ok / all", "devices", "GPUs per node x nodes", "engine",
-              "torch / transformers / peft / nemo", "container", "git commit", "runs started"]
-    body = []
-    for who in sorted({r.data["participant"] for r in rows}):
-        mine = [r for r in rows if r.data["participant"] == who]
-
-        def values(col: str, mine: list[Row] = mine) -> str:
-            return ", ".join(sorted({r.data[col] for r in mine} - {""})) or "-"
-
-        dates = sorted(r.data["date"] for r in mine if r.data["date"])
-        versions = " / ".join(values(f"{lib}_version") for lib in ("torch", "transformers", "peft", "nemo"))
-        body.append([who, ", ".join(sorted({f"`{r.file}`" for r in mine})), f"{sum(r.ok for r in mine)} / {len(mine)}",
-                     ", ".join(sorted({_device(r) for r in mine})),
-                     ", ".join(sorted({f"{r.data['gpus_per_node']} x {r.data['nodes']}" for r in mine})),
-                     values("engine"), versions, values("container"), values("git_commit"),
-                     f"{dates[0]} .. {dates[-1]}" if dates else "-"])
-    return markdown_table(header, body)
-
-
-def groups(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
-    out: dict[tuple[str, str], list[Row]] = {}
-    for r in rows:
-        out.setdefault((r.data["model"], r.data["track"]), []).append(r)
-    return dict(sorted(out.items()))
-
-
-def group_table(rows: list[Row]) -> str:
-    header = ["configuration", "GPUs", "layout", "participant", "device", "tokens/s/GPU", "vs best", "step time (s)",
-              "peak mem/GPU (MiB)", "TFLOP/s/GPU", "MFU", "status"]
-    best: dict[str, float] = {}
-    for r in rows:
-        if r.ok:
-            best[r.data["run"]] = max(best.get(r.data["run"], 0.0), r.num("tokens_per_s_per_gpu") or 0.0)
-    body = []
-    for r in sorted(rows, key=lambda r: (int(r.data["gpus"]), r.data["run"], r.data["participant"])):
-        tps = r.num("tokens_per_s_per_gpu") if r.ok else None
-        rel = tps / best[r.data["run"]] if tps and best.get(r.data["run"]) else None
-        mem = r.num("peak_mem_mib") if r.ok else None
-        mfu = r.num("mfu")
-        status = r.data["status"] + (f": {r.data['reason']}" if r.data["reason"] and r.data["status"] != "ok" else "")
-        body.append([r.data["run"], r.data["gpus"], _layout(r), r.data["participant"], _device(r), _fmt(tps),
-                     "" if rel is None else f"{rel:.0%}", _fmt(r.num("step_time_s") if r.ok else None),
-                     "" if mem is None else f"{_fmt(mem)} ({'RSS' if r.data['mem_kind'] == 'rss' else 'CUDA'})",
-                     _fmt(r.num("tflops_per_gpu") if r.ok else None), "" if mfu is None else f"{mfu:.1%}", status])
-    return markdown_table(header, body)
-
-
-def render(rows: list[Row], files: list[Path], plot: Path | None = None, md_path: Path | None = None) -> str:
+def render(rows: pd.DataFrame, files: list[Path], plot: Path | None = None, md_path: Path | None = None) -> str:
     out = ["# Comparison of participants", "",
-           f"{len(rows)} runs of {len({r.data['participant'] for r in rows})} participant(s) from "
+           f"{len(rows)} runs of {rows['participant'].nunique()} participant(s) from "
            + ", ".join(f"`{f}`" for f in files) + f" (CSV schema_version {SCHEMA_VERSION}). A configuration is a "
            "run name: GPUs, layout and batch. *vs best* = tokens/s/GPU / the best of all participants for the same "
            "configuration. Runs that are not `ok` keep their status and have no figures.", ""]
@@ -188,35 +169,37 @@ def render(rows: list[Row], files: list[Path], plot: Path | None = None, md_path
         rel = os.path.relpath(plot, (md_path or Path("results/comparison.md")).parent).replace(os.sep, "/")
         out += [f"Plot: [tokens/s/GPU per configuration and participant]({rel})", ""]
     out += ["## Participants", "", participants_table(rows), ""]
-    for (model, track), recs in groups(rows).items():
-        out += [f"## {model}: {TRACK_TITLES.get(track, track)}", "", group_table(recs), ""]
+    for (model, track), group in rows.groupby(["model", "track"]):
+        out += [f"## {model}: {TRACK_TITLES.get(track, track)}", "", group_table(group), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: pd.DataFrame, path: Path) -> None:
     """tokens/s/GPU per configuration, a bar per participant; one panel per model and track."""
-    grouped = groups([r for r in rows if r.ok])
+    good = rows[rows["ok"]]
+    grouped = list(good.groupby(["model", "track"]))
     n = max(len(grouped), 1)
     cols = min(n, 2)
     nrows = (n + cols - 1) // cols
     fig = Figure(figsize=(6.5 * cols, 4.0 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False).flatten().tolist()
     fig.suptitle("tokens/s/GPU per configuration and participant (runs not ok left out)")
-    who = sorted({r.data["participant"] for r in rows})
+    who = sorted(rows["participant"].unique())
     if not grouped:
         axes[0].text(0.5, 0.5, "no successful runs to compare", ha="center", va="center")
-    for ax, ((model, track), recs) in zip(axes, grouped.items()):
-        configs = sorted({r.data["run"] for r in recs}, key=lambda run: (next(
-            int(r.data["gpus"]) for r in recs if r.data["run"] == run), run))
-        width = 0.8 / len(who)
+    width = 0.8 / len(who)
+    for ax, ((model, track), recs) in zip(axes, grouped):
+        configs = recs.sort_values(["gpus", "run"])["run"].drop_duplicates().tolist()
         for i, p in enumerate(who):
-            vals = {r.data["run"]: r.num("tokens_per_s_per_gpu") for r in recs if r.data["participant"] == p}
-            xs = [j + i * width for j, c in enumerate(configs) if c in vals]
-            ax.bar(xs, [vals[c] for c in configs if c in vals], width=width, label=p, color=f"C{i % 10}")
+            mine = recs[recs["participant"] == p].set_index("run")["tokens_per_s_per_gpu"]
+            shown = [c for c in configs if c in mine.index]
+            ax.bar([configs.index(c) + i * width for c in shown], [mine[c] for c in shown], width=width, label=p,
+                   color=f"C{i % 10}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], configs, rotation=30, ha="right",
                       fontsize=7)
         ax.set_title(f"{model}: {TRACK_TITLES.get(track, track)}", fontsize=10)
         ax.set_ylabel("tokens/s/GPU")
+        ax.set_ylim(bottom=0)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     for ax in axes[len(grouped) or 1:]:

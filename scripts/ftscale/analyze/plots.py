@@ -3,7 +3,9 @@
 ``PLOTS`` names every file; each is written even when the study has nothing to show for it (a
 figure that says so), so that the workflow's outputs are the same for every configuration. Only
 runs with status ``ok`` are plotted: a failed run is left out, never drawn as zero, and the panel
-lists what it left out.
+lists what it left out. Every plot reads the analysis frame (``ftscale.analyze.frame``), the same rows
+as the tables; axes of throughput, step time, efficiency and memory start at zero, so that a ratio to
+ideal scaling reads true.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Callable, Iterable
 import matplotlib
 
 matplotlib.use("Agg")
+import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ftscale.analyze.parse import RunRecord  # noqa: E402
-from ftscale.analyze.tables import scaling  # noqa: E402
+from ftscale.analyze.frame import scaling_rows  # noqa: E402
+from ftscale.analyze.tables import best_layouts, layout_label  # noqa: E402
 from ftscale.study.sweep import Study  # noqa: E402
 
 #: file stem -> title; the files are results/plots/<stem>.png.
@@ -36,8 +39,8 @@ def plot_paths(directory: Path | str = "results/plots") -> dict[str, Path]:
     return {stem: Path(directory) / f"{stem}.png" for stem in PLOTS}
 
 
-def ok(r: RunRecord) -> bool:
-    return r.status == "ok" and r.tokens_per_s is not None
+def ok(rows: pd.DataFrame) -> pd.Series:
+    return rows["status"].eq("ok") & rows["tokens_per_s"].notna()
 
 
 def _figure(panels: int, title: str) -> tuple[Figure, list[Axes]]:
@@ -54,15 +57,15 @@ def _empty(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def _left_out(ax: Axes, records: Iterable[RunRecord], label: Callable[[RunRecord], str]) -> None:
-    bad = [f"{label(r)} ({r.status})" for r in records if not ok(r)]
+def _left_out(ax: Axes, rows: pd.DataFrame, label: Callable[[pd.Series], str]) -> None:
+    bad = [f"{label(row)} ({row['status']})" for _, row in rows[~ok(rows)].iterrows()]
     if bad:
         ax.text(0.01, 0.01, "not plotted: " + ", ".join(bad), transform=ax.transAxes, fontsize=7, va="bottom",
                 color="0.35", wrap=True)
 
 
 def _gpu_axis(ax: Axes, gpus: Iterable[int]) -> None:
-    ticks = sorted(set(gpus))
+    ticks = sorted({int(g) for g in gpus})
     if len(ticks) > 1:
         ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -70,134 +73,126 @@ def _gpu_axis(ax: Axes, gpus: Iterable[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _dp_groups(study: Study, by_dir: dict[str, RunRecord], model: str) -> dict[str, list[RunRecord]]:
-    return {mode: [by_dir[r.directory] for r in runs] for mode, runs in study.scaling_groups(model).items()}
-
-
-def _dp_plot(study: Study, records: list[RunRecord], path: Path, metric: str) -> Figure:
+def _dp_plot(study: Study, frame: pd.DataFrame, path: Path, metric: str) -> Figure:
     """metric: throughput (tokens/s of the job), efficiency, or step_time; ideal scaling dashed."""
-    by_dir = {r.run_dir: r for r in records}
-    models = [m for m in study.models if any(r.model == m and r.track == "data_parallel" for r in records)]
+    rows = scaling_rows(study, frame)
+    dp = frame[frame["track"] == "data_parallel"]
+    models = [m for m in study.models if (dp["model"] == m).any()]
     fig, axes = _figure(len(models), PLOTS[f"dp_{metric}"])
     if not models:
         _empty(axes[0], "no data-parallel runs in this study")
+    column = {"throughput": "tokens_per_s", "efficiency": "efficiency", "step_time": "step_time_s"}[metric]
     for ax, model in zip(axes, models):
         ax.set_title(model)
         plotted = False
-        for mode, recs in _dp_groups(study, by_dir, model).items():
-            sc = scaling(recs)
-            points = [(r, s, e) for r, (s, e) in zip(recs, sc) if ok(r)]
-            if metric == "throughput":
-                ys = [r.tokens_per_s for r, _, _ in points]
-            elif metric == "efficiency":
-                points = [(r, s, e) for r, s, e in points if e is not None]
-                ys = [e for _, _, e in points]
-            else:
-                ys = [r.step_time_s for r, _, _ in points]
-            xs = [r.gpus for r, _, _ in points]
-            if not xs:
+        for group, recs in rows[rows["model"] == model].groupby("group", sort=False):
+            recs = recs.sort_values("gpus")
+            points = recs[ok(recs) & recs[column].notna()]
+            if points.empty:
                 continue
             plotted = True
-            (line,) = ax.plot(xs, ys, marker="o", label=f"{mode} scaling")
-            base = next((r for r, _, _ in points if r.gpus == 1), None)
-            if base is not None and metric != "efficiency":
-                ideal_x = sorted({r.gpus for r in recs})
+            label = group.split(": ", 1)[1]
+            (line,) = ax.plot(points["gpus"], points[column], marker="o", label=label)
+            base = points[points["gpus"] == 1]
+            if not base.empty and metric != "efficiency":
+                ideal_x = sorted(recs["gpus"].unique())
+                b = base.iloc[0]
                 if metric == "throughput":
-                    ideal = [base.tokens_per_s * n for n in ideal_x]
+                    ideal = [b["tokens_per_s"] * n for n in ideal_x]
                 else:  # weak: constant step time; strong: T(1) / N
-                    ideal = [base.step_time_s / (n if mode.startswith("strong") else 1) for n in ideal_x]
-                ax.plot(ideal_x, ideal, linestyle="--", color=line.get_color(), alpha=0.5,
-                        label=f"ideal ({mode})")
+                    ideal = [b["step_time_s"] / (n if b["mode"] == "strong" else 1) for n in ideal_x]
+                ax.plot(ideal_x, ideal, linestyle="--", color=line.get_color(), alpha=0.5, label=f"ideal ({label})")
         if metric == "efficiency" and plotted:
             ax.axhline(1.0, linestyle="--", color="0.5", alpha=0.6, label="ideal")
-            ax.set_ylim(bottom=0)
-        _gpu_axis(ax, [r.gpus for r in records if r.model == model and r.track == "data_parallel"])
+        ax.set_ylim(bottom=0)
+        _gpu_axis(ax, dp.loc[dp["model"] == model, "gpus"])
         ax.set_ylabel({"throughput": "tokens/s (whole job)", "efficiency": "efficiency S(N)/N",
                        "step_time": "median step time (s)"}[metric])
         if plotted:
             ax.legend(fontsize=8)
         else:
             _empty(ax, "no successful runs")
-        _left_out(ax, [r for r in records if r.model == model and r.track == "data_parallel"], lambda r: r.run)
+        _left_out(ax, dp[dp["model"] == model], lambda row: row["run"])
     fig.savefig(path, dpi=DPI)
     return fig
 
 
-def _layout_label(r: RunRecord) -> str:
-    return f"tp{r.tp} ep{r.ep} dp{r.dp}" + (" sp" if r.sp else "")
-
-
-def mp_memory(study: Study, records: list[RunRecord], path: Path) -> Figure:
-    mp = [r for r in records if r.track == "model_parallel"]
-    models = [m for m in study.models if any(r.model == m for r in mp)]
+def mp_memory(study: Study, frame: pd.DataFrame, path: Path) -> Figure:
+    mp = frame[frame["track"] == "model_parallel"]
+    models = [m for m in study.models if (mp["model"] == m).any()]
     fig, axes = _figure(len(models), PLOTS["mp_memory"])
     if not models:
         _empty(axes[0], "no model-parallel runs in this study")
     for ax, model in zip(axes, models):
-        recs = sorted((r for r in mp if r.model == model), key=lambda r: (r.gpus, r.tp, r.ep))
-        good = [r for r in recs if ok(r) and r.peak_mem_mib is not None]
+        recs = mp[mp["model"] == model].sort_values(["gpus", "tp", "ep"])
+        good = recs[ok(recs) & recs["peak_mem_mib"].notna()]
         ax.set_title(model)
-        if good:
-            bars = ax.bar([_layout_label(r) for r in good], [r.peak_mem_mib for r in good], color="tab:blue")
+        if not good.empty:
+            bars = ax.bar(good.apply(layout_label, axis=1), good["peak_mem_mib"], color="tab:blue")
             ax.bar_label(bars, fmt="{:,.0f}", fontsize=7)
             ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-            kinds = sorted({"RSS" if r.mem_kind == "rss" else "CUDA" for r in good})
+            kinds = sorted({"RSS" if k == "rss" else "CUDA" for k in good["mem_kind"]})
             ax.set_ylabel(f"peak memory per GPU (MiB, {'/'.join(kinds)})")
             ax.grid(True, axis="y", alpha=0.3)
         else:
             _empty(ax, "no successful runs")
-        _left_out(ax, recs, _layout_label)
+        _left_out(ax, recs, layout_label)
     fig.savefig(path, dpi=DPI)
     return fig
 
 
-def dense_vs_moe(study: Study, records: list[RunRecord], path: Path) -> Figure:
-    """tokens/s/GPU vs GPUs per model: dense solid, MoE dashed; data parallel (the first weak scaling
-    group, else the first group) and model parallel (best layout per GPU count) side by side."""
-    tracks = [t for t in ("data_parallel", "model_parallel") if any(r.track == t for r in records)]
+def dense_vs_moe(study: Study, frame: pd.DataFrame, path: Path) -> Figure:
+    """tokens/s/GPU vs GPUs per model: dense solid, MoE dashed. Data parallel: the first weak scaling
+    group of each model (else its first group). Model parallel: the best layout at each GPU count
+    where a dense and a MoE model both ran (``tables.best_layouts``, as the table), labelled."""
+    tracks = [t for t in ("data_parallel", "model_parallel") if (frame["track"] == t).any()]
     fig, axes = _figure(len(tracks), PLOTS["dense_vs_moe"])
     if not tracks:
         _empty(axes[0], "no runs in this study")
-    by_dir = {r.run_dir: r for r in records}
+    rows = scaling_rows(study, frame)
+    best = best_layouts(study, frame)
     for ax, track in zip(axes, tracks):
-        ax.set_title({"data_parallel": "data parallel (LoRA)", "model_parallel": "model parallel (full)"}[track])
+        ax.set_title({"data_parallel": "data parallel (LoRA)", "model_parallel": "model parallel (full), best layout"}[
+            track])
         plotted = False
         for model in study.models:
             if track == "data_parallel":
-                groups = _dp_groups(study, by_dir, model) if any(
-                    r.model == model and r.track == track for r in records) else {}
-                recs = next((g for mode, g in groups.items() if mode.startswith("weak")),
-                            next(iter(groups.values()), []))
-                points = sorted((r.gpus, r.tokens_per_s_per_gpu) for r in recs if ok(r))
+                mine = rows[rows["model"] == model]
+                groups = list(dict.fromkeys(mine["group"]))
+                group = next((g for g in groups if "weak" in g.split(": ", 1)[1].split(", ")), groups[0] if groups
+                             else None)
+                points = mine[(mine["group"] == group) & ok(mine)].sort_values("gpus")
             else:
-                best: dict[int, float] = {}
-                for r in records:
-                    if r.track == track and r.model == model and ok(r):
-                        best[r.gpus] = max(best.get(r.gpus, 0.0), r.tokens_per_s_per_gpu or 0.0)
-                points = sorted(best.items())
-            if not points:
+                points = best[best["model"] == model].sort_values("gpus")
+            if points.empty:
                 continue
             plotted = True
             moe = study.models[model].is_moe
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="s" if moe else "o",
+            ax.plot(points["gpus"], points["tokens_per_s_per_gpu"], marker="s" if moe else "o",
                     linestyle="--" if moe else "-", label=f"{model} ({'MoE' if moe else 'dense'})")
-        _gpu_axis(ax, [r.gpus for r in records if r.track == track])
+            if track == "model_parallel":
+                for _, row in points.iterrows():
+                    ax.annotate(row["layout"], (row["gpus"], row["tokens_per_s_per_gpu"]), fontsize=7,
+                                textcoords="offset points", xytext=(4, 4))
+        _gpu_axis(ax, frame.loc[frame["track"] == track, "gpus"])
         ax.set_ylabel("tokens/s/GPU")
+        ax.set_ylim(bottom=0)
         if plotted:
             ax.legend(fontsize=8)
         else:
-            _empty(ax, "no successful runs")
+            _empty(ax, "no successful runs" if track == "data_parallel" else
+                   "no GPU count where a dense and a MoE model both ran")
     fig.savefig(path, dpi=DPI)
     return fig
 
 
-def write_plots(study: Study, records: list[RunRecord], directory: Path | str = "results/plots") -> dict[str, Path]:
+def write_plots(study: Study, frame: pd.DataFrame, directory: Path | str = "results/plots") -> dict[str, Path]:
     """Every plot of ``PLOTS`` under ``directory``; returns title -> path (for the links in tables.md)."""
     paths = plot_paths(directory)
     Path(directory).mkdir(parents=True, exist_ok=True)
-    _dp_plot(study, records, paths["dp_throughput"], "throughput")
-    _dp_plot(study, records, paths["dp_efficiency"], "efficiency")
-    _dp_plot(study, records, paths["dp_step_time"], "step_time")
-    mp_memory(study, records, paths["mp_memory"])
-    dense_vs_moe(study, records, paths["dense_vs_moe"])
+    _dp_plot(study, frame, paths["dp_throughput"], "throughput")
+    _dp_plot(study, frame, paths["dp_efficiency"], "efficiency")
+    _dp_plot(study, frame, paths["dp_step_time"], "step_time")
+    mp_memory(study, frame, paths["mp_memory"])
+    dense_vs_moe(study, frame, paths["dense_vs_moe"])
     return {PLOTS[stem]: path for stem, path in paths.items()}

@@ -2,7 +2,7 @@
 
 Per study (``environment``): participant, git commit, container, library versions.
 Per run (``run_provenance``): device (from the run's own ``[ftscale] layout`` line), device model,
-GPUs per node and nodes (run.json), host and date (launch.json).
+GPUs per node and nodes (run.json), the job's CPUs, host and date (launch.json).
 
 The participant is ``$FTSCALE_PARTICIPANT``, else the config key ``participant``, else ``unknown``.
 Library versions come from the run's layout line when the engine prints them (keys ``torch``,
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ftscale.study.paths import CODE_ROOT
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one reference verdict per aspect (ref_throughput, ref_memory)
 PARTICIPANT_ENV = "FTSCALE_PARTICIPANT"
 
 #: The libraries whose versions each row records (column ``<name>_version``), by distribution name.
@@ -37,7 +37,7 @@ LIBRARIES: dict[str, str] = {
 }
 
 #: Provenance columns of results/scaling.csv, in order (``schema_version`` and ``participant`` lead the row).
-RUN_COLUMNS = ["device", "device_model", "gpus_per_node", "nodes", "host", "date"]
+RUN_COLUMNS = ["device", "device_model", "gpus_per_node", "nodes", "cpus", "host", "date"]
 STUDY_COLUMNS = ["container", "git_commit", *(f"{name}_version" for name in LIBRARIES), "versions_from"]
 
 
@@ -126,6 +126,7 @@ def run_provenance(layout: dict, run_json: dict, launch: dict, env: dict) -> dic
         "device_model": model,
         "gpus_per_node": run_json.get("gpus_per_node"),
         "nodes": run_json.get("nodes"),
+        "cpus": launch.get("cpus"),
         "host": launch.get("host", ""),
         "date": date,
         "container": env["container"],

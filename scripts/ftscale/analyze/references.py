@@ -9,8 +9,13 @@ the device the run reported. Each entry gives, per metric, ``value, lower, upper
     lower, upper: fractions of ``value`` (ReFrame's thresholds): -0.1 = 10 % below; null = unbounded
     bounds      = [value x (1 + lower), value x (1 + upper)], both inclusive
 
-Flag of a metric: ``within`` the bounds, ``below``, ``above``, ``no reference`` (no entry matches,
-or the matching entry has no value for the metric), ``no measurement`` (an entry matches but the
+Metrics that measure the same thing give one verdict (``ASPECTS``): step time, tokens/s/GPU and
+TFLOP/s/GPU are all the run's speed (step time its reciprocal), so an entry gives at most one of them
+and the run gets one ``throughput`` verdict; ``memory`` is peak memory per GPU. A verdict is about
+the aspect, not the metric: a step time above its bounds is throughput ``below``.
+
+Verdict of an aspect: ``within`` the bounds, ``below``, ``above``, ``no reference`` (no entry matches,
+or the matching entry has no value for the aspect), ``no measurement`` (an entry matches but the
 run has no value: it failed). A record matched by several entries takes the most specific one
 (most ``where`` keys); two equally specific matches are an error naming both.
 """
@@ -33,6 +38,13 @@ METRICS: dict[str, tuple[str, str]] = {
     "peak_mem_mib": ("peak mem/GPU", "MiB"),
     "tflops_per_gpu": ("TFLOP/s/GPU", "TFLOP/s/GPU"),
 }
+#: What the metrics measure: aspect -> its metrics (an entry gives at most one per aspect).
+ASPECTS: dict[str, tuple[str, ...]] = {
+    "throughput": ("tokens_per_s_per_gpu", "tflops_per_gpu", "step_time_s"),
+    "memory": ("peak_mem_mib",),
+}
+#: Metrics that fall as their aspect rises (step time: the reciprocal of throughput).
+RECIPROCAL = {"step_time_s"}
 WHERE_KEYS = ("gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch", "seq_length", "scaling", "engine",
               "device")
 FLAGS = ("within", "below", "above", "no reference", "no measurement")
@@ -51,18 +63,23 @@ class Reference:
 
 
 @dataclass(frozen=True)
-class MetricCheck:
-    metric: str
+class AspectCheck:
+    """One aspect's verdict; ``metric`` is the metric the entry gave for it."""
+
+    aspect: str
     flag: str
+    metric: str = ""
     measured: float | None = None
     value: float | None = None
-    unit: str = ""
 
     @property
     def deviation(self) -> float | None:
-        """(measured - value) / value."""
+        """How far the aspect is from the reference, as a fraction: for a reciprocal metric (step
+        time) value / measured - 1, so that +10 % is always 10 % more throughput."""
         if self.measured is None or not self.value:
             return None
+        if self.metric in RECIPROCAL:
+            return self.value / self.measured - 1
         return (self.measured - self.value) / self.value
 
 
@@ -71,20 +88,20 @@ class RefResult:
     """A record's checks against its reference entry (``entry`` None: no entry matches)."""
 
     entry: Reference | None
-    checks: dict[str, MetricCheck] = field(default_factory=dict)
+    checks: dict[str, AspectCheck] = field(default_factory=dict)
 
-    def flag(self, metric: str) -> str:
-        return self.checks[metric].flag if metric in self.checks else "no reference"
+    def flag(self, aspect: str) -> str:
+        return self.checks[aspect].flag if aspect in self.checks else "no reference"
 
     def summary(self) -> str:
-        """One cell of the tables: e.g. 'tokens/s/GPU within (+3%)'; 'no reference' when there is none."""
+        """One cell of the tables: e.g. 'throughput within (+3%); memory within'; 'no reference' when
+        there is none. A deviation under 1 % is not shown: it is no news."""
         parts = []
-        for metric, check in self.checks.items():
+        for aspect, check in self.checks.items():
             if check.flag == "no reference":
                 continue
-            dev = "" if check.deviation is None else (
-                " (+-0%)" if abs(check.deviation) < 0.005 else f" ({check.deviation:+.0%})")
-            parts.append(f"{METRICS[metric][0]} {check.flag}{dev}")
+            dev = check.deviation
+            parts.append(f"{aspect} {check.flag}" + ("" if dev is None or abs(dev) < 0.01 else f" ({dev:+.0%})"))
         return "; ".join(parts) or "no reference"
 
 
@@ -105,6 +122,11 @@ def load_references(path: Path | str) -> list[Reference]:
     refs, seen = [], {}
     for i, entry in enumerate(data["references"]):
         key = f"{path}: key 'references[{i}]'"
+        for aspect, metrics in ASPECTS.items():
+            given = [m for m in metrics if m in entry["metrics"]]
+            if len(given) > 1:
+                raise ReferencesError(f"{key}.metrics = {', '.join(given)}: these measure the same {aspect}: "
+                                      "give one of them (the others follow from it)")
         for metric, spec in entry["metrics"].items():
             unit = METRICS[metric][1]
             if spec["unit"] != unit:
@@ -159,17 +181,20 @@ def match(refs: list[Reference], facts: dict) -> Reference | None:
 
 
 def check(refs: list[Reference], facts: dict, measured: dict[str, float | None]) -> RefResult:
-    """Flags of one record: ``facts`` are its configuration keys (WHERE_KEYS, model, track, run),
-    ``measured`` its metrics (keys of METRICS)."""
+    """Verdicts of one record, one per aspect: ``facts`` are its configuration keys (WHERE_KEYS, model,
+    track, run), ``measured`` its metrics (keys of METRICS)."""
     entry = match(refs, facts)
     if entry is None:
-        return RefResult(None, {m: MetricCheck(m, "no reference") for m in METRICS})
+        return RefResult(None, {a: AspectCheck(a, "no reference") for a in ASPECTS})
     checks = {}
-    for metric in METRICS:
-        spec = entry.metrics.get(metric)
-        if spec is None:
-            checks[metric] = MetricCheck(metric, "no reference")
-        else:
-            checks[metric] = MetricCheck(metric, flag_value(measured.get(metric), spec), measured.get(metric),
-                                         spec["value"], spec["unit"])
+    for aspect, metrics in ASPECTS.items():
+        metric = next((m for m in metrics if m in entry.metrics), None)
+        if metric is None:
+            checks[aspect] = AspectCheck(aspect, "no reference")
+            continue
+        spec, value = entry.metrics[metric], measured.get(metric)
+        flag = flag_value(value, spec)
+        if metric in RECIPROCAL:
+            flag = {"below": "above", "above": "below"}.get(flag, flag)
+        checks[aspect] = AspectCheck(aspect, flag, metric, value, spec["value"])
     return RefResult(entry, checks)

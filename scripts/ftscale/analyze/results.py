@@ -1,21 +1,25 @@
-"""The analyze stage: every planned run's record -> results/scaling.csv, results/tables.md and the
-plots under results/plots/.
+"""The analyze stage: every planned run's record -> one frame (``ftscale.analyze.frame``) ->
+results/scaling.csv, results/tables.md and the plots under results/plots/.
 
-Each record gets its model FLOPs and MFU (``ftscale.analyze.tables.model_perf``), its flags against
+Each record gets its model FLOPs and MFU (``ftscale.analyze.frame.model_perf``), its verdicts against
 config/references.yaml (``ftscale.analyze.references``) and its provenance (``ftscale.analyze.provenance``): ``derive``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
 
+import pandas as pd
+
+from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf
 from ftscale.analyze.parse import RUN_KEYS, RunRecord, parse_run
 from ftscale.analyze.plots import write_plots
 from ftscale.analyze.provenance import device_name, environment, run_provenance
 from ftscale.analyze.references import Reference, check, load_references
-from ftscale.analyze.tables import Extras, model_perf, render_tables, write_csv
+from ftscale.analyze.tables import render_tables
 from ftscale.estimate.flops import peak_tflops_for
 from ftscale.study.paths import RunPaths
 from ftscale.study.sweep import Study
@@ -81,18 +85,33 @@ def references_path(study: Study, root: Path = Path(".")) -> Path:
     return root / study.config.get("references", REFERENCES)
 
 
+class ResultsError(OSError):
+    """The results cannot be written (say, results/ is read-only): names the file."""
+
+
+def analysis_frame(study: Study, records: list[RunRecord], root: Path = Path(".")) -> pd.DataFrame:
+    """The frame every output reads (``ftscale.analyze.frame``)."""
+    return build_frame(study, records, derive(study, records, root, load_references(references_path(study, root))))
+
+
 def _write_all(study: Study, records: list[RunRecord], csv_path: Path, tables_path: Path, plots_dir: Path,
-               root: Path, partial: bool = False) -> tuple[list[Path], dict[str, Extras]]:
-    extras = derive(study, records, root, load_references(references_path(study, root)))
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tables_path.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(records, study, csv_path, extras)
-    plots = write_plots(study, records, plots_dir)
-    tables = render_tables(study, records, extras, plots, tables_path)
-    if partial:
-        tables = tables.replace("\n\n", f"\n\n{PARTIAL_NOTE}\n\n", 1)
-    tables_path.write_text(tables)
-    return [csv_path, tables_path, *plots.values()], extras
+               root: Path) -> tuple[list[Path], pd.DataFrame]:
+    frame = analysis_frame(study, records, root)
+    for path in (csv_path, tables_path, plots_dir):
+        try:
+            (path if path is plots_dir else path.parent).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ResultsError(f"{err.filename}: cannot create the results directory: {err.strerror}") from None
+    try:
+        csv_frame(frame).to_csv(csv_path, index=False, lineterminator="\n")
+        plots = write_plots(study, frame, plots_dir)
+        tables_path.write_text(render_tables(study, frame, plots, tables_path))
+    except OSError as err:
+        raise ResultsError(f"{err.filename}: cannot write the results: {err.strerror}") from None
+    return [csv_path, tables_path, *plots.values()], frame
+
+
+
 
 
 def write_results(study: Study, csv_path: Path, tables_path: Path, root: Path = Path("."),
@@ -102,20 +121,26 @@ def write_results(study: Study, csv_path: Path, tables_path: Path, root: Path = 
     ``log`` gets the files written and, per run, its status, MFU note and reference entry.
     """
     records = collect(study, root)
-    written, extras = _write_all(study, records, csv_path, tables_path, plots_dir or tables_path.parent / "plots",
-                                 root)
+    written, frame = _write_all(study, records, csv_path, tables_path, plots_dir or tables_path.parent / "plots",
+                                root)
     if log:
         lines = [f"wrote {p}" for p in written]
-        for r in records:
-            x = extras[r.run_dir]
-            lines.append(f"{r.run_dir}: {r.status} {r.reason}; MFU: {x.perf.mfu_note}; reference: "
-                         f"{x.ref.entry.name if x.ref.entry else 'none'}: {x.ref.summary()}")
+        for _, row in frame.iterrows():
+            lines.append(f"{row['run_dir']}: {row['status']} {row['reason']}; MFU: {row['mfu_note']}; reference: "
+                         f"{row['ref_name'] or 'none'}: {row['ref_summary']}")
         Path(log).write_text("\n".join(lines) + "\n")
     return records
 
 
-PARTIAL_NOTE = ("**Partial results**: some jobs failed or did not run (see the status column). Running the "
-                "workflow again redoes only those runs and rewrites these tables.")
+def not_ok_message(records: list[RunRecord], tables_path: Path) -> str | None:
+    """Why the workflow must end non-zero after writing the tables: the runs that are not ``ok``."""
+    bad = [r for r in records if r.status != "ok"]
+    if not bad:
+        return None
+    listed = "; ".join(f"{r.run_dir}: {r.status}" + (f" ({r.reason})" if r.reason else "") for r in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"{tables_path}: {len(bad)} of {len(records)} runs not ok: {listed}{more}. The tables are written "
+            "(partial); run the same command again to redo these runs.")
 
 
 def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root: Path = Path("."),
@@ -131,10 +156,61 @@ def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root:
         if all(r.status == "ok" for r in records):
             return  # every run is fine: what failed was elsewhere (e.g. the comparison); tables stay as they are
         written, _ = _write_all(study, records, csv_path, tables_path, plots_dir or tables_path.parent / "plots",
-                                root, partial=True)
+                                root)
         for path in written:
             os.utime(path, (1, 1))  # 1, not 0: Snakemake reads an mtime of 0 as "none"
         bad = sum(r.status != "ok" for r in records)
         print(f"[ftscale] partial {tables_path} written: {bad} of {len(records)} runs not ok; run again to redo them")
     except Exception as err:  # noqa: BLE001 - a courtesy after a failure: never hide the original error
         print(f"[ftscale] could not write partial tables: {err}")
+
+
+def runs_to_redo(study: Study, root: Path = Path(".")) -> dict[str, str]:
+    """Run directory -> why it must run again: its metrics.jsonl is missing (never run, failed, or
+    deleted after it finished, with or without its directory), or its log no longer shows a finished
+    run although metrics.jsonl exists (the log was damaged after the run finished)."""
+    redo = {}
+    for run in study.runs:
+        if not (root / run.paths.metrics).is_file():
+            redo[run.directory] = "metrics.jsonl missing"
+            continue
+        try:
+            record = parse_run(root / run.directory, root=root)
+        except (ValueError, OSError) as err:  # ParseError, bad JSON, unreadable file
+            redo[run.directory] = f"its files do not parse: {err}"
+            continue
+        if record.status != "ok":
+            redo[run.directory] = f"metrics.jsonl exists but the log says {record.status}: {record.reason}"
+    return redo
+
+
+#: Written when the workflow starts and finds runs to redo; an input of the tables.
+REDO_FILE = Path("results/redo.txt")
+
+
+def mark_for_redo(study: Study, root: Path = Path("."), redo_file: Path = REDO_FILE) -> dict[str, str]:
+    """Make Snakemake redo what ``runs_to_redo`` finds, from the main command alone; returns it.
+
+    Snakemake reruns a job whose output is missing only when a job downstream of it runs too, and
+    the tables, up to date by time stamps and checksums, would not ("Nothing to be done"). So
+    ``redo_file``, an input of the tables, is rewritten (with the date: new content each time) when
+    there is something to redo, and left alone otherwise: the tables run again, and with them every
+    run whose metrics.jsonl is missing. A damaged run's metrics.jsonl, which its log contradicts, is
+    moved aside to metrics.jsonl.stale (kept, not deleted) so that the run counts as missing.
+    """
+    redo = runs_to_redo(study, root)
+    for directory in redo:
+        metrics = root / RunPaths(Path(directory)).metrics
+        if metrics.is_file():
+            metrics.replace(metrics.with_name(metrics.name + ".stale"))
+    path = root / redo_file
+    if redo or not path.exists():
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        lines = [f"# runs to do again, found when the workflow started at {stamp} (ftscale.analyze.results)"]
+        lines += [f"{d}: {why}" for d, why in redo.items()]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+        except OSError as err:
+            raise ResultsError(f"{err.filename}: cannot write: {err.strerror}") from None
+    return redo
