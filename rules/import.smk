@@ -49,6 +49,8 @@ rule import_nemo:
         protected(directory(MODEL_FILE("nemo_checkpoint"))),
     log:
         MODEL_FILE("nemo_import_log"),
+    conda:
+        "envs/ftscale.yaml"
     container:
         container_image()
     resources:

@@ -41,7 +41,7 @@ CSV_COLUMNS = [
     "track", "model", "run", "engine", "weights", "scaling", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
     "global_batch", "seq_length", "steps", "warmup_steps", "steps_done", "step_time_s", "tokens_per_s",
     "tokens_per_s_per_gpu", "speedup", "efficiency", "flops_per_token", "tflops_per_gpu", "mfu", "mfu_note",
-    "peak_mem_mib", "reserved_mib", "mem_kind", "wall_s", "loss_first", "loss_last", "oversubscribed",
+    "peak_mem_mib", "reserved_mib", "mem_kind", "state_mib", "wall_s", "loss_first", "loss_last", "oversubscribed",
     "params_per_gpu", "params_per_gpu_formula", "comm_tp_mib", "comm_ep_mib", "comm_dp_mib", "status", "reason",
     *(f"ref_{a}" for a in ASPECTS), "ref_name", "ref_source",
     "source", *RUN_COLUMNS, *STUDY_COLUMNS,
