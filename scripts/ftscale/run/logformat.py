@@ -52,6 +52,13 @@ def error_line(kind: str, message: str) -> str:
     return f"{PREFIX} error={kind} {' '.join(message.split())[:500]}"
 
 
+def failure_line(err: BaseException, rank: int) -> str:
+    """The error line of an engine's job that ended with ``err`` on ``rank`` (``oom`` for CUDA's
+    OutOfMemoryError, else ``failed``); the engines print it after the traceback."""
+    kind = "oom" if type(err).__name__ == "OutOfMemoryError" else "failed"
+    return error_line(kind, f"rank {rank}: {type(err).__name__}: {err}")
+
+
 PATTERNS: dict[str, re.Pattern[str]] = {
     # ftscale.logformat (embedded engine)
     "embedded_step": re.compile(

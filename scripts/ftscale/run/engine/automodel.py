@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from ftscale.run.logformat import error_line, kv_line
+from ftscale.run.logformat import error_line, failure_line, kv_line
 from ftscale.study.engines import hf_lora_targets, run_errors
 
 
@@ -159,11 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the log must say why the job ended
         import traceback
 
-        import torch
-
         traceback.print_exc()
-        kind = "oom" if isinstance(err, torch.OutOfMemoryError) else "failed"
-        print(error_line(kind, f"rank {rank}: {type(err).__name__}: {err}"), flush=True)
+        print(failure_line(err, rank), flush=True)
         code = 1
     return code
 

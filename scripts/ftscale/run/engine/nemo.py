@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from ftscale.importing.nemo import arch_fields, local_overrides
-from ftscale.run.logformat import error_line, kv_line
+from ftscale.run.logformat import error_line, failure_line, kv_line
 from ftscale.study.engines import nemo_lora_targets, run_errors
 
 # ----------------------------------------------------------------------------------------------
@@ -60,8 +60,9 @@ def build_recipe(run: dict, model: dict):
         trainer.devices / num_nodes                          = gpus_per_node / nodes
         trainer.max_steps / log_every_n_steps                = steps / 1
         trainer.callbacks                                    += TimingCallback if missing
-        data.global_batch_size / micro_batch_size / seq_length / seed
-        model.config.seq_length                              = seq_length (must agree with data)
+        data                                                 = data_module(run) (mock or prepared; never SQuAD)
+        model.config <architecture fields>, seq_length       = model.yaml's shape (arch_fields), seq_length
+        model.config TE-only settings, layer spec            = off / local, with transformer_impl: local
         optim.lr_scheduler.warmup_steps / max_steps          = warmup_steps / steps
         optim.config.lr                                      = learning_rate (when the run has one)
         resume.restore_config.path                           = abspath(checkpoint)  (not nemo://...)
@@ -283,11 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the log must say why the job ended
         import traceback
 
-        import torch
-
         traceback.print_exc()
-        kind = "oom" if isinstance(err, torch.OutOfMemoryError) else "failed"
-        print(error_line(kind, f"rank {rank}: {type(err).__name__}: {err}"), flush=True)
+        print(failure_line(err, rank), flush=True)
         code = 1
     return code
 
