@@ -10,9 +10,8 @@ from ftscale.study.sweep import load_study
 
 try:
     # With plan.skip_predicted_oom, runs the plan predicts out of memory are marked to be skipped.
-    STUDY = with_predicted_oom_skipped(
-        load_study(config, source=", ".join(map(str, workflow.configfiles)) or "config")
-    )
+    CONFIG_SOURCE = ", ".join(map(str, workflow.configfiles)) or "config"
+    STUDY = with_predicted_oom_skipped(load_study(config, source=CONFIG_SOURCE))
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
