@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (device tool), from the repository root. Usage:
-#   bash benchmarks/gpu/run_device.sh [--target TARGET] CONFIG [CONFIG ...]
+#   bash benchmarks/gpu/run_device.sh [--target TARGET] [--deadline SECONDS] CONFIG [CONFIG ...]
+# --deadline: the whole script's time; each Snakemake run gets what is left (less 20 s to pack the results),
+# so a slow run is stopped and its logs still come back. SNAKEMAKE_ARGS (environment) is passed to Snakemake,
+# e.g. SNAKEMAKE_ARGS='--config engine=[nemo]' for one engine of a side-by-side config.
 # Wheels (made here by benchmarks/gpu/wheels.sh, carried as .whl/<set>/) go into one directory per set,
 # so each engine gets the versions it was made for:
-#   .whl/base      -> /tmp/site       ftscale's own needs (snakemake, transformers, peft, ...)
+#   .whl/base      -> /tmp/site       ftscale's own needs (snakemake, peft, ...; the image's transformers)
+#   .whl/hf        -> /tmp/site       transformers 5.23 + tokenizers, where a run needs them over the image's 5.17
 #   .whl/nemo      -> /tmp/site-nemo  NeMo 2.7.3 + megatron-core; /tmp/bin/python-nemo puts it first
 #   .whl/automodel -> /tmp/site-am    NeMo AutoModel 0.7.0;         /tmp/bin/python-am puts it first
 # (the configs name those interpreters as nemo.python / automodel.python). A set not carried in this
@@ -12,10 +16,17 @@
 # later call reuses the imports of an earlier one. Leaves results-<config>.tar.gz per config in $OUT.
 set -uo pipefail
 target=results/tables.md
-if [ "${1:-}" = "--target" ]; then target=$2; shift 2; fi
+deadline=$(( $(date +%s) + 100000 ))
+while [ $# -gt 0 ]; do
+  case $1 in
+    --target) target=$2; shift 2 ;;
+    --deadline) deadline=$(( $(date +%s) + $2 )); shift 2 ;;
+    *) break ;;
+  esac
+done
 repo=$PWD
-declare -A SITE=([base]=/tmp/site [nemo]=/tmp/site-nemo [automodel]=/tmp/site-am)
-for set in base nemo automodel; do
+declare -A SITE=([base]=/tmp/site [hf]=/tmp/site [nemo]=/tmp/site-nemo [automodel]=/tmp/site-am)
+for set in base hf nemo automodel; do
   if ls .whl/$set/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${SITE[$set]}" \
       .whl/$set/*.whl || { echo "wheel install failed ($set)"; exit 1; }
@@ -23,9 +34,10 @@ for set in base nemo automodel; do
   fi
 done
 export PYTHONPATH=/tmp/site:$repo/scripts PYTHONUNBUFFERED=1
+python3 benchmarks/gpu/stubs.py /tmp/site-stubs   # leptonai and pulp stand-ins for NeMo (see that file)
 mkdir -p /tmp/bin
 printf '#!/bin/sh\nexec python3 -m ftscale.cli "$@"\n' > /tmp/bin/ftscale
-printf '#!/bin/sh\nPYTHONPATH=/tmp/site-nemo:%s:/tmp/site exec python3 "$@"\n' "$repo/scripts" > /tmp/bin/python-nemo
+printf '#!/bin/sh\nPYTHONPATH=/tmp/site-nemo:/tmp/site-stubs:%s:/tmp/site exec python3 "$@"\n' "$repo/scripts" > /tmp/bin/python-nemo
 printf '#!/bin/sh\nPYTHONPATH=/tmp/site-am:%s:/tmp/site exec python3 "$@"\n' "$repo/scripts" > /tmp/bin/python-am
 chmod +x /tmp/bin/*
 export PATH=/tmp/bin:/tmp/site/bin:$PATH
@@ -43,8 +55,10 @@ for config in "$@"; do
   cat provenance.txt
   start=$(date +%s)
   # one job per GPU at a time: Snakemake counts the gpu resource the train jobs declare
-  snakemake "$target" --cores 16 --resources gpu=$(nvidia-smi -L | wc -l) --scheduler greedy --keep-going \
-    --configfile "$config" > "snakemake-$name.log" 2>&1
+  left=$(( deadline - $(date +%s) - 20 ))
+  # shellcheck disable=SC2086  # SNAKEMAKE_ARGS is split on purpose
+  timeout --kill-after=10 "$(( left > 1 ? left : 1 ))" snakemake "$target" --cores 16 --resources gpu=$(nvidia-smi -L | wc -l) \
+    --scheduler greedy --keep-going --configfile "$config" ${SNAKEMAKE_ARGS:-} > "snakemake-$name.log" 2>&1
   echo "snakemake exit $? after $(( $(date +%s) - start )) s ($config, $target)"
   grep -h "\[ftscale\]\|Error\|error" "snakemake-$name.log" | tail -20
   for log in models/*/import.log models/*/nemo-import.log; do [ -f "$log" ] && { echo "== $log"; tail -5 "$log"; }; done

@@ -133,6 +133,18 @@ LOCAL_NORMS = {"input_layernorm.weight": "input_layernorm.weight",
                "post_attention_layernorm.weight": "pre_mlp_layernorm.weight"}
 
 
+def norms_in_source_dtype(target, dtype) -> int:
+    """Casts the local spec's norm weights (torch norms, made in fp32) to the HF checkpoint's dtype, as TE's
+    fused norms hold them in the model's params dtype: NeMo's conversion asserts that no parameter changes
+    dtype, and maps the final norm straight from the source. Returns how many were cast."""
+    cast = 0
+    for name, param in target.named_parameters():
+        if name.endswith("layernorm.weight") and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
 def _with_local_norms(convert):
     """``convert_state`` that also copies each layer's norm weights to the local spec's modules."""
     import functools
@@ -141,8 +153,9 @@ def _with_local_norms(convert):
 
     @functools.wraps(convert)
     def convert_state(self, source, target, *args, **kwargs):
-        result = convert(self, source, target, *args, **kwargs)
         source_state = source.state_dict()
+        norms_in_source_dtype(target, source_state["model.norm.weight"].dtype)
+        result = convert(self, source, target, *args, **kwargs)
         params = dict(target.named_parameters())
         copied = 0
         for name, param in params.items():
