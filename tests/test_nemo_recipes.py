@@ -64,3 +64,25 @@ def test_every_workshop_run_builds_a_real_nemo_recipe(repo, tmp_path):
         case = f"{run['model']}-{run['track']}-{run['name']}"
         for test in ("test_recipe_carries_the_run", "test_recipe_builds_and_passes_nemo_validation"):
             assert f"{test}[{case}] PASSED" in proc.stdout, (test, case)
+
+
+def test_synthetic_files_read_the_same_under_nemos_transformers(repo, tmp_path):
+    """The import writes HF files with transformers 5; NeMo 2.7.3 reads them with its pinned 4.57: the
+    tokenizer loads and the RoPE base is the model's (4.x reads ``rope_theta``, 5.x ``rope_parameters``)."""
+    from ftscale.importing.synthetic import write_synthetic
+    from ftscale.study.models import load_model
+
+    python = nemo_python(repo)
+    if python is None:
+        pytest.skip("no NeMo venv")
+    model = load_model("tiny_llama", repo)
+    model.arch["rope_theta"] = 500000.0  # LLaMA 3.1's, not transformers 4.x's default of 10000
+    write_synthetic(model, tmp_path, "cpu")
+    read = ("import sys, transformers; from transformers import AutoConfig, AutoTokenizer; "
+            "c = AutoConfig.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+            "print(transformers.__version__, c.rope_theta, type(t).__name__, t('hello world')['input_ids'][:2])")
+    proc = subprocess.run([python, "-c", read, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version, theta, tokenizer, _ = proc.stdout.split(maxsplit=3)
+    assert version.startswith("4.") and float(theta) == model.arch["rope_theta"]
+    assert tokenizer == "PreTrainedTokenizerFast"

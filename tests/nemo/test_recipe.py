@@ -332,6 +332,8 @@ def test_mock_data_uses_the_imported_tokenizer(tiny_hf):
     data = fdl.build(recipe.data)
     assert (data.seq_length, data.micro_batch_size, data.global_batch_size) == (128, 1, 4)
     assert data.tokenizer.vocab_size > 100  # the shipped BPE tokenizer, not a download
+    # one global batch to validate, not NeMo's 10,000 samples every 30 steps
+    assert (data.num_val_samples, data.num_test_samples) == (4, 4)
 
 
 def test_prepared_data_is_read_from_the_dataset_directory(tiny_hf):

@@ -141,7 +141,9 @@ def build_recipe(run: dict, model: dict):
 def data_module(run: dict):
     """The recipe's data (never the recipe's SQuAD default, which downloads inside the job):
 
-    - ``mock``: ``llm.MockDataModule`` (random tokens), with the imported model's tokenizer;
+    - ``mock``: ``llm.MockDataModule`` (random tokens), with the imported model's tokenizer and one global
+      batch of validation and test samples (NeMo's default is 10,000: the fine-tuning recipe validates every
+      30 steps, which would be 1,250 validation steps of a benchmark);
     - any prepared dataset: ``llm.FineTuningDataModule`` over ``experiments/data/<dataset>``
       (training.jsonl / validation.jsonl), padded to the sequence length, so every step has
       global_batch x seq_length tokens. Its tokenizer is the model's (``llm.finetune`` sets it).
@@ -154,8 +156,8 @@ def data_module(run: dict):
     if (run.get("data") or {}).get("kind") == "mock":
         from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
-        return nr.Config(llm.MockDataModule, **common,
-                         tokenizer=nr.Config(AutoTokenizer, pretrained_model_name=_abs(run["tokenizer"])))
+        return nr.Config(llm.MockDataModule, **common, num_val_samples=run["global_batch"],
+                         num_test_samples=run["global_batch"], tokenizer=nr.Config(AutoTokenizer, pretrained_model_name=_abs(run["tokenizer"])))
     return nr.Config(llm.FineTuningDataModule, dataset_root=_abs(run["dataset_dir"]), seed=run["seed"],
                      dataset_kwargs={"pad_to_max_length": True}, **common)
 
