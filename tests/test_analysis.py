@@ -18,7 +18,7 @@ from ftscale.analyze.parse import RunRecord, parse_run
 from ftscale.analyze.plots import PLOTS, _dp_plot, mp_memory
 from ftscale.analyze.provenance import SCHEMA_VERSION, device_name
 from ftscale.analyze.references import ReferencesError, check, flag_value, load_references
-from ftscale.analyze.results import write_results
+from ftscale.analyze.results import RunsNotOk, write_results, write_tables
 from ftscale.study.sweep import load_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,14 +165,15 @@ def test_tables_state_the_formula_flags_and_link_the_plots(analysed):
 
 
 def test_a_row_not_ok_fails_the_tables_job_with_the_runs_named(analysed):
-    from ftscale.analyze.results import collect, not_ok_message
-
-    records = collect(study_of(), analysed)
-    message = not_ok_message(records, Path("results/tables.md"))
-    assert message.startswith("results/tables.md: 6 of 7 runs not ok: experiments/data_parallel/tiny_llama/"
-                              "embedded_gpus1_mbs4_gbs8_seq128: not_run (never configured)")
-    assert "run the same command again" in message
-    md = (analysed / "results/tables.md").read_text()  # written before the failure, marked partial
+    results = analysed / "results"
+    (results / "tables.md").unlink()
+    with pytest.raises(RunsNotOk) as err:
+        write_tables(study_of(), results / "scaling.csv", results / "tables.md", results / "plots",
+                     results / "tables.log", root=analysed)
+    assert str(err.value).startswith(f"{results}/tables.md: 6 of 7 runs not ok: experiments/data_parallel/"
+                                     "tiny_llama/embedded_gpus1_mbs4_gbs8_seq128: not_run (never configured)")
+    assert "run the same command again" in str(err.value)
+    md = (results / "tables.md").read_text()  # written before the failure, marked partial
     assert "**Partial results**: 6 of 7 runs not ok" in md and "## Runs not ok" in md
 
 

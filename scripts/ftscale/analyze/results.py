@@ -143,6 +143,20 @@ def not_ok_message(records: list[RunRecord], tables_path: Path) -> str | None:
             "(partial); run the same command again to redo these runs.")
 
 
+class RunsNotOk(Exception):
+    """A run of the tables is not ``ok``: the tables are written, and the workflow must end non-zero."""
+
+
+def write_tables(study: Study, csv_path: Path, tables_path: Path, plots_dir: Path, log: Path,
+                 root: Path = Path(".")) -> list[RunRecord]:
+    """The tables job: ``write_results``, then ``RunsNotOk`` naming the runs that are not ok, so that the
+    workflow ends non-zero as after a failed job (Snakemake's onerror then rewrites the tables marked partial)."""
+    records = write_results(study, csv_path, tables_path, root=root, plots_dir=plots_dir, log=log)
+    if message := not_ok_message(records, tables_path):
+        raise RunsNotOk(message)
+    return records
+
+
 def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root: Path = Path("."),
                           plots_dir: Path | None = None) -> None:
     """Tables after a failed workflow (called from Snakemake's onerror).
