@@ -3,7 +3,7 @@
 # against other participants' exported CSVs in results/participants/.
 from ftscale.analyze.compare import write_comparison
 from ftscale.analyze.plots import PLOTS
-from ftscale.analyze.results import REDO_FILE, ResultsError, mark_for_redo
+from ftscale.analyze.results import REDO_FILE, mark_for_redo, write_tables
 
 # Read when the workflow starts: a file added later counts from the next invocation.
 PARTICIPANT_CSVS = sorted(str(p) for p in Path("results/participants").glob("*.csv"))
@@ -12,10 +12,7 @@ PARTICIPANT_CSVS = sorted(str(p) for p in Path("results/participants").glob("*.c
 # command (ftscale.analyze.results.mark_for_redo says how); only the main process looks.
 if workflow.is_main_process:
     HAD_TABLES = Path("results/tables.md").exists()
-    try:
-        REDO = mark_for_redo(STUDY)
-    except ResultsError as err:
-        raise WorkflowError(str(err)) from None
+    REDO = clear_errors(mark_for_redo, STUDY)
     if REDO and HAD_TABLES:
         print(f"[ftscale] {len(REDO)} run(s) to do again:", *(f"{d}: {why}" for d, why in REDO.items()), sep="\n  ")
 
@@ -30,8 +27,8 @@ localrules:
 
 rule tables:
     input:
-        runs=run_files("run"),
-        metrics=run_files("metrics"),
+        runs=run_files(STUDY, "run"),
+        metrics=run_files(STUDY, "metrics"),
         references=STUDY.config["references"],
         redo=REDO_FILE,
     output:
@@ -44,7 +41,7 @@ rule tables:
     log:
         "results/logs/tables.log",
     run:
-        write_tables(STUDY, Path(output.csv), Path(output.md), Path("results/plots"), Path(log[0]))
+        clear_errors(write_tables, STUDY, Path(output.csv), Path(output.md), Path("results/plots"), Path(log[0]))
 
 
 rule compare:

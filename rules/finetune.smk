@@ -33,7 +33,7 @@ rule train:
     conda:
         "envs/ftscale.yaml"
     container:
-        container_image()
+        container_image(STUDY)
     threads: train_threads
     resources:
         gpu=train_gpus,
@@ -47,15 +47,15 @@ rule train:
 
 rule train_data_parallel:
     input:
-        run_files("metrics", "data_parallel"),
+        run_files(STUDY, "metrics", "data_parallel"),
 
 
 rule train_model_parallel:
     input:
-        run_files("metrics", "model_parallel"),
+        run_files(STUDY, "metrics", "model_parallel"),
 
 
 rule sbatch_scripts:
     input:
-        run_files("sbatch"),
-        model_files("import_sbatch"),
+        run_files(STUDY, "sbatch"),
+        model_files(STUDY, "import_sbatch"),

@@ -32,7 +32,7 @@ rule import_model:
     conda:
         "envs/ftscale.yaml"
     container:
-        container_image()
+        container_image(STUDY)
     resources:
         gpu=import_resources(STUDY.config).gpus,
         cpus_per_task=import_resources(STUDY.config).cpus,
@@ -52,7 +52,7 @@ rule import_nemo:
     conda:
         "envs/ftscale.yaml"
     container:
-        container_image()
+        container_image(STUDY)
     resources:
         gpu=import_resources(STUDY.config).gpus,
         cpus_per_task=import_resources(STUDY.config).cpus,
@@ -60,7 +60,7 @@ rule import_nemo:
         runtime=import_runtime,
     params:
         transformer_impl=STUDY.config["nemo"]["transformer_impl"],
-        ftscale=nemo_ftscale_command(),
+        ftscale=nemo_ftscale_command(STUDY),
     shell:
         "{params.ftscale} import-nemo {wildcards.model} --hf {input} --out {output} "
         "--transformer-impl {params.transformer_impl} > {log} 2>&1"
@@ -69,4 +69,4 @@ rule import_nemo:
 rule import_all:
     input:
         sorted({run.checkpoint for run in STUDY.runs}),
-        model_files("import_sbatch"),
+        model_files(STUDY, "import_sbatch"),

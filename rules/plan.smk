@@ -9,7 +9,7 @@ localrules:
 
 rule plan:
     input:
-        models=model_files("spec"),
+        models=model_files(STUDY, "spec"),
     output:
         csv="results/plan.csv",
         md="results/plan.md",

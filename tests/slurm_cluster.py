@@ -26,6 +26,7 @@ never pass silently without the Slurm tests. Install with ``.ci/slurm/install``.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import pytest
+from leftovers import unmarked
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START = REPO_ROOT / ".ci" / "slurm" / "start-cluster"
@@ -132,6 +134,10 @@ class SlurmCluster:
                 raise AssertionError(f"job {jobid} still {state!r} after {timeout}s")
             time.sleep(0.5)
 
+    def cancel_jobs(self) -> None:
+        """Cancel every job still pending or running (the cluster is this session's alone)."""
+        self.run(["scancel", f"--user={getpass.getuser()}"], check=False)
+
     def logs(self) -> str:
         """Tails of the daemon logs, for assertion messages."""
         parts = []
@@ -160,7 +166,9 @@ def slurm_cluster(tmp_path_factory):
         _unavailable("start-cluster must run as root")
 
     d = _cluster_dir(tmp_path_factory)
-    p = subprocess.run([str(START), str(d)], text=True, capture_output=True, timeout=180)
+    # The daemons outlive every test: they must not carry the mark of the processes tests leave behind.
+    p = subprocess.run([str(START), str(d)], text=True, capture_output=True, timeout=180,
+                       env=unmarked(dict(os.environ)))
     if p.returncode != 0:
         pytest.fail(f"start-cluster {d} failed (rc={p.returncode}):\n"
                     f"{p.stdout}\n{p.stderr}", pytrace=False)

@@ -14,11 +14,12 @@ import yaml
 
 from ftscale.analyze.compare import CompareError, merge, write_comparison
 from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, model_perf
-from ftscale.analyze.parse import RunRecord, parse_run
-from ftscale.analyze.plots import PLOTS, _dp_plot, mp_memory
+from ftscale.analyze.parse import RUN_KEYS, RunRecord, parse_run
+from ftscale.analyze.plots import PLOTS, _dp_plot, dense_vs_moe, mp_memory
 from ftscale.analyze.provenance import SCHEMA_VERSION, device_name
 from ftscale.analyze.references import ReferencesError, check, flag_value, load_references
-from ftscale.analyze.results import write_results
+from ftscale.analyze.results import RunsNotOk, write_results, write_tables
+from ftscale.analyze.tables import best_layouts
 from ftscale.study.sweep import load_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,14 +166,15 @@ def test_tables_state_the_formula_flags_and_link_the_plots(analysed):
 
 
 def test_a_row_not_ok_fails_the_tables_job_with_the_runs_named(analysed):
-    from ftscale.analyze.results import collect, not_ok_message
-
-    records = collect(study_of(), analysed)
-    message = not_ok_message(records, Path("results/tables.md"))
-    assert message.startswith("results/tables.md: 6 of 7 runs not ok: experiments/data_parallel/tiny_llama/"
-                              "embedded_gpus1_mbs4_gbs8_seq128: not_run (never configured)")
-    assert "run the same command again" in message
-    md = (analysed / "results/tables.md").read_text()  # written before the failure, marked partial
+    results = analysed / "results"
+    (results / "tables.md").unlink()
+    with pytest.raises(RunsNotOk) as err:
+        write_tables(study_of(), results / "scaling.csv", results / "tables.md", results / "plots",
+                     results / "tables.log", root=analysed)
+    assert str(err.value).startswith(f"{results}/tables.md: 6 of 7 runs not ok: experiments/data_parallel/"
+                                     "tiny_llama/embedded_gpus1_mbs4_gbs8_seq128: not_run (never configured)")
+    assert "run the same command again" in str(err.value)
+    md = (results / "tables.md").read_text()  # written before the failure, marked partial
     assert "**Partial results**: 6 of 7 runs not ok" in md and "## Runs not ok" in md
 
 
@@ -206,6 +208,58 @@ def test_failed_runs_are_left_out_of_plots_not_drawn_as_zero(tmp_path):
     fig = mp_memory(study, frame, tmp_path / "m.png")  # no model-parallel runs: a figure that says so
     assert any("no model-parallel runs" in t.get_text() for t in fig.axes[0].texts)
     assert (tmp_path / "m.png").stat().st_size > 1024
+
+
+def record_of(run, tokens_per_s_per_gpu: float, status: str = "ok") -> RunRecord:
+    """A record of one of the study's runs, as the parser makes them (measured columns blank unless ok)."""
+    good = status == "ok"
+    tps = run.gpus * tokens_per_s_per_gpu
+    return RunRecord(run=run.name, status=status, run_dir=run.directory, scaling=run.scaling,
+                     **{k: run.to_dict()[k] for k in RUN_KEYS}, step_time_s=run.tokens_per_step / tps if good else None,
+                     tokens_per_s=tps if good else None, tokens_per_s_per_gpu=tokens_per_s_per_gpu if good else None,
+                     peak_mem_mib=500.0 if good else None, mem_kind="rss")
+
+
+def test_dense_vs_moe_plot_compares_like_with_like_and_labels_the_layouts(tmp_path):
+    study = study_of(model_parallel={"layouts": {"tiny_llama": [{"tp": 2, "sp": True}, {"tp": 4, "sp": True}],
+                                                 "tiny_mixtral": [{"tp": 1, "ep": 2}, {"tp": 2, "sp": True}]}})
+    measured = {  # tokens/s/GPU by run directory's last part; None: out of memory
+        ("tiny_llama", "embedded_gpus1_mbs4_gbs8_seq128"): 1000.0, ("tiny_llama", "embedded_gpus2_mbs4_gbs16_seq128"): 900.0,
+        ("tiny_llama", "embedded_gpus4_mbs4_gbs32_seq128"): 800.0,
+        ("tiny_mixtral", "embedded_gpus1_mbs4_gbs8_seq128"): 600.0,
+        ("tiny_mixtral", "embedded_gpus2_mbs4_gbs16_seq128"): 550.0,
+        ("tiny_mixtral", "embedded_gpus4_mbs4_gbs32_seq128"): None,
+        ("tiny_llama", "embedded_tp2_ep1_dp1_sp_mbs4_gbs8_seq128"): 400.0,
+        ("tiny_llama", "embedded_tp4_ep1_dp1_sp_mbs4_gbs8_seq128"): 300.0,  # 4 GPUs: no MoE run to compare with
+        ("tiny_mixtral", "embedded_tp1_ep2_dp1_mbs4_gbs16_seq128"): 700.0,  # the better of its 2-GPU layouts
+        ("tiny_mixtral", "embedded_tp2_ep1_dp1_sp_mbs4_gbs8_seq128"): 500.0,
+    }
+    records = [record_of(run, measured[run.model, run.name] or 0.0, "ok" if measured[run.model, run.name] else "oom")
+               for run in study.runs]
+    frame = build_frame(study, records, {r.run_dir: Extras(Perf(None)) for r in records})
+    path = tmp_path / "dense_vs_moe.png"
+    fig = dense_vs_moe(study, frame, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1024
+    dp_ax, mp_ax = fig.axes
+    assert (dp_ax.get_title(), mp_ax.get_title()) == ("data parallel (LoRA)", "model parallel (full), best layout")
+
+    dp = {line.get_label(): line for line in dp_ax.lines}
+    assert set(dp) == {"tiny_llama (dense)", "tiny_mixtral (MoE)"}
+    assert (dp["tiny_llama (dense)"].get_linestyle(), dp["tiny_mixtral (MoE)"].get_linestyle()) == ("-", "--")
+    assert list(dp["tiny_llama (dense)"].get_xdata()) == [1, 2, 4]
+    assert list(dp["tiny_llama (dense)"].get_ydata()) == pytest.approx([1000, 900, 800])
+    assert list(dp["tiny_mixtral (MoE)"].get_xdata()) == [1, 2]  # the 4-GPU OOM is left out, not drawn as zero
+
+    mp = {line.get_label(): line for line in mp_ax.lines}
+    assert list(mp["tiny_llama (dense)"].get_xdata()) == [2] and list(mp["tiny_llama (dense)"].get_ydata()) == [400]
+    assert list(mp["tiny_mixtral (MoE)"].get_xdata()) == [2] and list(mp["tiny_mixtral (MoE)"].get_ydata()) == [700]
+    labels = {(text.get_text(), tuple(text.xy)) for text in mp_ax.texts}
+    assert labels == {("tp2 ep1 dp1 sp", (2, 400.0)), ("tp1 ep2 dp1", (2, 700.0))}
+    assert [t.get_text() for t in mp_ax.get_legend().get_texts()] == ["tiny_llama (dense)", "tiny_mixtral (MoE)"]
+    assert dp_ax.get_ylim()[0] == 0 and mp_ax.get_ylim()[0] == 0
+    # The table's dense-vs-MoE rows are the same points.
+    best = best_layouts(study, frame)
+    assert sorted(zip(best["model"], best["layout"])) == [("tiny_llama", "tp2 ep1 dp1 sp"), ("tiny_mixtral", "tp1 ep2 dp1")]
 
 
 # --------------------------------------------------------------------------- references

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from workflow import copy_workflow, snakemake
 
 from ftscale import __version__
 from ftscale.analyze.results import ResultsError, write_results
@@ -58,6 +59,43 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 def test_empty_config_names_the_file():
     with pytest.raises(ConfigError, match=r"^my\.yaml: the configuration is empty"):
         load_study({}, "my.yaml", REPO)
+
+
+BROKEN_YAML = "engine: embedded\nmodels: [tiny_llama\nseed: 1\n"  # the list is never closed: line 3 says so
+
+
+@pytest.mark.parametrize("text, message", [(BROKEN_YAML, "config/config.yaml:3: not valid YAML: expected ',' or ']'"),
+                                           ("", "config/config.yaml: the configuration is empty")])
+def test_snakemake_names_file_and_line_of_a_broken_default_config(tmp_path, text, message):
+    work = copy_workflow(tmp_path)
+    (work / "config/config.yaml").write_text(text)
+    out = snakemake(work, "-n", "results/tables.md", "--cores", "1", env=ENV, check=False)
+    assert out.returncode == 1 and message in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_a_broken_configfile_is_named_by_check_config(tmp_path):
+    """Snakemake's command line reads --configfile before the workflow starts: its own message names no
+    file; `snakemake --verbose` shows YAML's position, `ftscale check-config` names file and line."""
+    work = copy_workflow(tmp_path)
+    (work / "bad.yaml").write_text(BROKEN_YAML)
+    (work / "empty.yaml").write_text("")
+    plain = snakemake(work, "-n", "--configfile", "bad.yaml", "--cores", "1", env=ENV, check=False)
+    assert plain.returncode == 1 and "Config file is not valid JSON or YAML" in plain.stdout + plain.stderr
+    verbose = snakemake(work, "-n", "--verbose", "--configfile", "bad.yaml", "--cores", "1", env=ENV, check=False)
+    assert verbose.returncode == 1 and 'in "bad.yaml", line 3, column 5' in verbose.stdout + verbose.stderr
+    out = ftscale("check-config", "bad.yaml", cwd=work)
+    assert out.returncode == 2 and out.stderr.startswith("ftscale: error: bad.yaml:3: not valid YAML")
+    out = ftscale("check-config", "empty.yaml", cwd=work)
+    assert (out.returncode, out.stderr) == (2, "ftscale: error: empty.yaml: the configuration is empty\n")
+
+
+def test_check_config_validates_and_plans_as_the_workflow(tmp_path):
+    work = copy_workflow(tmp_path)
+    out = ftscale("check-config", "config/config.yaml", cwd=work)
+    assert (out.returncode, out.stdout) == (0, "config/config.yaml: valid: 10 runs of 2 model(s)\n")
+    (work / "gpus.yaml").write_text("tracks: {data_parallel: {gpus: [0]}}\n")  # merged over the default
+    out = ftscale("check-config", "config/config.yaml", "gpus.yaml", cwd=work)
+    assert out.returncode == 2 and "config/config.yaml, gpus.yaml: key 'tracks.data_parallel.gpus[0]' = 0" in out.stderr
 
 
 def test_results_that_cannot_be_written_name_the_file(tmp_path):

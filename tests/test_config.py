@@ -11,6 +11,7 @@ import yaml
 from ftscale.study.models import load_model
 from ftscale.study.schema import ConfigError
 from ftscale.study.sweep import load_study
+from ftscale.workflow import container_image, model_files, nemo_ftscale_command, run_files, workflow_study
 
 
 def study(cfg, root):
@@ -167,3 +168,23 @@ def test_batch_lists_sweep_every_combination(default_config, repo):
     assert sorted(groups) == sorted(f"weak, micro batch {m}, sequence {q}" for m in (1, 2) for q in (64, 128))
     assert all(len(runs) == 2 for runs in groups.values())
     assert len({r.name for r in s.runs_of("data_parallel") if r.model == "tiny_llama"}) == 8
+
+
+def test_the_workflow_lists_each_runs_files_and_names_the_config(default_config, repo):
+    s = workflow_study(default_config, [Path("config/config.yaml")], root=repo)
+    assert s.source == "config/config.yaml"
+    assert run_files(s, "run") == [f"{r.directory}/run.json" for r in s.runs]
+    mp = run_files(s, "metrics", "model_parallel")
+    assert mp == [f"{r.directory}/metrics.jsonl" for r in s.runs if r.track == "model_parallel"] and len(mp) == 4
+    assert model_files(s, "spec") == ["models/tiny_llama/model.yaml", "models/tiny_mixtral/model.yaml"]
+    assert container_image(s) is None and nemo_ftscale_command(s) == "ftscale"  # embedded: no image
+
+
+@pytest.mark.parametrize("container, image", [("nvcr.io/nvidia/nemo:25.09", "docker://nvcr.io/nvidia/nemo:25.09"),
+                                              ("docker://my/nemo:1", "docker://my/nemo:1"), ("none", None)])
+def test_the_nemo_jobs_image_and_command(repo, container, image):
+    cfg = yaml.safe_load((repo / "config" / "workshop.yaml").read_text())
+    cfg.update(container=container, nemo={"python": "/opt/nemo/bin/python"})
+    s = workflow_study(cfg, ["config/workshop.yaml"], root=repo)
+    assert container_image(s) == image
+    assert nemo_ftscale_command(s) == "/opt/nemo/bin/python -m ftscale.cli"

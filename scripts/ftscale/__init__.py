@@ -6,8 +6,8 @@
     run        one job: configure, launch, log format, data, engines
     analyze    logs -> records -> results/ (CSV, tables, plots, comparison)
 
-Imports run forward only (a later package may import an earlier one, never the reverse); ``cli``
-and ``dag`` sit on top. The Snakefile and rules/ only wire files together.
+Imports run forward only (a later package may import an earlier one, never the reverse); ``cli``,
+``dag`` and ``workflow`` (what the rules call) sit on top. The Snakefile and rules/ only wire files together.
 """
 
 from importlib.metadata import PackageNotFoundError, version

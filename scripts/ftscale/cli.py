@@ -4,6 +4,7 @@
     ftscale import-nemo MODEL [--out DIR] [--hf DIR] [--transformer-impl local]
                                                       NeMo's conversion of it, once (models/<m>/nemo)
     ftscale train RUN_DIR/run.json [--cpus N] [--log FILE] [--launch-record FILE]
+    ftscale check-config FILE [FILE ...]              validate config files as the workflow would
     ftscale --version
 
 Run from the workflow's root directory (the repository checkout): models/ and experiments/ are
@@ -23,6 +24,8 @@ from ftscale.run.launch import run_job
 from ftscale.study.models import load_model
 from ftscale.study.paths import RunPaths
 from ftscale.study.schema import ConfigError
+from ftscale.study.sweep import load_config_file
+from ftscale.workflow import workflow_study
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +46,30 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--log", type=Path, help="default: train.log beside run.json")
     train.add_argument("--launch-record", type=Path, help="default: launch.json beside run.json")
     train.add_argument("--cpus", type=int, help="CPUs of the job, shared equally by its ranks (default: all available)")
+    check = sub.add_parser("check-config", help="validate config files as `snakemake --configfile FILE ...` would",
+                           description="Snakemake reads --configfile itself, before the workflow starts, and its "
+                           "message for a YAML syntax error names neither the file nor the line: this does.")
+    check.add_argument("configfiles", nargs="+", type=Path, metavar="FILE")
     return parser
+
+
+def _check_config(files: list[Path]) -> int:
+    """Each file read (file and line of a YAML error), merged as Snakemake merges --configfile FILE
+    FILE ..., then the whole study validated and planned; prints the number of runs."""
+    config: dict = {}
+    for path in files:
+        config = _merged(config, load_config_file(path))
+    study = workflow_study(config, files, root=Path.cwd())
+    print(f"{study.source}: valid: {len(study.runs)} runs of {len(study.models)} model(s)")
+    return 0
+
+
+def _merged(base: dict, update: dict) -> dict:
+    """Snakemake's update_config: nested mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -71,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             convert_to_nemo(model, args.hf or model.checkpoint, args.out or model.paths.nemo_checkpoint,
                             {"transformer_impl": args.transformer_impl})
             return 0
+        if args.command == "check-config":
+            return _check_config(args.configfiles)
         return _train(args)
     except ConfigError as err:
         print(f"ftscale: error: {err}", file=sys.stderr)

@@ -67,9 +67,11 @@ def reference_facts(record: RunRecord) -> dict:
 
 
 def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
-           references: list[Reference] | None = None) -> dict[str, Extras]:
-    """Model FLOPs / MFU, reference flags and provenance of every record, by run directory."""
-    env = environment(study.config, root)
+           references: list[Reference] | None = None, env: dict | None = None) -> dict[str, Extras]:
+    """Model FLOPs / MFU, reference flags and provenance of every record, by run directory. ``env``: the
+    study-wide provenance (``provenance.environment``) when it is not this machine's, as for runs
+    analysed again elsewhere (benchmarks/gpu/reanalyse_examples.py)."""
+    env = env or environment(study.config, root)
     out = {}
     for r in records:
         run_json, launch = run_files(study, r, root)
@@ -89,14 +91,16 @@ class ResultsError(OSError):
     """The results cannot be written (say, results/ is read-only): names the file."""
 
 
-def analysis_frame(study: Study, records: list[RunRecord], root: Path = Path(".")) -> pd.DataFrame:
+def analysis_frame(study: Study, records: list[RunRecord], root: Path = Path("."),
+                   env: dict | None = None) -> pd.DataFrame:
     """The frame every output reads (``ftscale.analyze.frame``)."""
-    return build_frame(study, records, derive(study, records, root, load_references(references_path(study, root))))
+    references = load_references(references_path(study, root))
+    return build_frame(study, records, derive(study, records, root, references, env))
 
 
 def _write_all(study: Study, records: list[RunRecord], csv_path: Path, tables_path: Path, plots_dir: Path,
-               root: Path) -> tuple[list[Path], pd.DataFrame]:
-    frame = analysis_frame(study, records, root)
+               root: Path, env: dict | None = None) -> tuple[list[Path], pd.DataFrame]:
+    frame = analysis_frame(study, records, root, env)
     for path in (csv_path, tables_path, plots_dir):
         try:
             (path if path is plots_dir else path.parent).mkdir(parents=True, exist_ok=True)
@@ -115,14 +119,15 @@ def _write_all(study: Study, records: list[RunRecord], csv_path: Path, tables_pa
 
 
 def write_results(study: Study, csv_path: Path, tables_path: Path, root: Path = Path("."),
-                  plots_dir: Path | None = None, log: Path | None = None) -> list[RunRecord]:
+                  plots_dir: Path | None = None, log: Path | None = None, env: dict | None = None) -> list[RunRecord]:
     """results/scaling.csv, results/tables.md and the plots (default: plots/ beside the tables).
 
-    ``log`` gets the files written and, per run, its status, MFU note and reference entry.
+    ``log`` gets the files written and, per run, its status, MFU note and reference entry; ``env`` as
+    for ``derive``.
     """
     records = collect(study, root)
     written, frame = _write_all(study, records, csv_path, tables_path, plots_dir or tables_path.parent / "plots",
-                                root)
+                                root, env)
     if log:
         lines = [f"wrote {p}" for p in written]
         for _, row in frame.iterrows():
@@ -141,6 +146,20 @@ def not_ok_message(records: list[RunRecord], tables_path: Path) -> str | None:
     more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
     return (f"{tables_path}: {len(bad)} of {len(records)} runs not ok: {listed}{more}. The tables are written "
             "(partial); run the same command again to redo these runs.")
+
+
+class RunsNotOk(Exception):
+    """A run of the tables is not ``ok``: the tables are written, and the workflow must end non-zero."""
+
+
+def write_tables(study: Study, csv_path: Path, tables_path: Path, plots_dir: Path, log: Path,
+                 root: Path = Path(".")) -> list[RunRecord]:
+    """The tables job: ``write_results``, then ``RunsNotOk`` naming the runs that are not ok, so that the
+    workflow ends non-zero as after a failed job (Snakemake's onerror then rewrites the tables marked partial)."""
+    records = write_results(study, csv_path, tables_path, root=root, plots_dir=plots_dir, log=log)
+    if message := not_ok_message(records, tables_path):
+        raise RunsNotOk(message)
+    return records
 
 
 def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root: Path = Path("."),

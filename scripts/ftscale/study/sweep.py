@@ -16,7 +16,7 @@ from ftscale.study.engines import run_errors
 from ftscale.study.layout import Layout
 from ftscale.study.models import Model, load_model
 from ftscale.study.run import TRACKS, Run
-from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, validate
+from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, load_yaml, validate
 
 
 def engines_of(config: dict) -> list[str]:
@@ -99,6 +99,18 @@ def _check_engines(cfg: dict, models: dict[str, Model], source: str) -> None:
         raise ConfigError(
             f"{source}: key 'container' = \"\": engine '{needs[0]}' needs the NeMo container image "
             "(e.g. --config container=nvcr.io/nvidia/nemo:TAG), or \"none\" when NeMo is installed on the nodes")
+
+
+def load_config_file(path: Path | str) -> dict:
+    """A config file read as Snakemake reads one, with errors that name it: the file and line of a YAML
+    syntax error, the file when it is empty or not a mapping of keys."""
+    raw = load_yaml(Path(path))
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path}: the configuration is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping of keys (key: value), "
+                          f"not a {type(raw).__name__}")
+    return raw
 
 
 def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> Study:

@@ -1,0 +1,115 @@
+"""Analyse the committed GPU examples (results/examples/*) again with the current analysis: scaling.csv,
+tables.md and plots/ rewritten from the committed logs, as the workflow's tables job writes them.
+
+    PYTHONPATH=scripts python3 benchmarks/gpu/reanalyse_examples.py [EXAMPLE ...]   # default: every example
+
+Each example is analysed as the study of the config it ran (``EXAMPLES``), from inside its directory,
+so that the CSV's ``source`` column names the log lines as ``experiments/...``. Before that, a run
+directory under an older name is renamed to the name the study now gives the same run (the engine and
+the precision joined the name), with ``name`` and ``run_dir`` in its run.json and ``run`` in its
+launch.json to match; the logs and every other field stay as the run wrote them (launch.json's
+``command`` still names the directory it ran in). A run no run of the study matches stops the script,
+naming its run.json. Running it again renames nothing and writes the same files.
+
+The study-wide provenance (library versions, commit) is what the GPU machine recorded in the example's
+provenance.txt (benchmarks/gpu/run_device.sh), not this machine's: the runs did not run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from ftscale.analyze.provenance import LIBRARIES, environment
+from ftscale.analyze.results import write_results
+from ftscale.study.paths import RunPaths
+from ftscale.study.run import IDENTITY_KEYS
+from ftscale.study.sweep import Study, load_config_file
+from ftscale.workflow import workflow_study
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES_DIR = ROOT / "results" / "examples"
+
+#: example directory -> the config its runs were made with (relative to the repository).
+EXAMPLES = {
+    "2026-11-24-h100-llama31_8b-lora": "benchmarks/gpu/llama8b_lora.yaml",
+    "2026-11-24-h100-llama31_8b-lora-compile": "benchmarks/gpu/llama8b_lora_compile.yaml",
+    "2026-11-24-h100-llama31_8b-lora-compile-ckpt": "benchmarks/gpu/llama8b_lora_compile_ckpt.yaml",
+    "2026-11-24-h200-mixtral_8x7b-lora": "benchmarks/gpu/mixtral_lora.yaml",
+}
+
+
+def example_study(config_file: str) -> Study:
+    """The study as the workflow plans it, with the repository's references (the example has no config/)."""
+    config = load_config_file(ROOT / config_file)
+    config["references"] = str(ROOT / "config" / "references.yaml")
+    return workflow_study(config, [config_file], root=ROOT)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def rename_runs(example: Path, study: Study) -> list[tuple[str, str]]:
+    """Give every run directory of ``example`` the name the study gives the same run; returns (old, new)."""
+    runs = {run.identity: run for run in study.runs}
+    renamed = []
+    for run_json in sorted(example.glob("experiments/*/*/*/run.json")):
+        recorded = json.loads(run_json.read_text())
+        identity = tuple(recorded.get(k) for k in IDENTITY_KEYS)
+        if identity not in runs:
+            raise SystemExit(f"{run_json}: no run of {study.source} has this identity "
+                             f"({', '.join(f'{k}={v}' for k, v in zip(IDENTITY_KEYS, identity))})")
+        run = runs[identity]
+        old = run_json.parent
+        new = example / run.directory
+        if old != new:
+            if new.exists():
+                raise SystemExit(f"{new}: exists already; cannot rename {old} to it")
+            old.rename(new)
+            renamed.append((str(old.relative_to(example)), run.directory))
+        paths = RunPaths(new)
+        if (recorded["name"], recorded["run_dir"]) != (run.name, run.directory):
+            _write_json(paths.run, {**recorded, "name": run.name, "run_dir": run.directory})
+        if paths.launch.is_file() and (launch := json.loads(paths.launch.read_text())).get("run") != run.name:
+            _write_json(paths.launch, {**launch, "run": run.name})
+    return renamed
+
+
+def device_environment(example: Path, config: dict) -> dict:
+    """The study-wide provenance as the GPU machine recorded it in provenance.txt: line 2 the library
+    versions ("torch 2.11.0+cu130 cuda 13.0 transformers 5.23.0 ..."), line 3 the commit."""
+    lines = (example / "provenance.txt").read_text().splitlines()
+    words = lines[1].split()
+    versions = dict(zip(words[::2], words[1::2]))
+    commit = re.match(r"commit ([0-9a-f]{7,40})\b", lines[2])
+    env = environment(config, example)
+    env.update(git_commit=commit[1] if commit else "unknown",
+               versions={name: versions.get(name, "") for name in LIBRARIES})
+    return env
+
+
+def reanalyse(name: str, examples_dir: Path = EXAMPLES_DIR) -> None:
+    example = examples_dir / name
+    study = example_study(EXAMPLES[name])
+    for old, new in rename_runs(example, study):
+        print(f"{name}: {old} -> {new}")
+    here = Path.cwd()
+    os.chdir(example)  # the CSV's sources relative to the example, as the workflow's are to its root
+    try:
+        records = write_results(study, Path("scaling.csv"), Path("tables.md"), plots_dir=Path("plots"),
+                                env=device_environment(Path("."), study.config))
+    finally:
+        os.chdir(here)
+    counts = {s: sum(r.status == s for r in records) for s in sorted({r.status for r in records})}
+    print(f"{name}: scaling.csv, tables.md, plots/ written ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+
+
+if __name__ == "__main__":
+    for example_name in sys.argv[1:] or EXAMPLES:
+        if example_name not in EXAMPLES:
+            raise SystemExit(f"{example_name}: not an example of {EXAMPLES_DIR} (known: {', '.join(EXAMPLES)})")
+        reanalyse(example_name)

@@ -1,0 +1,49 @@
+"""What the Snakefile and rules/*.smk ask of ftscale besides each stage's entry point, so that the rules
+only declare: the study as the workflow loads it, the container and command of its jobs, and the files of
+every run and model. Plain Python, tested without Snakemake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from ftscale.estimate.plan import with_predicted_oom_skipped
+from ftscale.study import paths
+from ftscale.study.sweep import Study, load_study
+
+
+def config_source(configfiles: Iterable[str | Path]) -> str:
+    """The config file(s) as error messages name them (Snakemake's ``workflow.configfiles``)."""
+    return ", ".join(map(str, configfiles)) or "config"
+
+
+def workflow_study(config: dict, configfiles: Iterable[str | Path], root: Path = Path(".")) -> Study:
+    """The validated study of Snakemake's ``config``; with ``plan.skip_predicted_oom``, the runs the plan
+    predicts out of memory are marked to be skipped (they keep their row)."""
+    return with_predicted_oom_skipped(load_study(config, source=config_source(configfiles), root=root))
+
+
+def container_image(study: Study) -> str | None:
+    """The NeMo jobs' image for Snakemake's own container support (--sdm apptainer), else none: the
+    embedded engine needs none, and ``container: none`` means NeMo is installed on the nodes."""
+    image = study.config["container"]
+    if set(study.engines) <= {"embedded"} or image in ("", "none"):
+        return None
+    return image if "://" in image else f"docker://{image}"
+
+
+def nemo_ftscale_command(study: Study) -> str:
+    """ftscale under the nemo engine's own Python when the config names one (``nemo.python``)."""
+    python = study.config["nemo"].get("python")
+    return f"{python} -m ftscale.cli" if python else "ftscale"
+
+
+def run_files(study: Study, role: str, track: str | None = None) -> list[str]:
+    """One file (``paths.RUN_FILES[role]``) of every planned run, or of the runs of one track."""
+    return [f"{run.directory}/{paths.RUN_FILES[role]}" for run in study.runs if track in (None, run.track)]
+
+
+def model_files(study: Study, role: str) -> list[str]:
+    """One file (``paths.MODEL_FILES[role]``) of every model of the study."""
+    return [paths.model_file_pattern(role).format(model=m) for m in study.models]
