@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf
-from ftscale.analyze.parse import RUN_KEYS, RunRecord, parse_run
+from ftscale.analyze.parse import NOT_FAILED, RUN_KEYS, RunRecord, parse_run
 from ftscale.analyze.plots import write_plots
 from ftscale.analyze.provenance import device_name, environment, run_provenance
 from ftscale.analyze.references import Reference, check, load_references
@@ -133,8 +133,9 @@ def write_results(study: Study, csv_path: Path, tables_path: Path, root: Path = 
 
 
 def not_ok_message(records: list[RunRecord], tables_path: Path) -> str | None:
-    """Why the workflow must end non-zero after writing the tables: the runs that are not ``ok``."""
-    bad = [r for r in records if r.status != "ok"]
+    """Why the workflow must end non-zero after writing the tables: the runs that are not ``ok`` (a run the
+    plan skipped is no failure)."""
+    bad = [r for r in records if r.status not in NOT_FAILED]
     if not bad:
         return None
     listed = "; ".join(f"{r.run_dir}: {r.status}" + (f" ({r.reason})" if r.reason else "") for r in bad[:5])
@@ -153,13 +154,13 @@ def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root:
     """
     try:
         records = collect(study, root)
-        if all(r.status == "ok" for r in records):
+        if all(r.status in NOT_FAILED for r in records):
             return  # every run is fine: what failed was elsewhere (e.g. the comparison); tables stay as they are
         written, _ = _write_all(study, records, csv_path, tables_path, plots_dir or tables_path.parent / "plots",
                                 root)
         for path in written:
             os.utime(path, (1, 1))  # 1, not 0: Snakemake reads an mtime of 0 as "none"
-        bad = sum(r.status != "ok" for r in records)
+        bad = sum(r.status not in NOT_FAILED for r in records)
         print(f"[ftscale] partial {tables_path} written: {bad} of {len(records)} runs not ok; run again to redo them")
     except Exception as err:  # noqa: BLE001 - a courtesy after a failure: never hide the original error
         print(f"[ftscale] could not write partial tables: {err}")
@@ -168,7 +169,8 @@ def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root:
 def runs_to_redo(study: Study, root: Path = Path(".")) -> dict[str, str]:
     """Run directory -> why it must run again: its metrics.jsonl is missing (never run, failed, or
     deleted after it finished, with or without its directory), or its log no longer shows a finished
-    run although metrics.jsonl exists (the log was damaged after the run finished)."""
+    run although metrics.jsonl exists (the log was damaged after the run finished). A run the plan skipped
+    is not redone while the plan still skips it."""
     redo = {}
     for run in study.runs:
         if not (root / run.paths.metrics).is_file():
@@ -179,7 +181,7 @@ def runs_to_redo(study: Study, root: Path = Path(".")) -> dict[str, str]:
         except (ValueError, OSError) as err:  # ParseError, bad JSON, unreadable file
             redo[run.directory] = f"its files do not parse: {err}"
             continue
-        if record.status != "ok":
+        if record.status != "ok" and not (record.status == "skipped" and run.skip_reason):
             redo[run.directory] = f"metrics.jsonl exists but the log says {record.status}: {record.reason}"
     return redo
 

@@ -3,9 +3,9 @@
 One table per model and track, its sweep parameters as columns, sorted; a parameter that is the
 same in every row of a table is stated once above it instead. Each definition and note is written
 once, under the section it explains: the MFU formula in the introduction, speedup and efficiency
-under data parallel, the communication formulas under model parallel, the reference entries and the
-runs that are not ``ok`` in their own sections after the tables. Every number goes through
-``fmt_number``: one format.
+under data parallel, the communication formulas under model parallel, the reference entries, the
+runs that are not ``ok`` and those the plan skipped in their own sections after the tables. Every
+number goes through ``fmt_number``: one format.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import pandas as pd
 
 from ftscale.analyze.frame import scaling_rows
+from ftscale.analyze.parse import NOT_FAILED
 from ftscale.analyze.references import ASPECTS
 from ftscale.estimate import flops as flops_mod
 from ftscale.study.sweep import Study
@@ -234,13 +235,20 @@ def track_section(study: Study, frame: pd.DataFrame, track: str) -> list[str]:
 
 
 def not_ok_section(frame: pd.DataFrame) -> list[str]:
-    bad = frame[frame["status"] != "ok"]
-    if bad.empty:
-        return []
-    out = ["## Runs not ok", "", "Their rows above keep the status; their figures stay blank and the plots leave them "
-           "out. Running the workflow again redoes them and rewrites these tables.", ""]
-    out += [f"- `{row['run_dir']}`: {_status(row)}" for _, row in bad.iterrows()]
-    return out + [""]
+    """The runs that failed (redone by the next invocation), then those the plan skipped (no failure)."""
+    out = []
+    bad = frame[~frame["status"].isin(NOT_FAILED)]
+    if not bad.empty:
+        out += ["## Runs not ok", "", "Their rows above keep the status; their figures stay blank and the plots leave "
+                "them out. Running the workflow again redoes them and rewrites these tables.", ""]
+        out += [f"- `{row['run_dir']}`: {_status(row)}" for _, row in bad.iterrows()] + [""]
+    skipped = frame[frame["status"].eq("skipped")]
+    if not skipped.empty:
+        out += ["## Runs skipped", "", "Not trained: the plan predicts them out of memory on the target GPU "
+                "(`plan.skip_predicted_oom`; `results/plan.md` has the prediction). Their rows above keep the status; "
+                "their measured figures stay blank.", ""]
+        out += [f"- `{row['run_dir']}`: {_status(row)}" for _, row in skipped.iterrows()] + [""]
+    return out
 
 
 def references_section(frame: pd.DataFrame) -> list[str]:
@@ -287,7 +295,7 @@ def render_tables(study: Study, frame: pd.DataFrame, plots: Mapping[str, Path] |
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
     out = ["# Fine-tuning scaling study", "",
            f"Configuration: `{study.source}`; engine `{study.config['engine']}`; {len(frame)} runs ({summary}).", ""]
-    bad = int((frame["status"] != "ok").sum())
+    bad = int((~frame["status"].isin(NOT_FAILED)).sum())
     if bad:
         out += [f"**Partial results**: {bad} of {len(frame)} runs not ok (see *Runs not ok* below).", ""]
     intro = ("Every figure comes from a run's own log; `results/scaling.csv` names the log lines (column `source`). "
