@@ -2,7 +2,9 @@
 results/scaling.csv, results/tables.md and the plots under results/plots/.
 
 Each record gets its model FLOPs and MFU (``ftscale.analyze.frame.model_perf``), its verdicts against
-config/references.yaml (``ftscale.analyze.references``) and its provenance (``ftscale.analyze.provenance``): ``derive``.
+config/references.yaml (``ftscale.analyze.references``), the planner's prediction against the config's
+``plan`` target (``ftscale.analyze.frame.prediction_columns``) and its provenance
+(``ftscale.analyze.provenance``): ``derive``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf
+from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf, prediction_columns
 from ftscale.analyze.parse import NOT_FAILED, RUN_KEYS, RunRecord, parse_run
 from ftscale.analyze.plots import write_plots
 from ftscale.analyze.provenance import device_name, environment, run_provenance
 from ftscale.analyze.references import Reference, check, load_references
 from ftscale.analyze.tables import render_tables
 from ftscale.estimate.flops import peak_tflops_for
+from ftscale.estimate.plan import Target
 from ftscale.study.paths import RunPaths
 from ftscale.study.sweep import Study
 
@@ -68,8 +71,10 @@ def reference_facts(record: RunRecord) -> dict:
 
 def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
            references: list[Reference] | None = None) -> dict[str, Extras]:
-    """Model FLOPs / MFU, reference flags and provenance of every record, by run directory."""
+    """Model FLOPs / MFU, reference flags, the planner's prediction and provenance of every record, by run
+    directory."""
     env = environment(study.config, root)
+    target = Target.from_config(study.config)
     out = {}
     for r in records:
         run_json, launch = run_files(study, r, root)
@@ -77,7 +82,9 @@ def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
         measured = {"step_time_s": r.step_time_s, "tokens_per_s_per_gpu": r.tokens_per_s_per_gpu,
                     "peak_mem_mib": r.peak_mem_mib, "tflops_per_gpu": perf.tflops_per_gpu}
         ref = check(references or [], reference_facts(r), measured)
-        out[r.run_dir] = Extras(perf=perf, ref=ref, provenance=run_provenance(r.layout, run_json, launch, env))
+        predicted = prediction_columns(study.models[r.model].spec, r, run_json, target)
+        out[r.run_dir] = Extras(perf=perf, ref=ref, predicted=predicted,
+                                provenance=run_provenance(r.layout, run_json, launch, env))
     return out
 
 
