@@ -268,6 +268,26 @@ def test_the_gpu_examples_get_predicted_columns_with_their_errors(run_dir):
         assert cols.get("peak_mem_error_pct") is None
 
 
+def test_mp_memory_plot_shows_the_model_state_and_its_prediction(tmp_path):
+    study = study_of(model_parallel={"layouts": {"tiny_mixtral": [{"tp": 1, "ep": 2}, {"tp": 2, "sp": True},
+                                                                  {"tp": 2, "ep": 2, "sp": True}]}})
+    records = [mp_record("tiny_mixtral", 1, 2, 9.0), mp_record("tiny_mixtral", 2, 1, 8.0),
+               mp_record("tiny_mixtral", 2, 2, 4.7), mp_record("tiny_mixtral", 2, 2, None, "oom")]
+    records[-1].run_dir += "_failed"  # a fourth row, failed: left out of the bars
+    spec = load_model("tiny_mixtral", REPO).spec
+    extras = {r.run_dir: Extras(Perf(None), predicted=prediction_columns(spec, r, {**r.to_dict(), "precision": "fp32",
+                                                                                       "lora": None}, Target()))
+              for r in records}
+    frame = build_frame(study, records, extras)
+    fig = mp_memory(study, frame, tmp_path / "m.png")
+    ax = fig.axes[0]
+    assert [b.get_height() for b in ax.patches] == [9.0, 8.0, 4.7]  # measured state, not the 800 MiB of RSS
+    assert "model state" in ax.get_ylabel()
+    predicted = ax.collections[0].get_offsets()[:, 1]
+    assert list(predicted) == pytest.approx(list(frame["predicted_state_mib"][:3]))
+    assert any("(oom)" in t.get_text() for t in ax.texts)
+
+
 # --------------------------------------------------------------------------- references
 
 
