@@ -13,13 +13,16 @@ import pytest
 import yaml
 
 from ftscale.analyze.compare import CompareError, merge, write_comparison
-from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, model_perf
+from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, model_perf, prediction_columns
 from ftscale.analyze.parse import RUN_KEYS, RunRecord, parse_run
 from ftscale.analyze.plots import PLOTS, _dp_plot, dense_vs_moe, mp_memory
 from ftscale.analyze.provenance import SCHEMA_VERSION, device_name
 from ftscale.analyze.references import ReferencesError, check, flag_value, load_references
 from ftscale.analyze.results import RunsNotOk, write_results, write_tables
 from ftscale.analyze.tables import best_layouts
+from ftscale.estimate.comm import params_per_gpu
+from ftscale.estimate.plan import Target
+from ftscale.study.models import load_model
 from ftscale.study.sweep import load_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,6 +263,83 @@ def test_dense_vs_moe_plot_compares_like_with_like_and_labels_the_layouts(tmp_pa
     # The table's dense-vs-MoE rows are the same points.
     best = best_layouts(study, frame)
     assert sorted(zip(best["model"], best["layout"])) == [("tiny_llama", "tp2 ep1 dp1 sp"), ("tiny_mixtral", "tp1 ep2 dp1")]
+
+
+# --------------------------------------------------------------------------- predicted vs measured
+
+
+def mp_record(model: str, tp: int, ep: int, state: float | None, status: str = "ok") -> RunRecord:
+    """A model-parallel CPU run of ``model`` as the embedded engine reports it (fp32, RSS)."""
+    good = status == "ok"
+    name = f"embedded_tp{tp}_ep{ep}_dp1{'_sp' if tp > 1 else ''}_mbs4_gbs8_seq128"
+    return RunRecord(run=name, track="model_parallel", model=model, engine="embedded", gpus=tp * ep, tp=tp, ep=ep,
+                     dp=1, sp=tp > 1, micro_batch=4, global_batch=8, seq_length=128, steps=12, warmup_steps=2,
+                     status=status, step_time_s=0.1 if good else None, tokens_per_s=8 * 128 / 0.1 if good else None,
+                     tokens_per_s_per_gpu=8 * 128 / 0.1 / (tp * ep) if good else None,
+                     peak_mem_mib=800.0 if good else None, mem_kind="rss" if good else "", state_mib=state,
+                     layout={"device": "cpu", "dtype": "float32"}, run_dir=f"experiments/model_parallel/{model}/{name}")
+
+
+def test_on_the_cpu_only_the_model_state_is_compared_with_the_prediction():
+    study = study_of()
+    r = mp_record("tiny_llama", 2, 1, state=4.5)
+    run = study.run_by_dir(r.run_dir).to_dict()
+    cols = prediction_columns(load_model("tiny_llama", REPO).spec, r, run, Target())
+    # full fine-tuning in fp32: weights, gradients and AdamW's two moments, 16 bytes per parameter held
+    predicted = params_per_gpu(TINY, 2, 1) * 16 / 2**20
+    assert cols["predicted_state_mib"] == pytest.approx(predicted)
+    assert cols["state_error_pct"] == pytest.approx((predicted - 4.5) / 4.5 * 100)
+    assert cols["predicted_peak_mem_mib"] > 0 and cols["predicted_step_time_s"] > 0  # in the CSV, as predicted
+    assert cols.get("peak_mem_error_pct") is None and cols.get("step_time_error_pct") is None  # RSS, CPU time
+    assert "RSS" in cols["prediction_note"] and "model state is" in cols["prediction_note"]
+    failed = prediction_columns(load_model("tiny_llama", REPO).spec, mp_record("tiny_llama", 2, 1, None, "oom"), run,
+                                Target())
+    assert failed.get("state_error_pct") is None and failed["prediction_note"] == "run oom: nothing measured to compare"
+
+
+def _example_runs() -> list[Path]:
+    return sorted(p.parent for p in (REPO / "results" / "examples").glob("*/experiments/*/*/*/run.json"))
+
+
+@pytest.mark.parametrize("run_dir", _example_runs(), ids=lambda p: f"{p.parents[4].name}/{p.name}")
+def test_the_gpu_examples_get_predicted_columns_with_their_errors(run_dir):
+    """What the analysis adds to each committed GPU example: CUDA peak and step time compared (the plan's
+    calibration, tests/test_plan.py), state blank with the reason (these logs predate state_mib)."""
+    example = run_dir.parents[3]
+    rec = parse_run(run_dir, root=example)
+    cols = prediction_columns(load_model(rec.model, REPO).spec, rec, json.loads((run_dir / "run.json").read_text()),
+                              Target())
+    assert cols["predicted_peak_mem_mib"] > 0 and cols["predicted_step_time_s"] > 0
+    if rec.status == "ok":
+        assert rec.mem_kind == "cuda"
+        assert abs(cols["peak_mem_error_pct"]) <= 15
+        assert cols["step_time_error_pct"] == pytest.approx((cols["predicted_step_time_s"] - rec.step_time_s)
+                                                            / rec.step_time_s * 100)
+        assert cols["state_error_pct"] is None and "no state_mib" in cols["prediction_note"]
+        assert "798 TFLOP/s (plan.matmul_tflops)" in cols["prediction_note"]
+    else:
+        assert rec.status == "oom" and cols["predicted_peak_mem_mib"] > 80 * 1024
+        assert cols.get("peak_mem_error_pct") is None
+
+
+def test_mp_memory_plot_shows_the_model_state_and_its_prediction(tmp_path):
+    study = study_of(model_parallel={"layouts": {"tiny_mixtral": [{"tp": 1, "ep": 2}, {"tp": 2, "sp": True},
+                                                                  {"tp": 2, "ep": 2, "sp": True}]}})
+    records = [mp_record("tiny_mixtral", 1, 2, 9.0), mp_record("tiny_mixtral", 2, 1, 8.0),
+               mp_record("tiny_mixtral", 2, 2, 4.7), mp_record("tiny_mixtral", 2, 2, None, "oom")]
+    records[-1].run_dir += "_failed"  # a fourth row, failed: left out of the bars
+    spec = load_model("tiny_mixtral", REPO).spec
+    extras = {r.run_dir: Extras(Perf(None), predicted=prediction_columns(spec, r, {**r.to_dict(), "precision": "fp32",
+                                                                                       "lora": None}, Target()))
+              for r in records}
+    frame = build_frame(study, records, extras)
+    fig = mp_memory(study, frame, tmp_path / "m.png")
+    ax = fig.axes[0]
+    assert [b.get_height() for b in ax.patches] == [9.0, 8.0, 4.7]  # measured state, not the 800 MiB of RSS
+    assert "model state" in ax.get_ylabel()
+    predicted = ax.collections[0].get_offsets()[:, 1]
+    assert list(predicted) == pytest.approx(list(frame["predicted_state_mib"][:3]))
+    assert any("(oom)" in t.get_text() for t in ax.texts)
 
 
 # --------------------------------------------------------------------------- references

@@ -4,8 +4,10 @@ GPU-hours, the skip of predicted-OOM runs through the run stage, and state_mib i
 from __future__ import annotations
 
 import copy
+import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,47 @@ def test_measured_state_bytes_counts_dtensor_shards_locally():
     opt.step()
     assert state_bytes(model, opt) == 32 * 4 * 4 + 4  # + exp_avg, exp_avg_sq and the fp32 step counter
     json.dumps(state_bytes(model, opt))
+
+
+def test_a_skipped_run_is_shown_in_the_tables_and_fails_nothing(tmp_path):
+    """A run the plan skipped keeps its row and is listed apart from failures: the tables job does not fail
+    on it (``not_ok_message``), the tables are not marked partial, and the main command does not redo it
+    while the plan still skips it."""
+    from ftscale.analyze.results import not_ok_message, runs_to_redo, write_results
+
+    cfg = {"models": ["tiny_llama"], "engine": "embedded",
+           "batch": {"micro_batch": 4, "global_batch": 8, "seq_length": 128, "steps": 12, "warmup_steps": 2},
+           "tracks": {"data_parallel": {"gpus": [2], "scaling": ["weak"]},
+                      "model_parallel": {"layouts": {"tiny_llama": [{"tp": 2, "sp": True}]},
+                                         "batch": {"micro_batch": 64, "global_batch": 64}}},
+           # 200 MiB: above the LoRA run's predicted peak, below the full fine-tuning run's at micro batch 64
+           "plan": {"gpu_memory_gib": 200 / 1024, "skip_predicted_oom": True}}
+    study = with_predicted_oom_skipped(load_study(cfg, "skip.yaml", root=REPO))
+    (skipped,) = [r for r in study.runs if r.skip_reason]
+    (kept,) = [r for r in study.runs if not r.skip_reason]
+    assert skipped.track == "model_parallel" and kept.name == "embedded_gpus2_mbs4_gbs16_seq128"
+
+    shutil.copytree(REPO / "tests/fixtures/embedded/complete", tmp_path / kept.directory)  # a finished run
+    run_dir = tmp_path / skipped.directory
+    run_dir.mkdir(parents=True)
+    write_run_files(skipped.to_dict(), "#!/bin/bash\n", str(run_dir / "run.json"), str(run_dir / "run.sbatch"),
+                    str(run_dir / "configure.log"))
+    assert run_job(run_dir / "run.json", run_dir / "train.log", run_dir / "launch.json", cpus=1) == 0
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "references.yaml", tmp_path / "config")
+
+    records = write_results(study, tmp_path / "results/scaling.csv", tmp_path / "results/tables.md", root=tmp_path)
+    assert [r.status for r in records] == ["ok", "skipped"]
+    assert not_ok_message(records, Path("results/tables.md")) is None
+    md = (tmp_path / "results/tables.md").read_text()
+    assert "2 runs (1 ok, 1 skipped)" in md and "Partial results" not in md and "## Runs not ok" not in md
+    section = md.split("## Runs skipped")[1].split("## ")[0]
+    assert f"- `{skipped.directory}`: skipped: predicted OOM: " in section
+    table = md.split("### tiny_llama (model parallel)")[1].split("##")[0]
+    assert "| skipped: predicted OOM: " in table  # its row, with the plan's reason
+    row = next(r for r in csv.DictReader((tmp_path / "results/scaling.csv").open()) if r["status"] == "skipped")
+    assert float(row["predicted_peak_mem_mib"]) > 200 and row["peak_mem_mib"] == ""
+    assert skipped.directory not in runs_to_redo(study, tmp_path)  # (the fixture run has no metrics.jsonl)
+    # once the plan no longer skips it, it is a run to do
+    unskipped = load_study({**cfg, "plan": {}}, "skip.yaml", root=REPO)
+    assert skipped.directory in runs_to_redo(unskipped, tmp_path)

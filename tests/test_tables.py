@@ -108,11 +108,11 @@ def test_every_paragraph_once_constants_above_the_table_and_oversubscription():
 
 def test_extra_numeric_columns_flow_to_the_csv(tmp_path):
     records = [rec(1, 8, 1.0), rec(2, 16, 1.1), rec(4, 32, 1.25)]
-    planned = {g: {"predicted_peak_mem_mib": 100.0 * g, "predicted_step_time_s": 0.5 * g} for g in (1, 2, 4)}
-    frame = frame_of(study(["weak"]), records, planned)
+    extra = {g: {"energy_kwh": 0.1 * g, "queue_wait_s": 5.0 * g} for g in (1, 2, 4)}
+    frame = frame_of(study(["weak"]), records, extra)
     csv = tmp_path / "scaling.csv"
     csv_frame(frame).to_csv(csv, index=False)
     header = csv.read_text().splitlines()[0].split(",")
     assert header[:len(CSV_COLUMNS)] == CSV_COLUMNS
-    assert header[len(CSV_COLUMNS):] == ["predicted_peak_mem_mib", "predicted_step_time_s"]
+    assert header[len(CSV_COLUMNS):] == ["energy_kwh", "queue_wait_s"]
     assert "run_dir" not in header

@@ -14,6 +14,7 @@ import yaml
 from workflow import copy_workflow, snakemake
 
 from ftscale.analyze.plots import PLOTS
+from ftscale.analyze.tables import fmt_number
 from ftscale.estimate.flops import training_flops_per_token
 
 CONFIG = "tests/config/e2e.yaml"
@@ -30,10 +31,11 @@ def finished(tmp_path_factory) -> Path:
 
 def test_every_row_comes_from_its_runs_log(finished):
     rows = list(csv.DictReader((finished / "results" / "scaling.csv").open()))
-    # 2 models x (1, 2 GPUs weak, 2 GPUs strong; the 1-GPU run serves both modes) + 2 model-parallel runs
-    assert len(rows) == 8
+    # 2 models x (1, 2 GPUs weak, 2 GPUs strong; the 1-GPU run serves both modes) + 4 model-parallel runs
+    assert len(rows) == 10
     assert {(r["model"], r["run"].split("_mbs")[0]) for r in rows if r["track"] == "model_parallel"} == {
-        ("tiny_llama", "embedded_tp2_ep1_dp1_sp"), ("tiny_mixtral", "embedded_tp1_ep2_dp1")}
+        ("tiny_llama", "embedded_tp2_ep1_dp1_sp"), ("tiny_mixtral", "embedded_tp1_ep2_dp1"),
+        ("tiny_mixtral", "embedded_tp2_ep1_dp1_sp"), ("tiny_mixtral", "embedded_tp2_ep2_dp1_sp")}
     for row in rows:
         assert row["status"] == "ok", row
         run_dir = finished / "experiments" / row["track"] / row["model"] / row["run"]
@@ -42,6 +44,7 @@ def test_every_row_comes_from_its_runs_log(finished):
         times = [float(line.split("step_time_s=")[1].split()[0]) for line in lines[1:]]
         assert float(row["step_time_s"]) == pytest.approx(statistics.median(times), rel=1e-9)
         assert float(row["peak_mem_mib"]) == max(float(line.split("peak_mem_mib=")[1].split()[0]) for line in lines)
+        assert float(row["state_mib"]) == max(float(line.split("state_mib=")[1].split()[0]) for line in lines)
         assert float(row["wall_s"]) == json.loads((run_dir / "launch.json").read_text())["wall_s"]
         assert (finished / row["source"].split(":")[0]).resolve() == (run_dir / "train.log").resolve()
         assert json.loads((run_dir / "run.json").read_text())["global_batch"] == int(row["global_batch"])
@@ -57,6 +60,30 @@ def test_model_parallel_rows_show_the_layout_that_ran(finished):
     md = (finished / "results" / "tables.md").read_text()
     section = md.split("## Model parallel (full fine-tuning)")[1]
     assert "### tiny_llama" in section and "### tiny_mixtral" in section
+
+
+def test_model_state_falls_with_tp_and_ep_as_predicted(finished):
+    """The CPU default's lesson the RSS column cannot show: TP and EP divide the model state per GPU, in the
+    CSV and the tables (the plot: tests/test_analysis.py); the plan predicts it, and on the CPU only the
+    state is compared."""
+    rows = {r["run"].split("_mbs")[0]: r for r in csv.DictReader((finished / "results" / "scaling.csv").open())
+            if r["model"] == "tiny_mixtral" and r["track"] == "model_parallel"}
+    state = {layout: float(row["state_mib"]) for layout, row in rows.items()}
+    assert state["embedded_tp2_ep2_dp1_sp"] < 0.75 * state["embedded_tp1_ep2_dp1"]  # TP 1 -> 2 at EP 2
+    assert state["embedded_tp2_ep2_dp1_sp"] < 0.75 * state["embedded_tp2_ep1_dp1_sp"]  # EP 1 -> 2 at TP 2
+    for row in csv.DictReader((finished / "results" / "scaling.csv").open()):
+        assert abs(float(row["state_error_pct"])) < 0.1, row  # predicted state vs measured, every run
+        assert row["peak_mem_error_pct"] == row["step_time_error_pct"] == ""  # RSS and CPU time: not compared
+        assert float(row["predicted_peak_mem_mib"]) > 0 and "RSS" in row["prediction_note"]
+    md = (finished / "results" / "tables.md").read_text()
+    section = md.split("### tiny_mixtral (model parallel)")[1].split("###")[0]
+    header, _, *lines = [[c.strip() for c in x.strip("|").split("|")] for x in section.splitlines() if x.startswith("|")]
+    assert "model state/GPU (MiB)" in header and "peak mem error" not in section and "step time error" not in section
+    assert "state error" in header or "; state error " in section  # a column, or one value stated above it
+    table = {(x[header.index("TP")], x[header.index("EP")]): dict(zip(header, x)) for x in lines}
+    for layout, row in rows.items():
+        assert table[row["tp"], row["ep"]]["model state/GPU (MiB)"] == fmt_number(state[layout])
+    assert "On the CPU the predicted peak memory and step time are those of a GPU" in md
 
 
 def test_tables_have_both_scaling_modes_per_model(finished):
@@ -115,7 +142,7 @@ def test_compare_rule_reads_the_participants_folder(finished):
         writer.writerows({**row, "participant": "other"} for row in rows)
     snakemake(finished, "results/comparison.md", "--cores", "1", "--configfile", CONFIG, env=ENV)
     md = re.sub(r" +", " ", (finished / "results" / "comparison.md").read_text())
-    assert "16 runs of 2 participant(s)" in md and "| e2e |" in md and "| other |" in md
+    assert "20 runs of 2 participant(s)" in md and "| e2e |" in md and "| other |" in md
     assert (finished / "results" / "plots" / "comparison.png").stat().st_size > 1024
 
 

@@ -2,8 +2,8 @@
 
 results/scaling.csv, the tables, the plots and the participant comparison all read this frame.
 Columns: ``CSV_COLUMNS`` first, in that order; any other field a record or its ``Extras`` carries
-(say, a planner's ``predicted_peak_mem_mib``) follows them, into the CSV as well, without code
-changes here. ``INTERNAL`` columns (the run directory) stay out of the CSV.
+(say, a site's ``energy_kwh``) follows them, into the CSV as well, without code changes here.
+``INTERNAL`` columns (the run directory) stay out of the CSV.
 
 Derived per run:
 - model FLOPs and MFU (``model_perf``): FLOPs/token from ``ftscale.estimate.flops.training_flops_per_token``
@@ -17,6 +17,9 @@ Derived per run:
 - ``oversubscribed``: the job had fewer CPUs than processes on a node (launch.json ``cpus``);
 - model parallel: parameters per GPU by formula and the analytic bytes each GPU sends per step
   (``ftscale.estimate.comm``);
+- predicted vs measured (``prediction_columns``), for every run: the planner's peak memory per GPU,
+  model state and step time (``ftscale.estimate.plan.predict``), and the error of each,
+  (predicted - measured) / measured in %, where the two measure the same thing;
 - reference verdicts (``ftscale.analyze.references``) and provenance (``ftscale.analyze.provenance``).
 Rows that are not ``ok`` keep their status and reason; their measured and derived columns stay blank.
 """
@@ -33,16 +36,21 @@ from ftscale.analyze.provenance import RUN_COLUMNS, STUDY_COLUMNS, device_name
 from ftscale.analyze.references import ASPECTS, RefResult
 from ftscale.estimate import flops as flops_mod
 from ftscale.estimate.comm import comm_bytes_per_step, params_per_gpu
+from ftscale.estimate.plan import Target, error_pct, predict
 from ftscale.study.layout import Layout
 from ftscale.study.sweep import Study
 
+#: What the planner predicts for a run, the error of each against the run's measurement, and why an
+#: error is blank (``prediction_columns``).
+PREDICTION_COLUMNS = ["predicted_peak_mem_mib", "predicted_state_mib", "predicted_step_time_s", "peak_mem_error_pct",
+                      "state_error_pct", "step_time_error_pct", "prediction_note"]
 CSV_COLUMNS = [
     "schema_version", "participant",
     "track", "model", "run", "engine", "weights", "scaling", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
     "global_batch", "seq_length", "steps", "warmup_steps", "steps_done", "step_time_s", "tokens_per_s",
     "tokens_per_s_per_gpu", "speedup", "efficiency", "flops_per_token", "tflops_per_gpu", "mfu", "mfu_note",
-    "peak_mem_mib", "reserved_mib", "mem_kind", "state_mib", "wall_s", "loss_first", "loss_last", "oversubscribed",
-    "params_per_gpu", "params_per_gpu_formula", "comm_tp_mib", "comm_ep_mib", "comm_dp_mib", "status", "reason",
+    "peak_mem_mib", "reserved_mib", "mem_kind", "state_mib", *PREDICTION_COLUMNS, "wall_s", "loss_first",
+    "loss_last", "oversubscribed", "params_per_gpu", "params_per_gpu_formula", "comm_tp_mib", "comm_ep_mib", "comm_dp_mib", "status", "reason",
     *(f"ref_{a}" for a in ASPECTS), "ref_name", "ref_source",
     "source", *RUN_COLUMNS, *STUDY_COLUMNS,
 ]
@@ -63,10 +71,11 @@ class Perf:
 @dataclass(frozen=True)
 class Extras:
     """What the analysis adds to a record: model FLOPs, reference verdicts, and further columns
-    (provenance, and whatever else is added here: every key becomes a column)."""
+    (the planner's prediction, provenance, and whatever else is added here: every key becomes a column)."""
 
     perf: Perf
     ref: RefResult = field(default_factory=lambda: RefResult(None))
+    predicted: Mapping[str, object] = field(default_factory=dict)
     provenance: Mapping[str, object] = field(default_factory=dict)
 
 
@@ -96,6 +105,35 @@ def model_perf(arch: Mapping, record: RunRecord, lora: Mapping | None) -> Perf:
     return Perf(per_token, tflops, flops_mod.mfu(record.tokens_per_s_per_gpu, per_token, peak.flops), note)
 
 
+def prediction_columns(spec: Mapping, record: RunRecord, run_json: Mapping, target: Target) -> dict[str, object]:
+    """The planner's prediction for a run (``ftscale.estimate.plan.predict`` on its run.json, with the dtype
+    and engine options its log's layout line read back) and its error against what the run measured,
+    only where the two are like with like:
+
+    - model state (parameters, gradients, optimizer state) on every device, where the log has ``state_mib``;
+    - peak memory only where it is CUDA max allocated: on the CPU the measured peak is the process's
+      RSS, mostly the runtime, which a GPU allocation model does not describe;
+    - step time only on a GPU: the prediction is for the target GPU (``plan.matmul_tflops``).
+
+    ``prediction_note`` says which errors are blank and why. ``spec``: the model.yaml dict."""
+    pred = predict(run_json, spec, target=target, built=record.layout or None)
+    out: dict[str, object] = {k: pred[k] for k in PREDICTION_COLUMNS if k in pred}
+    if record.status != "ok":
+        return {**out, "prediction_note": f"run {record.status}: nothing measured to compare"}
+    on_gpu = record.mem_kind == "cuda"
+    out["state_error_pct"] = error_pct(pred["predicted_state_mib"], record.state_mib)
+    if on_gpu:
+        out["peak_mem_error_pct"] = error_pct(pred["predicted_peak_mem_mib"], record.peak_mem_mib)
+        out["step_time_error_pct"] = error_pct(pred["predicted_step_time_s"], record.step_time_s)
+    notes = [] if record.state_mib is not None else ["the log has no state_mib"]
+    if on_gpu:
+        notes.append(f"step time predicted at {target.matmul_tflops:g} TFLOP/s (plan.matmul_tflops)")
+    else:
+        notes.append("peak memory is the process's RSS and the step a CPU's: the GPU prediction of both is not "
+                     "compared, the model state is")
+    return {**out, "prediction_note": "; ".join(notes)}
+
+
 def model_parallel_columns(study: Study, r: RunRecord) -> dict[str, object]:
     """Parameters per GPU (read back by the run, and by formula) and the analytic MiB each GPU sends
     per optimizer step, by kind, in the run's precision (``ftscale.estimate.comm``)."""
@@ -122,6 +160,7 @@ def record_row(study: Study, r: RunRecord, x: Extras) -> dict[str, object]:
                ref_summary=x.ref.summary())
     row.update({f"ref_{a}": x.ref.flag(a) for a in ASPECTS})
     row.update(model_parallel_columns(study, r))
+    row.update(x.predicted)
     row.update(x.provenance)
     return row
 

@@ -33,6 +33,10 @@ FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
     ("failed", "error", re.compile(r"\[ftscale\] error=(?P<kind>\w+) (?P<msg>.*)")),
 ]
 
+#: Statuses that are no failure: ``skipped`` is the plan's decision (``plan.skip_predicted_oom``), not the
+#: run's fault; the workflow neither fails nor redoes such a run.
+NOT_FAILED = ("ok", "skipped")
+
 # The run.json keys every record repeats (the run's identity and batch).
 RUN_KEYS = ("track", "model", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch", "seq_length",
             "steps", "warmup_steps")

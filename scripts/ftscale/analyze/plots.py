@@ -29,7 +29,7 @@ PLOTS: dict[str, str] = {
     "dp_throughput": "Data parallel (LoRA): throughput vs GPUs",
     "dp_efficiency": "Data parallel (LoRA): scaling efficiency vs GPUs",
     "dp_step_time": "Data parallel (LoRA): step time vs GPUs",
-    "mp_memory": "Model parallel (full fine-tuning): peak memory per GPU by layout",
+    "mp_memory": "Model parallel (full fine-tuning): memory per GPU by layout",
     "dense_vs_moe": "Dense vs mixture of experts: tokens/s/GPU vs GPUs",
 }
 DPI = 110
@@ -118,6 +118,9 @@ def _dp_plot(study: Study, frame: pd.DataFrame, path: Path, metric: str) -> Figu
 
 
 def mp_memory(study: Study, frame: pd.DataFrame, path: Path) -> Figure:
+    """Per model, one bar per layout: the model state per GPU the runs measured (``state_mib``: what TP
+    and EP divide), the plan's prediction of it marked beside; where no run of the model reports its
+    state (logs from before it, NeMo), the peak memory instead, labelled as such."""
     mp = frame[frame["track"] == "model_parallel"]
     models = [m for m in study.models if (mp["model"] == m).any()]
     fig, axes = _figure(len(models), PLOTS["mp_memory"])
@@ -125,14 +128,25 @@ def mp_memory(study: Study, frame: pd.DataFrame, path: Path) -> Figure:
         _empty(axes[0], "no model-parallel runs in this study")
     for ax, model in zip(axes, models):
         recs = mp[mp["model"] == model].sort_values(["gpus", "tp", "ep"])
-        good = recs[ok(recs) & recs["peak_mem_mib"].notna()]
+        state = recs["state_mib"].notna().any()
+        metric = "state_mib" if state else "peak_mem_mib"
+        good = recs[ok(recs) & recs[metric].notna()]
         ax.set_title(model)
         if not good.empty:
-            bars = ax.bar(good.apply(layout_label, axis=1), good["peak_mem_mib"], color="tab:blue")
-            ax.bar_label(bars, fmt="{:,.0f}", fontsize=7)
+            labels = good.apply(layout_label, axis=1)
+            bars = ax.bar(labels, good[metric], color="tab:blue", label="measured")
+            ax.bar_label(bars, fmt="{:,.1f}" if state else "{:,.0f}", fontsize=7, padding=4)
             ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-            kinds = sorted({"RSS" if k == "rss" else "CUDA" for k in good["mem_kind"]})
-            ax.set_ylabel(f"peak memory per GPU (MiB, {'/'.join(kinds)})")
+            if state:
+                ax.scatter(labels, good["predicted_state_mib"], marker="_", s=400, color="black", zorder=3,
+                           label="predicted")
+                ax.set_ylabel("model state per GPU (MiB: parameters,\ngradients, optimizer state)")
+                ax.legend(fontsize=8, loc="lower right")
+            else:
+                kinds = sorted({"RSS" if k == "rss" else "CUDA" for k in good["mem_kind"]})
+                ax.set_ylabel(f"peak memory per GPU (MiB, {'/'.join(kinds)})")
+            ax.margins(y=0.1)  # room for the labels above the tallest bar
+            ax.set_ylim(bottom=0)
             ax.grid(True, axis="y", alpha=0.3)
         else:
             _empty(ax, "no successful runs")

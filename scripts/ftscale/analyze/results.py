@@ -2,7 +2,9 @@
 results/scaling.csv, results/tables.md and the plots under results/plots/.
 
 Each record gets its model FLOPs and MFU (``ftscale.analyze.frame.model_perf``), its verdicts against
-config/references.yaml (``ftscale.analyze.references``) and its provenance (``ftscale.analyze.provenance``): ``derive``.
+config/references.yaml (``ftscale.analyze.references``), the planner's prediction against the config's
+``plan`` target (``ftscale.analyze.frame.prediction_columns``) and its provenance
+(``ftscale.analyze.provenance``): ``derive``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf
-from ftscale.analyze.parse import RUN_KEYS, RunRecord, parse_run
+from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf, prediction_columns
+from ftscale.analyze.parse import NOT_FAILED, RUN_KEYS, RunRecord, parse_run
 from ftscale.analyze.plots import write_plots
 from ftscale.analyze.provenance import device_name, environment, run_provenance
 from ftscale.analyze.references import Reference, check, load_references
 from ftscale.analyze.tables import render_tables
 from ftscale.estimate.flops import peak_tflops_for
+from ftscale.estimate.plan import Target
 from ftscale.study.paths import RunPaths
 from ftscale.study.sweep import Study
 
@@ -68,10 +71,11 @@ def reference_facts(record: RunRecord) -> dict:
 
 def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
            references: list[Reference] | None = None, env: dict | None = None) -> dict[str, Extras]:
-    """Model FLOPs / MFU, reference flags and provenance of every record, by run directory. ``env``: the
-    study-wide provenance (``provenance.environment``) when it is not this machine's, as for runs
-    analysed again elsewhere (benchmarks/gpu/reanalyse_examples.py)."""
+    """Model FLOPs / MFU, reference flags, the planner's prediction and provenance of every record, by run
+    directory. ``env``: the study-wide provenance (``provenance.environment``) when it is not this machine's,
+    as for runs analysed again elsewhere (benchmarks/gpu/reanalyse_examples.py)."""
     env = env or environment(study.config, root)
+    target = Target.from_config(study.config)
     out = {}
     for r in records:
         run_json, launch = run_files(study, r, root)
@@ -79,7 +83,9 @@ def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
         measured = {"step_time_s": r.step_time_s, "tokens_per_s_per_gpu": r.tokens_per_s_per_gpu,
                     "peak_mem_mib": r.peak_mem_mib, "tflops_per_gpu": perf.tflops_per_gpu}
         ref = check(references or [], reference_facts(r), measured)
-        out[r.run_dir] = Extras(perf=perf, ref=ref, provenance=run_provenance(r.layout, run_json, launch, env))
+        predicted = prediction_columns(study.models[r.model].spec, r, run_json, target)
+        out[r.run_dir] = Extras(perf=perf, ref=ref, predicted=predicted,
+                                provenance=run_provenance(r.layout, run_json, launch, env))
     return out
 
 
@@ -138,8 +144,9 @@ def write_results(study: Study, csv_path: Path, tables_path: Path, root: Path = 
 
 
 def not_ok_message(records: list[RunRecord], tables_path: Path) -> str | None:
-    """Why the workflow must end non-zero after writing the tables: the runs that are not ``ok``."""
-    bad = [r for r in records if r.status != "ok"]
+    """Why the workflow must end non-zero after writing the tables: the runs that are not ``ok`` (a run the
+    plan skipped is no failure)."""
+    bad = [r for r in records if r.status not in NOT_FAILED]
     if not bad:
         return None
     listed = "; ".join(f"{r.run_dir}: {r.status}" + (f" ({r.reason})" if r.reason else "") for r in bad[:5])
@@ -172,13 +179,13 @@ def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root:
     """
     try:
         records = collect(study, root)
-        if all(r.status == "ok" for r in records):
+        if all(r.status in NOT_FAILED for r in records):
             return  # every run is fine: what failed was elsewhere (e.g. the comparison); tables stay as they are
         written, _ = _write_all(study, records, csv_path, tables_path, plots_dir or tables_path.parent / "plots",
                                 root)
         for path in written:
             os.utime(path, (1, 1))  # 1, not 0: Snakemake reads an mtime of 0 as "none"
-        bad = sum(r.status != "ok" for r in records)
+        bad = sum(r.status not in NOT_FAILED for r in records)
         print(f"[ftscale] partial {tables_path} written: {bad} of {len(records)} runs not ok; run again to redo them")
     except Exception as err:  # noqa: BLE001 - a courtesy after a failure: never hide the original error
         print(f"[ftscale] could not write partial tables: {err}")
@@ -187,7 +194,8 @@ def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root:
 def runs_to_redo(study: Study, root: Path = Path(".")) -> dict[str, str]:
     """Run directory -> why it must run again: its metrics.jsonl is missing (never run, failed, or
     deleted after it finished, with or without its directory), or its log no longer shows a finished
-    run although metrics.jsonl exists (the log was damaged after the run finished)."""
+    run although metrics.jsonl exists (the log was damaged after the run finished). A run the plan skipped
+    is not redone while the plan still skips it."""
     redo = {}
     for run in study.runs:
         if not (root / run.paths.metrics).is_file():
@@ -198,7 +206,7 @@ def runs_to_redo(study: Study, root: Path = Path(".")) -> dict[str, str]:
         except (ValueError, OSError) as err:  # ParseError, bad JSON, unreadable file
             redo[run.directory] = f"its files do not parse: {err}"
             continue
-        if record.status != "ok":
+        if record.status != "ok" and not (record.status == "skipped" and run.skip_reason):
             redo[run.directory] = f"metrics.jsonl exists but the log says {record.status}: {record.reason}"
     return redo
 

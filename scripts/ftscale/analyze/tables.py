@@ -3,9 +3,10 @@
 One table per model and track, its sweep parameters as columns, sorted; a parameter that is the
 same in every row of a table is stated once above it instead. Each definition and note is written
 once, under the section it explains: the MFU formula in the introduction, speedup and efficiency
-under data parallel, the communication formulas under model parallel, the reference entries and the
-runs that are not ``ok`` in their own sections after the tables. Every number goes through
-``fmt_number``: one format.
+under data parallel, the communication formulas under model parallel, the reference entries, the
+runs that are not ``ok`` and those the plan skipped in their own sections after the tables. Each
+table has the model state per GPU and the plan's errors against the measurement (``STATE_COLUMNS``).
+Every number goes through ``fmt_number``: one format.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Mapping
 import pandas as pd
 
 from ftscale.analyze.frame import scaling_rows
+from ftscale.analyze.parse import NOT_FAILED
 from ftscale.analyze.references import ASPECTS
 from ftscale.estimate import flops as flops_mod
 from ftscale.study.sweep import Study
@@ -39,6 +41,13 @@ COMM_NOTE = ("GPUs = TP x EP x DP. Communication: analytic MiB sent per GPU per 
              "SP, of the activations (4 per layer and micro-batch); EP = dispatch and combine all-to-all of the "
              "routed tokens, forward and backward; DP = one gradient all-reduce (non-expert weights over ep x dp "
              "replicas, experts over dp). params/GPU (run) is read back from the sharded model.")
+PREDICTION_NOTE = ("*model state/GPU*: the bytes a rank's parameters, gradients and optimizer state hold, summed "
+                   "from the tensors (the largest rank). *error* columns: the plan's prediction "
+                   "(`ftscale.estimate.plan`, from the run's configuration and the dtype it built; the predicted "
+                   "values are the `predicted_*` columns of `results/scaling.csv`) against what the run measured, "
+                   "(predicted - measured) / measured.")
+PREDICTION_CPU_NOTE = ("On the CPU the predicted peak memory and step time are those of a GPU: the measured RSS and "
+                       "CPU step time are not compared with them; the model state is.")
 OVERSUBSCRIBED_NOTE = ("*oversubscribed*: the job had fewer CPUs than processes per node, so its processes shared "
                        "CPUs: its step time measures that sharing, not the scaling of the method.")
 
@@ -92,6 +101,11 @@ def column(name: str) -> Cell:
     return lambda row: _num(row[name])
 
 
+def error(name: str) -> Cell:
+    """A prediction's error in % with its sign ('+2.4%'), blank where it is not compared."""
+    return lambda row: "" if row[name] is None or pd.isna(row[name]) else f"{float(row[name]):+.1f}%"
+
+
 def render(rows: pd.DataFrame, columns: list[tuple[str, Cell]], movable: set[str]) -> str:
     """The ``columns`` (header, cell) of ``rows`` as a table; a ``movable`` column that has one value in
     every row is stated once above the table instead ('micro batch 4; sequence 128')."""
@@ -119,7 +133,13 @@ BATCH_COLUMNS: list[tuple[str, Cell]] = [
     ("micro batch", column("micro_batch")),
     ("sequence", column("seq_length")),
 ]
-MOVABLE = {"scaling", "engine", "micro batch", "sequence", "FLOPs/token", "peak memory", "CPUs"}
+#: Model state and the prediction's errors (blank where not compared: such a column is left out).
+STATE_COLUMNS: list[tuple[str, Cell]] = [
+    ("model state/GPU (MiB)", column("state_mib")), ("state error", error("state_error_pct")),
+    ("peak mem error", error("peak_mem_error_pct")), ("step time error", error("step_time_error_pct")),
+]
+MOVABLE = {"scaling", "engine", "micro batch", "sequence", "FLOPs/token", "peak memory", "CPUs",
+           *(header for header, _ in STATE_COLUMNS)}
 
 
 def dp_table(study: Study, frame: pd.DataFrame, model: str) -> str:
@@ -130,7 +150,7 @@ def dp_table(study: Study, frame: pd.DataFrame, model: str) -> str:
         ("global batch", column("global_batch")), ("step time (s)", column("step_time_s")),
         ("tokens/s", column("tokens_per_s")), ("tokens/s/GPU", column("tokens_per_s_per_gpu")),
         ("speedup", column("speedup")), ("efficiency", column("efficiency")), *_perf_columns(),
-        ("peak mem/GPU (MiB)", column("peak_mem_mib")), ("peak memory", _mem_kind),
+        ("peak mem/GPU (MiB)", column("peak_mem_mib")), ("peak memory", _mem_kind), *STATE_COLUMNS,
         ("wall-clock (s)", column("wall_s")), *_reference_column(rows), ("status", _status),
     ]
     return render(rows, columns, MOVABLE)
@@ -153,7 +173,7 @@ def mp_table(frame: pd.DataFrame, model: str) -> str:
         ("global batch", column("global_batch")), ("step time (s)", column("step_time_s")),
         ("tokens/s", column("tokens_per_s")), ("tokens/s/GPU", column("tokens_per_s_per_gpu")), *_perf_columns(),
         ("peak mem/GPU (MiB)", column("peak_mem_mib")), ("peak memory", _mem_kind),
-        ("mem vs smallest", vs_smallest), ("params/GPU (run)", column("params_per_gpu")),
+        ("mem vs smallest", vs_smallest), *STATE_COLUMNS, ("params/GPU (run)", column("params_per_gpu")),
         ("params/GPU (formula)", column("params_per_gpu_formula")), ("TP comm (MiB)", column("comm_tp_mib")),
         ("EP all-to-all (MiB)", column("comm_ep_mib")), ("DP all-reduce (MiB)", column("comm_dp_mib")),
         *_reference_column(rows), ("status", _status),
@@ -234,13 +254,20 @@ def track_section(study: Study, frame: pd.DataFrame, track: str) -> list[str]:
 
 
 def not_ok_section(frame: pd.DataFrame) -> list[str]:
-    bad = frame[frame["status"] != "ok"]
-    if bad.empty:
-        return []
-    out = ["## Runs not ok", "", "Their rows above keep the status; their figures stay blank and the plots leave them "
-           "out. Running the workflow again redoes them and rewrites these tables.", ""]
-    out += [f"- `{row['run_dir']}`: {_status(row)}" for _, row in bad.iterrows()]
-    return out + [""]
+    """The runs that failed (redone by the next invocation), then those the plan skipped (no failure)."""
+    out = []
+    bad = frame[~frame["status"].isin(NOT_FAILED)]
+    if not bad.empty:
+        out += ["## Runs not ok", "", "Their rows above keep the status; their figures stay blank and the plots leave "
+                "them out. Running the workflow again redoes them and rewrites these tables.", ""]
+        out += [f"- `{row['run_dir']}`: {_status(row)}" for _, row in bad.iterrows()] + [""]
+    skipped = frame[frame["status"].eq("skipped")]
+    if not skipped.empty:
+        out += ["## Runs skipped", "", "Not trained: the plan predicts them out of memory on the target GPU "
+                "(`plan.skip_predicted_oom`; `results/plan.md` has the prediction). Their rows above keep the status; "
+                "their measured figures stay blank.", ""]
+        out += [f"- `{row['run_dir']}`: {_status(row)}" for _, row in skipped.iterrows()] + [""]
+    return out
 
 
 def references_section(frame: pd.DataFrame) -> list[str]:
@@ -287,7 +314,7 @@ def render_tables(study: Study, frame: pd.DataFrame, plots: Mapping[str, Path] |
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
     out = ["# Fine-tuning scaling study", "",
            f"Configuration: `{study.source}`; engine `{study.config['engine']}`; {len(frame)} runs ({summary}).", ""]
-    bad = int((frame["status"] != "ok").sum())
+    bad = int((~frame["status"].isin(NOT_FAILED)).sum())
     if bad:
         out += [f"**Partial results**: {bad} of {len(frame)} runs not ok (see *Runs not ok* below).", ""]
     intro = ("Every figure comes from a run's own log; `results/scaling.csv` names the log lines (column `source`). "
@@ -295,7 +322,7 @@ def render_tables(study: Study, frame: pd.DataFrame, plots: Mapping[str, Path] |
     if frame["device"].eq("cpu").any():
         intro += (" On the CPU a \"GPU\" is a process; CPUs is how many CPUs the job had, shared by its processes; "
                   "peak memory is the peak resident set size (RSS) of a process.")
-    out += [intro, ""]
+    out += [intro, "", PREDICTION_NOTE + (" " + PREDICTION_CPU_NOTE if frame["mem_kind"].eq("rss").any() else ""), ""]
     synthetic = sorted(set(frame.loc[frame["weights"] == "synthetic", "model"]))
     if synthetic:
         out += [f"Models with synthetic (seeded random) weights: {', '.join(synthetic)}: step time and memory "

@@ -12,9 +12,12 @@ Model state (persistent from the first optimizer step on)::
 
     embedded engine (torch AdamW on the parameters' own dtype, no master copy):
       weights    = N_gpu·a + N_lora·4          (peft keeps LoRA adapters in fp32: autocast_adapter_dtype)
-      gradients  = N_train·g  (g = a full fine-tuning, 4 LoRA) ; ×2 under DDP (data-parallel track:
-                   its gradient buckets are a second copy)
+      gradients  = N_train·g  (g = a full fine-tuning, 4 LoRA)
       optimizer  = 2·N_train·g                 (exp_avg and exp_avg_sq in the parameter's dtype)
+      DDP buckets = N_train·g on the data-parallel track: DDP's flat gradient buckets, a second copy
+                   of the gradients, allocated when the model is wrapped (counted in the peak; not in
+                   the state, which is what a rank's measured ``state_mib`` sums: parameters, their
+                   ``.grad`` and the optimizer's tensors)
     nemo / automodel (Megatron mixed precision, distributed optimizer as in NeMo's recipes):
       weights    = N_gpu·2 (+ N_lora·2) ; gradients = N_train·4 (fp32 main grads)
       optimizer  = 12·N_train / DP_param       (fp32 master + 2 moments, sharded over the param's
@@ -53,10 +56,10 @@ all-gathers the vocab-parallel logits, so TP does not divide them. With ``torch.
 cross-entropy is fused: ``COMPILE_LOGITS_BYTES_PER_VOCAB``·V. NeMo: vocab-parallel fused
 cross-entropy, 6·V/t (bf16 logits shard + fp32 shard).
 
-Peak per GPU = weights + gradients + optimizer + L·n·layer (or the checkpointing figure) + n·logits
-+ ``ALLOCATOR_OVERHEAD_MIB``; on the model-parallel track the gradient sync flattens the gradients
-of a bucket into one buffer at the end of backward (activations freed by then), a second candidate:
-state + largest bucket·a + overhead. The prediction is the larger.
+Peak per GPU = weights + gradients + optimizer + DDP buckets + L·n·layer (or the checkpointing
+figure) + n·logits + ``ALLOCATOR_OVERHEAD_MIB``; on the model-parallel track the gradient sync
+flattens the gradients of a bucket into one buffer at the end of backward (activations freed by
+then), a second candidate: state + largest bucket·a + overhead. The prediction is the larger.
 
 NeMo is modelled with the same per-tensor terms, with Megatron's differences: SP divides every term
 by tp (inputs are re-gathered in backward), TE norms keep a·h, LoRA adapters are bf16. No NeMo step
@@ -153,12 +156,14 @@ def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layo
 
 @dataclass(frozen=True)
 class StateBytes:
-    """Model state per GPU, bytes; ``sync_buffer``: the gradient sync's flat copy (model-parallel track)."""
+    """Model state per GPU, bytes; ``ddp_buckets``: DDP's persistent copy of the gradients (data-parallel
+    track); ``sync_buffer``: the gradient sync's flat copy at the end of backward (model-parallel track)."""
 
     weights: float
     gradients: float
     optimizer: float
     sync_buffer: float
+    ddp_buckets: float = 0.0
 
     @property
     def total(self) -> float:
@@ -188,13 +193,14 @@ def state_bytes(s: MemorySetting) -> StateBytes:
         return StateBytes(weights, grads, optimizer, 0.0)
     g = a if s.full else LORA_ADAPTER_BYTES["embedded"]
     weights = base * a + adapters * LORA_ADAPTER_BYTES["embedded"]
-    grads = trainable * g * (2 if s.track == "data_parallel" else 1)
+    grads = trainable * g
     optimizer = 2 * trainable * g
     sync = 0.0
     if s.track == "model_parallel":
         buckets = [train_dense * g if lay.data_parallel_size > 1 else 0, train_expert * g if lay.dp > 1 else 0]
         sync = float(max(buckets))
-    return StateBytes(weights, grads, optimizer, sync)
+    ddp = float(grads) if s.track == "data_parallel" else 0.0
+    return StateBytes(weights, grads, optimizer, sync, ddp)
 
 
 # --------------------------------------------------------------------------- activations
@@ -275,6 +281,7 @@ class MemoryPrediction:
     logits_mib: float
     overhead_mib: float
     sync_buffer_mib: float
+    ddp_buckets_mib: float = 0.0
 
     @property
     def state_mib(self) -> float:
@@ -284,7 +291,7 @@ class MemoryPrediction:
     @property
     def peak_mib(self) -> float:
         compute = self.activations_mib + self.logits_mib
-        return self.state_mib + max(compute, self.sync_buffer_mib) + self.overhead_mib
+        return self.state_mib + self.ddp_buckets_mib + max(compute, self.sync_buffer_mib) + self.overhead_mib
 
 
 def predict_memory(s: MemorySetting) -> MemoryPrediction:
@@ -292,4 +299,5 @@ def predict_memory(s: MemorySetting) -> MemoryPrediction:
     return MemoryPrediction(
         weights_mib=state.weights / MIB, gradients_mib=state.gradients / MIB, optimizer_mib=state.optimizer / MIB,
         activations_mib=activation_bytes(s) / MIB, logits_mib=logits_bytes(s) / MIB,
-        overhead_mib=ALLOCATOR_OVERHEAD_MIB, sync_buffer_mib=state.sync_buffer / MIB)
+        overhead_mib=ALLOCATOR_OVERHEAD_MIB, sync_buffer_mib=state.sync_buffer / MIB,
+        ddp_buckets_mib=state.ddp_buckets / MIB)

@@ -1,7 +1,7 @@
 """The plan: every run's predicted memory per GPU and step time, before any job is submitted.
 
-Memory: ``ftscale.estimate.memory`` (weights, gradients, optimizer state, activations, logits and
-loss, each a column). The peak is flagged against the target GPU's memory (``plan.gpu_memory_gib``)::
+Memory: ``ftscale.estimate.memory`` (weights, gradients, optimizer state, DDP's gradient buckets,
+activations, logits and loss, each a column). The peak is flagged against the target GPU's memory (``plan.gpu_memory_gib``)::
 
     fits            peak <= TIGHT_FRACTION x GPU memory
     tight           TIGHT_FRACTION x GPU memory < peak <= GPU memory
@@ -144,6 +144,7 @@ def predict(run: Run | Mapping[str, Any], model_spec: Mapping[str, Any], *, targ
         "predicted_weights_mib": mem.weights_mib,
         "predicted_gradients_mib": mem.gradients_mib,
         "predicted_optimizer_mib": mem.optimizer_mib,
+        "predicted_ddp_buckets_mib": mem.ddp_buckets_mib,
         "predicted_activations_mib": mem.activations_mib,
         "predicted_logits_mib": mem.logits_mib,
         "predicted_overhead_mib": mem.overhead_mib,
@@ -170,7 +171,7 @@ def error_pct(predicted: float | None, measured: float | None) -> float | None:
 PLAN_COLUMNS = ("run_dir", "model", "track", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch",
                 "seq_length", "steps", "lora", "precision_bytes", "activation_checkpointing", "compile",
                 "predicted_weights_mib", "predicted_gradients_mib", "predicted_optimizer_mib",
-                "predicted_activations_mib", "predicted_logits_mib", "predicted_overhead_mib",
+                "predicted_ddp_buckets_mib", "predicted_activations_mib", "predicted_logits_mib", "predicted_overhead_mib",
                 "predicted_state_mib", "predicted_peak_mem_mib", "gpu_memory_mib", "memory_fraction", "fit",
                 "predicted_step_time_s", "predicted_tokens_per_s_per_gpu", "predicted_gpu_hours", "status")
 
@@ -233,14 +234,15 @@ def render_plan(rows: list[dict[str, Any]], target: Target, source: str) -> str:
         "",
         "Memory per GPU in MiB.",
         "",
-        "| run | GPUs | tp | ep | dp | sp | mbs | seq | weights | grads | optimizer | activations | logits "
-        "| peak | % of GPU | fit | step (s) | tokens/s/GPU | GPU-h | status |",
-        "|---|" + "---|" * 19,
+        "| run | GPUs | tp | ep | dp | sp | mbs | seq | weights | grads | optimizer | DDP buckets | activations "
+        "| logits | peak | % of GPU | fit | step (s) | tokens/s/GPU | GPU-h | status |",
+        "|---|" + "---|" * 20,
     ]
     for r in rows:
         cells = [r["run_dir"], r["gpus"], r["tp"], r["ep"], r["dp"], "yes" if r["sp"] else "", r["micro_batch"],
                  r["seq_length"], r["predicted_weights_mib"], r["predicted_gradients_mib"],
-                 r["predicted_optimizer_mib"], r["predicted_activations_mib"], r["predicted_logits_mib"],
+                 r["predicted_optimizer_mib"], r["predicted_ddp_buckets_mib"], r["predicted_activations_mib"],
+                 r["predicted_logits_mib"],
                  r["predicted_peak_mem_mib"], f"{r['memory_fraction']:.0%}", r["fit"],
                  f"{r['predicted_step_time_s']:.3g}", r["predicted_tokens_per_s_per_gpu"],
                  f"{r['predicted_gpu_hours']:.3g}", r["status"]]

@@ -1,6 +1,6 @@
 """The one line format every engine's per-step log uses (the parser reads it in ftscale.parse).
 
-    [ftscale] step=3/12 loss=6.9312 step_time_s=0.1234 tokens=1024 tokens_per_s=8298.2 peak_mem_mib=455.1 reserved_mib=0.0 mem_kind=rss state_mib=1.9
+    [ftscale] step=3/12 loss=6.9312 step_time_s=0.1234 tokens=1024 tokens_per_s=8298.2 peak_mem_mib=455.1 reserved_mib=0.0 mem_kind=rss state_mib=1.904
 
 - ``step``: optimizer step, 1-based, over the run's total steps;
 - ``loss``: mean training loss of the step over all micro-batches and data-parallel ranks;
@@ -35,7 +35,7 @@ def step_line(step: int, steps: int, loss: float, step_time_s: float, tokens: in
         f"{PREFIX} step={step}/{steps} loss={loss:.6f} step_time_s={step_time_s:.6f} tokens={tokens} "
         f"tokens_per_s={tokens / step_time_s:.1f} peak_mem_mib={peak_mem_mib:.1f} "
         f"reserved_mib={reserved_mib:.1f} mem_kind={mem_kind}"
-        + ("" if state_mib is None else f" state_mib={state_mib:.1f}")
+        + ("" if state_mib is None else f" state_mib={state_mib:.3f}")  # KiB: a tiny model's state is a few MiB
     )
 
 
