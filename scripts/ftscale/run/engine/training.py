@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ftscale.run.data import global_batch, micro_batches
+from ftscale.run.engine.fused_ce import FusedHead
 from ftscale.run.logformat import step_line
 
 EXIT_OOM = 3
@@ -31,8 +32,13 @@ class TrainSetup:
     layout: dict
     # Context for all but the last micro-batch of a step (DDP's no_sync), if any.
     no_sync: Callable[[], ContextManager] | None = None
+    # Engine option fused_ce: the model's lm_head returns hidden states and this computes the loss.
+    head: FusedHead | None = None
 
     def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            hidden = self.model(input_ids=input_ids, use_cache=False).logits
+            return self.head.loss(hidden, input_ids)
         return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
