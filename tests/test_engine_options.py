@@ -212,3 +212,15 @@ def test_engine_runs_with_fused_ce_and_math_attention(tmp_path):
     assert "fused_ce=chunked" in layouts["fused"] and "attention=math" in layouts["fused"]
     assert len(losses["fused"]) == 3
     assert losses["fused"] == pytest.approx(losses["off"], rel=1e-5)
+
+
+def test_tables_say_which_options_a_run_used():
+    from ftscale.analyze.frame import engine_options_label
+
+    configured = {"engine_options": {"compile": True, "fused_ce": "chunked"}}
+    assert engine_options_label("embedded", {}, configured) == "compile, fused_ce=chunked"
+    # as built (the layout line) wins over as configured; an old line names only compile
+    built = {"compile": 1, "fused_ce": "off", "attention": "flash", "liger_kernels": 1}
+    assert engine_options_label("embedded", built, configured) == "compile, liger_kernels, attention=flash"
+    assert engine_options_label("embedded", {"compile": 0, "activation_checkpointing": 0}, {}) == "defaults"
+    assert engine_options_label("nemo", built, configured) == ""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf
+from ftscale.analyze.frame import Extras, build_frame, csv_frame, engine_options_label, model_perf
 from ftscale.analyze.parse import RUN_KEYS, RunRecord, parse_run
 from ftscale.analyze.plots import write_plots
 from ftscale.analyze.provenance import device_name, environment, run_provenance
@@ -79,7 +79,8 @@ def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
         measured = {"step_time_s": r.step_time_s, "tokens_per_s_per_gpu": r.tokens_per_s_per_gpu,
                     "peak_mem_mib": r.peak_mem_mib, "tflops_per_gpu": perf.tflops_per_gpu}
         ref = check(references or [], reference_facts(r), measured)
-        out[r.run_dir] = Extras(perf=perf, ref=ref, provenance=run_provenance(r.layout, run_json, launch, env))
+        out[r.run_dir] = Extras(perf=perf, ref=ref, provenance=run_provenance(r.layout, run_json, launch, env),
+                                options=engine_options_label(r.engine, r.layout, run_json))
     return out
 
 

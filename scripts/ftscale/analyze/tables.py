@@ -116,10 +116,11 @@ def _perf_columns() -> list[tuple[str, Cell]]:
 
 BATCH_COLUMNS: list[tuple[str, Cell]] = [
     ("engine", lambda row: row["engine"]),
+    ("options", lambda row: row.get("engine_options") or ""),
     ("micro batch", column("micro_batch")),
     ("sequence", column("seq_length")),
 ]
-MOVABLE = {"scaling", "engine", "micro batch", "sequence", "FLOPs/token", "peak memory", "CPUs"}
+MOVABLE = {"scaling", "engine", "options", "micro batch", "sequence", "FLOPs/token", "peak memory", "CPUs"}
 
 
 def dp_table(study: Study, frame: pd.DataFrame, model: str) -> str:
