@@ -144,7 +144,9 @@ def test_options_that_can_run_pass(repo):
                compile_mode="max-autotune")
     assert embedded_option_errors(gpu, "cuda", have_liger=lambda: True) == []
     mp = _run("cpu", track="model_parallel", fused_ce="chunked")
-    assert any("data_parallel track only" in e for e in embedded_option_errors(mp, "cpu"))
+    assert embedded_option_errors(mp, "cpu") == []
+    assert options.resolve(mp, torch.device("cpu"))["fused_ce"] == "off"  # not applied there, and said so
+    assert options.resolve(_run("cpu", fused_ce="chunked"), torch.device("cpu"))["fused_ce"] == "chunked"
     assert embedded_options(_run())["attention"] == "auto" and embedded_options(_run())["fused_ce"] == "off"
 
 

@@ -186,9 +186,6 @@ def embedded_option_errors(run: dict, device: str, have_liger: Callable[[], bool
     opts = embedded_options(run)
     if opts["compile_mode"] != "default" and not opts["compile"]:
         errs.add("embedded.compile_mode", opts["compile_mode"], "applies to torch.compile only: set embedded.compile: true")
-    if opts["fused_ce"] != "off" and run.get("track") != "data_parallel":
-        errs.add("embedded.fused_ce", opts["fused_ce"], "works on the data_parallel track only (the model_parallel "
-                                                        "track splits the LM head with tensor parallelism)")
     for key, values in CUDA_ONLY.items():
         if opts[key] in values and device == "cpu":
             errs.add(f"embedded.{key}", opts[key], "needs a CUDA GPU and this run's device is cpu"

@@ -28,9 +28,36 @@ from ftscale.run.engine.data_parallel import prepare_data_parallel
 from ftscale.run.engine.fused_ce import install as install_fused_head
 from ftscale.run.engine.model_parallel import prepare_model_parallel
 from ftscale.run.engine.options import apply_liger_kernels, attention_context, compile_model, layout_fields, resolve
-from ftscale.run.engine.training import EXIT_OOM, device_for, dtype_for, train
+from ftscale.run.engine.training import EXIT_OOM, TrainSetup, device_for, dtype_for, train
 from ftscale.run.logformat import error_line, kv_line
 from ftscale.study.paths import RunPaths
+
+
+def build(run: dict, device: torch.device) -> tuple[TrainSetup, torch.Tensor, dict, torch.dtype]:
+    """The run's model made ready to train on ``device`` with its options applied, its token stream, the
+    options (every one present) and the dtype. Needs the process group (DDP, model parallelism)."""
+    from transformers import AutoTokenizer
+
+    options = resolve(run, device)  # refuses an option this device cannot honour, before any work
+    dtype = dtype_for(run, device)
+    # Synthetic at-load weights are made on the GPU; with model parallelism every rank builds the
+    # same full model on the CPU first and keeps its shards.
+    where = device if (device.type == "cuda" and run["track"] == "data_parallel") else torch.device("cpu")
+    model = load_for_training(run["checkpoint"], dtype, where)
+    if options["liger_kernels"]:
+        apply_liger_kernels(model)
+    if options["activation_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    head = install_fused_head(model, options["fused_ce"]) if options["fused_ce"] != "off" else None
+    tokens = dataset_tokens(run, AutoTokenizer.from_pretrained(run["checkpoint"]), model.config.vocab_size)
+    if run["track"] == "data_parallel":
+        prepared = prepare_data_parallel(model, run, device)
+    else:
+        prepared = prepare_model_parallel(model, run, device)
+    prepared.head = head
+    if options["compile"]:
+        compile_model(prepared.model, options["compile_mode"])
+    return prepared, tokens, options, dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,27 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(int(per_rank) if per_rank else max(1, (os.cpu_count() or 1) // local))
         torch.manual_seed(run["seed"])
-        from transformers import AutoTokenizer
-
-        options = resolve(run, device)  # refuses an option this device cannot honour, before any work
-        dtype = dtype_for(run, device)
-        # Synthetic at-load weights are made on the GPU; with model parallelism every rank builds the
-        # same full model on the CPU first and keeps its shards.
-        where = device if (device.type == "cuda" and run["track"] == "data_parallel") else torch.device("cpu")
-        model = load_for_training(run["checkpoint"], dtype, where)
-        if options["liger_kernels"]:
-            apply_liger_kernels(model)
-        if options["activation_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        head = install_fused_head(model, options["fused_ce"]) if options["fused_ce"] != "off" else None
-        tokens = dataset_tokens(run, AutoTokenizer.from_pretrained(run["checkpoint"]), model.config.vocab_size)
-        if run["track"] == "data_parallel":
-            prepared = prepare_data_parallel(model, run, device)
-        else:
-            prepared = prepare_model_parallel(model, run, device)
-        prepared.head = head
-        if options["compile"]:
-            compile_model(prepared.model, options["compile_mode"])
+        prepared, tokens, options, dtype = build(run, device)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if rank == 0:
             print(kv_line("layout", **prepared.layout, device=device.type, device_name=device_name.replace(" ", "_"),

@@ -19,11 +19,18 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
 
 
 def resolve(run: dict, device: torch.device) -> dict:
-    """The run's options, every one present; raises ValueError when ``device`` cannot honour one."""
+    """The run's options as the engine applies them, every one present; raises ValueError when ``device``
+    cannot honour one. ``fused_ce`` applies to the data_parallel track only (the model_parallel track
+    splits the LM head with tensor parallelism): there it is off, said on stdout and on the layout line."""
     errors = embedded_option_errors(run, device.type)
     if errors:
         raise ValueError("; ".join(errors))
-    return embedded_options(run)
+    options = embedded_options(run)
+    if options["fused_ce"] != "off" and run.get("track") != "data_parallel":
+        print(f"[ftscale] note embedded.fused_ce={options['fused_ce']} not applied on the {run.get('track')} track "
+              "(its LM head is split by tensor parallelism): fused_ce=off", flush=True)
+        options["fused_ce"] = "off"
+    return options
 
 
 def attention_context(name: str) -> ContextManager:
