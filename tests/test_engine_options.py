@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
 import sys
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 from ftscale.run.engine import fused_ce, options
 from ftscale.run.engine.fused_ce import ChunkedLinearCrossEntropy, chunked_linear_cross_entropy
@@ -192,12 +195,12 @@ def test_compile_mode_and_layout_fields():
 
 
 def test_engine_runs_with_fused_ce_and_math_attention(tmp_path):
-    """Two real runs of ``embedded.main`` (one forked rank, gloo): the default and chunked + math. The
-    layout line names the options and the per-step losses agree."""
-    from test_model_parallel import launch
+    """Two real runs of the engine (``python -m ftscale.run.engine.embedded``, one rank, gloo; a fresh
+    interpreter each, as torchrun starts it): the default and chunked + math. The layout line names the
+    options and the per-step losses agree."""
+    from test_model_parallel import _free_port
 
     from ftscale.importing.checkpoint import import_model
-    from ftscale.run.engine import embedded
 
     checkpoint = import_model(load_model("tiny_llama"), tmp_path / "ckpt")
     losses, layouts = {}, {}
@@ -207,8 +210,13 @@ def test_engine_runs_with_fused_ce_and_math_attention(tmp_path):
         run = _run("cpu", **opts)
         run["checkpoint"] = str(checkpoint)
         (run_dir / "run.json").write_text(json.dumps(run))
-        (text,) = launch(embedded.main, 1, ([str(run_dir / "run.json")],), run_dir / "logs")
-        layouts[name] = next(line for line in text.splitlines() if "[ftscale] layout" in line)
+        env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "FTSCALE_THREADS_PER_RANK": "1"}
+        done = subprocess.run([sys.executable, "-m", "ftscale.run.engine.embedded", str(run_dir / "run.json")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        layouts[name] = next(line for line in done.stdout.splitlines() if "[ftscale] layout" in line)
         losses[name] = [json.loads(r)["loss"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "fused_ce=off" in layouts["off"] and "attention=auto" in layouts["off"]
     assert "fused_ce=chunked" in layouts["fused"] and "attention=math" in layouts["fused"]
