@@ -234,3 +234,15 @@ def test_tables_say_which_options_a_run_used():
     assert engine_options_label("embedded", built, configured) == "compile, liger_kernels, attention=flash"
     assert engine_options_label("embedded", {"compile": 0, "activation_checkpointing": 0}, {}) == "defaults"
     assert engine_options_label("nemo", built, configured) == ""
+
+
+@pytest.mark.parametrize("name", ["fusedce", "liger", "liger_eager", "attn_cudnn", "attn_flash", "autotune"])
+def test_gpu_benchmark_configs_are_valid(name, monkeypatch):
+    """The next GPU session's configs (benchmarks/gpu/NOTES.md) load here, liger-kernel taken as installed."""
+    from ftscale.study import engines
+    from ftscale.study.sweep import load_config_file, load_study
+
+    monkeypatch.setattr(engines, "liger_installed", lambda: True)
+    path = REPO / "benchmarks" / "gpu" / f"llama8b_lora_{name}.yaml"
+    study = load_study(load_config_file(path), source=str(path), root=REPO)
+    assert study.runs and all(r.engine_options["compile"] == (name != "liger_eager") for r in study.runs)

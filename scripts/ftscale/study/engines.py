@@ -169,7 +169,7 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def embedded_option_errors(run: dict, device: str, have_liger: Callable[[], bool] = liger_installed) -> list[str]:
+def embedded_option_errors(run: dict, device: str, have_liger: Callable[[], bool] | None = None) -> list[str]:
     """Reasons the run's ``embedded:`` options cannot be honoured on ``device`` ('cpu', 'cuda', or 'auto':
     not known yet, as when jobs are planned; the engine checks again with the device it got).
 
@@ -192,7 +192,7 @@ def embedded_option_errors(run: dict, device: str, have_liger: Callable[[], bool
                      + ("; use 'math' or 'auto' on the CPU" if key == "attention" else "")
                      + ("; use 'chunked' on the CPU" if key == "fused_ce" else ""))
     for key, values in NEEDS_LIGER.items():
-        if opts[key] in values and not have_liger():
+        if opts[key] in values and not (have_liger or liger_installed)():
             errs.add(f"embedded.{key}", opts[key], "needs liger-kernel, which is not installed: "
                                                    "pip install -e '.[gpu]' (on a GPU machine)")
     return errs
