@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Downloads the wheel sets benchmarks/gpu/run_device.sh installs on the lent GPU machine (Python 3.12, x86_64),
 # one directory per set, each only what the machine's image lacks (device KINDS.md lists the image):
-#   .whl/base       ftscale's own needs: snakemake and its dependencies, peft, tabulate, ... (image's transformers 5.17)
+#   .whl/base       ftscale's own needs: snakemake and its dependencies, peft, tabulate, ... (image's transformers 5.17),
+#                   and liger-kernel 0.8.5 (the [gpu] extra: pure Python, 0.9 MB; needs torch and triton, in the image)
 #   .whl/hf         transformers 5.23 + tokenizers + huggingface_hub 2.x, for runs measured with them (older NOTES rows)
 #   .whl/nemo       NeMo 2.7.3 and what its import chain and llm.finetune ask for, found import by import
 #                   (NOTES.md, "NeMo on the lent GPU"); pydantic comes from base, leptonai and pulp from stubs.py
@@ -23,7 +24,7 @@ get base accelerate==1.15.0 annotated_doc==0.0.7 annotated_types==0.8.0 anyio==4
   snakemake_interface_logger_plugins==2.1.0 snakemake_interface_report_plugins==1.3.0 snakemake_interface_scheduler_plugins==2.0.2 \
   snakemake_interface_storage_plugins==4.4.1 sqlalchemy==2.0.58 sqlmodel==0.0.37 tabulate==0.10.0 tenacity==9.2.1 throttler==1.2.3 \
   tqdm==4.70.1 traitlets==5.16.1 truststore==0.10.5 typer==0.29.2 typing_extensions==4.16.0 typing_inspection==0.4.5 urllib3==2.8.0 \
-  wrapt==2.5.2 yte==1.9.4
+  wrapt==2.5.2 yte==1.9.4 liger_kernel==0.8.5
 pip wheel -q --no-deps connection_pool==0.0.3 -w .whl/base   # sdist only on PyPI
 get hf transformers==5.23.0 tokenizers==0.23.3 huggingface_hub==2.4.0
 get nemo bcrypt==5.0.0 catalogue==2.0.10 cffi==2.1.1 cryptography==50.0.2 datasets==4.8.5 decorator==5.3.1 defusedxml==0.7.1 deprecated==1.3.1 \

@@ -14,6 +14,7 @@ Derived per run:
 - speedup and efficiency (``add_scaling``, data-parallel track): against the 1-GPU run of the same
   engine, scaling mode and batch shape, speedup S(N) = tokens/s(N) / tokens/s(1), efficiency S(N) / N
   (weak scaling: T(1) / T(N); strong: T(1) / (N x T(N)));
+- ``engine_options``: the embedded engine's options that differ from the defaults (``engine_options_label``);
 - ``oversubscribed``: the job had fewer CPUs than processes on a node (launch.json ``cpus``);
 - model parallel: parameters per GPU by formula and the analytic bytes each GPU sends per step
   (``ftscale.estimate.comm``);
@@ -37,6 +38,7 @@ from ftscale.analyze.references import ASPECTS, RefResult
 from ftscale.estimate import flops as flops_mod
 from ftscale.estimate.comm import comm_bytes_per_step, params_per_gpu
 from ftscale.estimate.plan import Target, error_pct, predict
+from ftscale.study.engines import EMBEDDED_OPTIONS, embedded_options
 from ftscale.study.layout import Layout
 from ftscale.study.sweep import Study
 
@@ -46,7 +48,7 @@ PREDICTION_COLUMNS = ["predicted_peak_mem_mib", "predicted_state_mib", "predicte
                       "state_error_pct", "step_time_error_pct", "prediction_note"]
 CSV_COLUMNS = [
     "schema_version", "participant",
-    "track", "model", "run", "engine", "weights", "scaling", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
+    "track", "model", "run", "engine", "engine_options", "weights", "scaling", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
     "global_batch", "seq_length", "steps", "warmup_steps", "steps_done", "step_time_s", "tokens_per_s",
     "tokens_per_s_per_gpu", "speedup", "efficiency", "flops_per_token", "tflops_per_gpu", "mfu", "mfu_note",
     "peak_mem_mib", "reserved_mib", "mem_kind", "state_mib", *PREDICTION_COLUMNS, "wall_s", "loss_first",
@@ -77,6 +79,23 @@ class Extras:
     ref: RefResult = field(default_factory=lambda: RefResult(None))
     predicted: Mapping[str, object] = field(default_factory=dict)
     provenance: Mapping[str, object] = field(default_factory=dict)
+    options: str = ""  # engine_options_label: the embedded engine's options that differ from the defaults
+
+
+def engine_options_label(engine: str, layout: Mapping, run_json: Mapping) -> str:
+    """The embedded engine's options a run used, those that differ from the defaults, as the tables show
+    them ('compile, fused_ce=chunked'; 'defaults' when none does; blank for the other engines). As built
+    (the run's layout line) where the line names them, else as configured (run.json ``engine_options``)."""
+    if engine != "embedded":
+        return ""
+    opts = embedded_options(dict(run_json))
+    for key, values in EMBEDDED_OPTIONS.items():
+        if key in layout:
+            value = layout[key]
+            opts[key] = bool(value) if isinstance(values[0], bool) else str(value)
+    shown = [key if value is True else f"{key}={value}" for key, value in opts.items()
+             if value != EMBEDDED_OPTIONS[key][0]]
+    return ", ".join(shown) or "defaults"
 
 
 def model_perf(arch: Mapping, record: RunRecord, lora: Mapping | None) -> Perf:
@@ -157,7 +176,7 @@ def record_row(study: Study, r: RunRecord, x: Extras) -> dict[str, object]:
     row.update(flops_per_token=x.perf.flops_per_token, tflops_per_gpu=x.perf.tflops_per_gpu, mfu=x.perf.mfu,
                mfu_note=x.perf.mfu_note, ref_name=x.ref.entry.name if x.ref.entry else "",
                ref_source=" ".join(x.ref.entry.source.split()) if x.ref.entry else "",
-               ref_summary=x.ref.summary())
+               ref_summary=x.ref.summary(), engine_options=x.options)
     row.update({f"ref_{a}": x.ref.flag(a) for a in ASPECTS})
     row.update(model_parallel_columns(study, r))
     row.update(x.predicted)

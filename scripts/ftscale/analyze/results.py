@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf, prediction_columns
+from ftscale.analyze.frame import Extras, build_frame, csv_frame, engine_options_label, model_perf, prediction_columns
 from ftscale.analyze.parse import NOT_FAILED, RUN_KEYS, RunRecord, parse_run
 from ftscale.analyze.plots import write_plots
 from ftscale.analyze.provenance import device_name, environment, run_provenance
@@ -85,7 +85,8 @@ def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
         ref = check(references or [], reference_facts(r), measured)
         predicted = prediction_columns(study.models[r.model].spec, r, run_json, target)
         out[r.run_dir] = Extras(perf=perf, ref=ref, predicted=predicted,
-                                provenance=run_provenance(r.layout, run_json, launch, env))
+                                provenance=run_provenance(r.layout, run_json, launch, env),
+                                options=engine_options_label(r.engine, r.layout, run_json))
     return out
 
 

@@ -130,6 +130,7 @@ def _perf_columns() -> list[tuple[str, Cell]]:
 
 BATCH_COLUMNS: list[tuple[str, Cell]] = [
     ("engine", lambda row: row["engine"]),
+    ("options", lambda row: row.get("engine_options") or ""),
     ("micro batch", column("micro_batch")),
     ("sequence", column("seq_length")),
 ]
@@ -138,7 +139,7 @@ STATE_COLUMNS: list[tuple[str, Cell]] = [
     ("model state/GPU (MiB)", column("state_mib")), ("state error", error("state_error_pct")),
     ("peak mem error", error("peak_mem_error_pct")), ("step time error", error("step_time_error_pct")),
 ]
-MOVABLE = {"scaling", "engine", "micro batch", "sequence", "FLOPs/token", "peak memory", "CPUs",
+MOVABLE = {"scaling", "engine", "options", "micro batch", "sequence", "FLOPs/token", "peak memory", "CPUs",
            *(header for header, _ in STATE_COLUMNS)}
 
 

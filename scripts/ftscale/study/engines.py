@@ -6,6 +6,7 @@ No engine is imported here. Each message names the run, the key and its value.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Callable
 
 from ftscale.study.layout import EXPERT_KEYS, Layout, num_experts
@@ -135,11 +136,73 @@ def common_errors(run: dict, model: dict) -> list[str]:
     return errs
 
 
+#: The embedded engine's options (config section ``embedded:``; documented in config/config.schema.yaml).
+EMBEDDED_OPTIONS: dict[str, tuple] = {
+    "activation_checkpointing": (False, True),
+    "compile": (False, True),
+    "compile_mode": ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"),
+    "fused_ce": ("off", "chunked", "liger"),
+    "liger_kernels": (False, True),
+    "attention": ("auto", "flash", "cudnn", "efficient", "math"),
+}
+#: Option values that need a CUDA GPU (Triton kernels, CUDA-only attention backends).
+CUDA_ONLY: dict[str, tuple] = {"fused_ce": ("liger",), "liger_kernels": (True,),
+                               "attention": ("flash", "cudnn", "efficient")}
+#: Option values that need liger-kernel (``pip install -e '.[gpu]'``).
+NEEDS_LIGER: dict[str, tuple] = {"fused_ce": ("liger",), "liger_kernels": (True,)}
+
+
+def _given_options(run: dict) -> dict:
+    given = dict(run.get("engine_options") or {})
+    if given.get("fused_ce") is False:  # YAML reads a bare `off` as false
+        given["fused_ce"] = "off"
+    return given
+
+
+def embedded_options(run: dict) -> dict:
+    """The run's embedded options, every one present (its default where the config leaves it out)."""
+    given = _given_options(run)
+    return {key: given.get(key, values[0]) for key, values in EMBEDDED_OPTIONS.items()}
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def embedded_option_errors(run: dict, device: str, have_liger: Callable[[], bool] | None = None) -> list[str]:
+    """Reasons the run's ``embedded:`` options cannot be honoured on ``device`` ('cpu', 'cuda', or 'auto':
+    not known yet, as when jobs are planned; the engine checks again with the device it got).
+
+    An option the device cannot honour is an error, never a silent fallback.
+    """
+    errs = _Errors(run)
+    for key, value in _given_options(run).items():
+        if key not in EMBEDDED_OPTIONS:
+            errs.add(f"embedded.{key}", value, f"unknown option: the embedded engine has {list(EMBEDDED_OPTIONS)}")
+        elif value not in EMBEDDED_OPTIONS[key] or type(value) is not type(EMBEDDED_OPTIONS[key][0]):
+            errs.add(f"embedded.{key}", value, f"must be one of {list(EMBEDDED_OPTIONS[key])}")
+    if errs:
+        return errs
+    opts = embedded_options(run)
+    if opts["compile_mode"] != "default" and not opts["compile"]:
+        errs.add("embedded.compile_mode", opts["compile_mode"], "applies to torch.compile only: set embedded.compile: true")
+    for key, values in CUDA_ONLY.items():
+        if opts[key] in values and device == "cpu":
+            errs.add(f"embedded.{key}", opts[key], "needs a CUDA GPU and this run's device is cpu"
+                     + ("; use 'math' or 'auto' on the CPU" if key == "attention" else "")
+                     + ("; use 'chunked' on the CPU" if key == "fused_ce" else ""))
+    for key, values in NEEDS_LIGER.items():
+        if opts[key] in values and not (have_liger or liger_installed)():
+            errs.add(f"embedded.{key}", opts[key], "needs liger-kernel, which is not installed: "
+                                                   "pip install -e '.[gpu]' (on a GPU machine)")
+    return errs
+
+
 def embedded_errors(run: dict, model: dict) -> list[str]:
     errs = _Errors(run)
     if run.get("track") == "data_parallel" and run.get("ep", 1) > 1:
         errs.add("ep", run["ep"], "the embedded engine splits experts on the model_parallel track only")
-    return errs
+    return errs + embedded_option_errors(run, run.get("device", "auto"))
 
 
 def nemo_errors(run: dict, model: dict) -> list[str]:
@@ -218,5 +281,5 @@ def run_errors(run: dict, model: dict) -> list[str]:
     return common_errors(run, model) + ENGINE_CHECKS[engine](run, model)
 
 
-__all__ = ["EXPERT_KEYS", "HF_LORA_GROUPS", "NEMO_LORA_TARGETS", "hf_lora_targets", "nemo_lora_targets",
+__all__ = ["EMBEDDED_OPTIONS", "EXPERT_KEYS", "embedded_option_errors", "embedded_options", "HF_LORA_GROUPS", "NEMO_LORA_TARGETS", "hf_lora_targets", "nemo_lora_targets",
            "num_experts", "run_errors"]

@@ -5,7 +5,9 @@ Launched by torchrun, one process per GPU (or per CPU "GPU" with gloo):
     torchrun --standalone --nproc-per-node N -m ftscale.run.engine.embedded RUN_DIR/run.json
 
 The data-parallel track trains LoRA adapters under DistributedDataParallel; the model-parallel
-track fully fine-tunes a model split by ``ftscale.run.engine.model_parallel``. Every step prints one line in
+track fully fine-tunes a model split by ``ftscale.run.engine.model_parallel``. The config's
+``embedded:`` options (``ftscale.run.engine.options``) are applied as the model is built and named on
+the layout line. Every step prints one line in
 the format of ``ftscale.run.logformat`` and appends a record to RUN_DIR/metrics.jsonl.
 """
 
@@ -23,10 +25,39 @@ import torch.distributed as dist
 from ftscale.importing.checkpoint import load_for_training
 from ftscale.run.data import dataset_tokens
 from ftscale.run.engine.data_parallel import prepare_data_parallel
+from ftscale.run.engine.fused_ce import install as install_fused_head
 from ftscale.run.engine.model_parallel import prepare_model_parallel
-from ftscale.run.engine.training import EXIT_OOM, device_for, dtype_for, train
+from ftscale.run.engine.options import apply_liger_kernels, attention_context, compile_model, layout_fields, resolve
+from ftscale.run.engine.training import EXIT_OOM, TrainSetup, device_for, dtype_for, train
 from ftscale.run.logformat import error_line, kv_line
 from ftscale.study.paths import RunPaths
+
+
+def build(run: dict, device: torch.device) -> tuple[TrainSetup, torch.Tensor, dict, torch.dtype]:
+    """The run's model made ready to train on ``device`` with its options applied, its token stream, the
+    options (every one present) and the dtype. Needs the process group (DDP, model parallelism)."""
+    from transformers import AutoTokenizer
+
+    options = resolve(run, device)  # refuses an option this device cannot honour, before any work
+    dtype = dtype_for(run, device)
+    # Synthetic at-load weights are made on the GPU; with model parallelism every rank builds the
+    # same full model on the CPU first and keeps its shards.
+    where = device if (device.type == "cuda" and run["track"] == "data_parallel") else torch.device("cpu")
+    model = load_for_training(run["checkpoint"], dtype, where)
+    if options["liger_kernels"]:
+        apply_liger_kernels(model)
+    if options["activation_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    head = install_fused_head(model, options["fused_ce"]) if options["fused_ce"] != "off" else None
+    tokens = dataset_tokens(run, AutoTokenizer.from_pretrained(run["checkpoint"]), model.config.vocab_size)
+    if run["track"] == "data_parallel":
+        prepared = prepare_data_parallel(model, run, device)
+    else:
+        prepared = prepare_model_parallel(model, run, device)
+    prepared.head = head
+    if options["compile"]:
+        compile_model(prepared.model, options["compile_mode"])
+    return prepared, tokens, options, dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,30 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(int(per_rank) if per_rank else max(1, (os.cpu_count() or 1) // local))
         torch.manual_seed(run["seed"])
-        from transformers import AutoTokenizer
-
-        dtype = dtype_for(run, device)
-        # Synthetic at-load weights are made on the GPU; with model parallelism every rank builds the
-        # same full model on the CPU first and keeps its shards.
-        where = device if (device.type == "cuda" and run["track"] == "data_parallel") else torch.device("cpu")
-        model = load_for_training(run["checkpoint"], dtype, where)
-        options = run.get("engine_options") or {}
-        if options.get("activation_checkpointing"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        tokens = dataset_tokens(run, AutoTokenizer.from_pretrained(run["checkpoint"]), model.config.vocab_size)
-        if run["track"] == "data_parallel":
-            prepared = prepare_data_parallel(model, run, device)
-        else:
-            prepared = prepare_model_parallel(model, run, device)
-        if options.get("compile"):
-            prepared.model.compile()
+        prepared, tokens, options, dtype = build(run, device)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if rank == 0:
             print(kv_line("layout", **prepared.layout, device=device.type, device_name=device_name.replace(" ", "_"),
-                          dtype=str(dtype).removeprefix("torch."),
-                          activation_checkpointing=int(bool(options.get("activation_checkpointing"))),
-                          compile=int(bool(options.get("compile")))), flush=True)
-        train(run, prepared, tokens, device, RunPaths(run_json.parent).metrics)
+                          dtype=str(dtype).removeprefix("torch."), **layout_fields(options)), flush=True)
+        with attention_context(options["attention"]):
+            train(run, prepared, tokens, device, RunPaths(run_json.parent).metrics)
         if rank == 0:
             print(kv_line("done", steps=run["steps"]), flush=True)
         code = 0

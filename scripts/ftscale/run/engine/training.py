@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ftscale.run.data import global_batch, micro_batches
+from ftscale.run.engine.fused_ce import FusedHead
 from ftscale.run.logformat import step_line
 
 EXIT_OOM = 3
@@ -31,8 +32,13 @@ class TrainSetup:
     layout: dict
     # Context for all but the last micro-batch of a step (DDP's no_sync), if any.
     no_sync: Callable[[], ContextManager] | None = None
+    # Engine option fused_ce: the model's lm_head returns hidden states and this computes the loss.
+    head: FusedHead | None = None
 
     def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            hidden = self.model(input_ids=input_ids, use_cache=False).logits
+            return self.head.loss(hidden, input_ids)
         return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
@@ -92,28 +98,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_optimizer(model: torch.nn.Module, run: dict, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=run["learning_rate"], fused=device.type == "cuda" or None)
+
+
+def step_batches(run: dict, prepared: TrainSetup, tokens: torch.Tensor, step: int) -> list[torch.Tensor]:
+    """This rank's micro-batches of optimizer step ``step`` (1-based)."""
+    batch = global_batch(tokens, step, run["global_batch"], run["seq_length"], run["seed"])
+    micros = micro_batches(batch, run["micro_batch"], prepared.dp_rank, prepared.dp_size)
+    assert len(micros) == run["grad_accum"], (len(micros), run["grad_accum"])
+    return micros
+
+
+def train_step(prepared: TrainSetup, optimizer: torch.optim.Optimizer, micros: list[torch.Tensor],
+               device: torch.device) -> torch.Tensor:
+    """Forward and backward of every micro-batch (gradients synchronised on the last), then the
+    optimizer step; returns the sum of the micro-batch losses (gradients are left for the caller)."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    for i, micro in enumerate(micros):
+        sync_ctx = prepared.no_sync() if (prepared.no_sync and i < len(micros) - 1) else contextlib.nullcontext()
+        with sync_ctx:
+            loss = prepared.loss(micro.to(device))
+            (loss / len(micros)).backward()
+        loss_sum += loss.detach().float()
+    optimizer.step()
+    return loss_sum
+
+
 def train(run: dict, prepared: TrainSetup, tokens: torch.Tensor, device: torch.device, out: Path) -> None:
     rank = dist.get_rank()
     model = prepared.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=run["learning_rate"], fused=device.type == "cuda" or None)
+    optimizer = make_optimizer(model, run, device)
     accum = run["grad_accum"]
     metrics = out.open("w") if rank == 0 else None
     for step in range(1, run["steps"] + 1):
-        batch = global_batch(tokens, step, run["global_batch"], run["seq_length"], run["seed"])
-        micros = micro_batches(batch, run["micro_batch"], prepared.dp_rank, prepared.dp_size)
-        assert len(micros) == accum, (len(micros), accum)
+        micros = step_batches(run, prepared, tokens, step)
         _sync(device)
         dist.barrier()
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-        for i, micro in enumerate(micros):
-            sync_ctx = prepared.no_sync() if (prepared.no_sync and i < len(micros) - 1) else contextlib.nullcontext()
-            with sync_ctx:
-                loss = prepared.loss(micro.to(device))
-                (loss / accum).backward()
-            loss_sum += loss.detach().float()
-        optimizer.step()
+        loss_sum = train_step(prepared, optimizer, micros, device)
         _sync(device)
         elapsed = time.perf_counter() - start
         state = state_bytes(model, optimizer) / 2**20  # gradients still held: measured before zero_grad

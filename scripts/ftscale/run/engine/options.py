@@ -1,0 +1,68 @@
+"""The embedded engine's speed options (config ``embedded:``), applied to a model as the engine builds it.
+
+Which options exist, their defaults and which need a GPU: ``ftscale.study.engines.EMBEDDED_OPTIONS``,
+checked there before any job (``embedded_option_errors``) and again here with the device the job got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from ftscale.study.engines import embedded_option_errors, embedded_options
+
+#: The ``attention`` option -> torch.nn.attention.SDPBackend member name (auto: PyTorch chooses).
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def resolve(run: dict, device: torch.device) -> dict:
+    """The run's options as the engine applies them, every one present; raises ValueError when ``device``
+    cannot honour one. ``fused_ce`` applies to the data_parallel track only (the model_parallel track
+    splits the LM head with tensor parallelism): there it is off, said on stdout and on the layout line."""
+    errors = embedded_option_errors(run, device.type)
+    if errors:
+        raise ValueError("; ".join(errors))
+    options = embedded_options(run)
+    if options["fused_ce"] != "off" and run.get("track") != "data_parallel":
+        print(f"[ftscale] note embedded.fused_ce={options['fused_ce']} not applied on the {run.get('track')} track "
+              "(its LM head is split by tensor parallelism): fused_ce=off", flush=True)
+        options["fused_ce"] = "off"
+    return options
+
+
+def attention_context(name: str) -> ContextManager:
+    """The SDPA backend the training steps run under: only ``name``'s backend is allowed (PyTorch raises
+    when it cannot run the shapes); ``auto`` leaves the choice to PyTorch."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+
+def apply_liger_kernels(model: torch.nn.Module) -> str:
+    """liger-kernel's RMSNorm, SwiGLU and RoPE patched into ``model`` (a transformers LLaMA or Mixtral,
+    before peft wraps it); its own cross-entropy stays off (that is the ``fused_ce`` option). Returns
+    the name of the function applied."""
+    import liger_kernel.transformers as liger
+
+    model_type = model.config.model_type
+    apply = {"llama": "apply_liger_kernel_to_llama", "mixtral": "apply_liger_kernel_to_mixtral"}.get(model_type)
+    if apply is None:
+        raise ValueError(f"embedded.liger_kernels: no liger-kernel patch for model type {model_type!r}")
+    getattr(liger, apply)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                          fused_linear_cross_entropy=False, model=model)
+    return apply
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> None:
+    """torch.compile ``model`` in place (``default``: torch's default mode)."""
+    model.compile(**({} if mode == "default" else {"mode": mode}))
+
+
+def layout_fields(options: dict) -> dict:
+    """The options as the log's layout line names them (booleans as 0/1)."""
+    return {key: int(value) if isinstance(value, bool) else value for key, value in options.items()}

@@ -1,0 +1,248 @@
+"""The embedded engine's speed options (config ``embedded:``): the chunked fused LM head + cross-entropy
+against the unfused loss, the options' validation, and one real CPU run of the engine with them on.
+
+The GPU-only options (liger, flash/cudnn/efficient attention) are checked here for being refused on a CPU
+and for what they call; their speed is measured on a GPU (benchmarks/gpu/NOTES.md)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+
+from ftscale.run.engine import fused_ce, options
+from ftscale.run.engine.fused_ce import ChunkedLinearCrossEntropy, chunked_linear_cross_entropy
+from ftscale.run.engine.training import TrainSetup
+from ftscale.study.engines import embedded_option_errors, embedded_options, run_errors
+from ftscale.study.models import load_model
+from ftscale.study.run import Run
+
+LORA = {"rank": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def _inputs(n=37, h=16, v=50, dtype=torch.float64, weight_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=dtype, requires_grad=weight_grad)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[0, 5, 6, 30]] = -100  # padding / ignored positions, some inside a chunk, one at a chunk's end
+    return hidden, weight, labels
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t.requires_grad])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8, 64])
+def test_chunked_matches_cross_entropy_float64(chunk):
+    hidden, weight, labels = _inputs()
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="mean")
+    got = chunked_linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(_grads(got * 3.0, hidden, weight), _grads(ref * 3.0, hidden, weight)):  # scaled upstream grad
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_frozen_weight_float32_and_nothing_to_predict():
+    hidden, weight, labels = _inputs(dtype=torch.float32, weight_grad=False)
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100)
+    got = chunked_linear_cross_entropy(hidden, weight, labels, chunk=5)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    (g_got,), (g_ref,) = _grads(got, hidden, weight), _grads(ref, hidden, weight)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-7)
+    assert weight.grad is None
+    # every label ignored: NaN as F.cross_entropy's mean gives, zero gradients
+    none = torch.full_like(labels, -100)
+    loss = ChunkedLinearCrossEntropy.apply(hidden, weight, none, -100, 8)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(hidden @ weight.t(), none, ignore_index=-100))
+    (g,) = torch.autograd.grad(loss, hidden)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_chunk_tokens_bounds_the_logits():
+    assert fused_ce.chunk_tokens(128256) == 512
+    assert fused_ce.chunk_tokens(1024) == 65536
+    assert fused_ce.chunk_tokens(1000, elements=3000) == 2
+
+
+def _tiny_lora_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA["targets"], init_lora_weights=False)
+    return get_peft_model(model, lora)
+
+
+def _loss_and_lora_grads(setup: TrainSetup, ids: torch.Tensor):
+    loss = setup.loss(ids)
+    params = {n: p for n, p in setup.model.named_parameters() if p.requires_grad}
+    return loss, dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+@pytest.mark.parametrize("attention", ["auto", "math"])
+def test_fused_head_matches_transformers_loss_on_a_lora_model(monkeypatch, attention):
+    monkeypatch.setattr(fused_ce, "CHUNK_ELEMENTS", 97 * 8)  # 8 tokens a chunk: several chunks per sequence
+    plain = _tiny_lora_model()
+    fused = copy.deepcopy(plain)
+    head = fused_ce.install(fused, "chunked")
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    layout = {}
+    with options.attention_context(attention):
+        ref_loss, ref_grads = _loss_and_lora_grads(TrainSetup(plain, 0, 1, layout), ids)
+        got_loss, got_grads = _loss_and_lora_grads(TrainSetup(fused, 0, 1, layout, head=head), ids)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert len(ref_grads) == 2 * 4 * 2  # lora_A and lora_B of 4 projections in 2 layers
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert got_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _run(device="cpu", track="data_parallel", **opts) -> dict:
+    run = Run(track=track, model="tiny_llama", engine="embedded", gpus=1, tp=1, ep=1, dp=1, sp=False, micro_batch=1,
+              global_batch=2, seq_length=32, steps=3, warmup_steps=0, learning_rate=1e-2, seed=1, precision="fp32",
+              device=device, lora=LORA if track == "data_parallel" else None, engine_options=opts)
+    return run.to_dict()
+
+
+@pytest.mark.parametrize("opts, device, key, words", [
+    ({"fused_ce": "liger"}, "cpu", "embedded.fused_ce", "needs a CUDA GPU and this run's device is cpu; use 'chunked'"),
+    ({"liger_kernels": True}, "cpu", "embedded.liger_kernels", "needs a CUDA GPU"),
+    ({"attention": "flash"}, "cpu", "embedded.attention", "use 'math' or 'auto' on the CPU"),
+    ({"attention": "cudnn"}, "cpu", "embedded.attention", "needs a CUDA GPU"),
+    ({"compile_mode": "max-autotune"}, "cuda", "embedded.compile_mode", "set embedded.compile: true"),
+    ({"fused_ce": "liger"}, "cuda", "embedded.fused_ce", "needs liger-kernel, which is not installed"),
+    ({"liger_kernels": True}, "auto", "embedded.liger_kernels", "pip install -e '.[gpu]'"),
+    ({"attention": "fast"}, "cuda", "embedded.attention", "must be one of ['auto', 'flash'"),
+    ({"fused": "chunked"}, "cuda", "embedded.fused", "unknown option"),
+])
+def test_options_a_device_cannot_honour_are_refused(opts, device, key, words):
+    run = _run(device, **opts)
+    errors = embedded_option_errors(run, device, have_liger=lambda: False)
+    value = next(iter(opts.values()))
+    assert any(e.startswith(f"run {run['name']}: {key} = {value!r}: ") and words in e for e in errors), errors
+
+
+def test_options_that_can_run_pass(repo):
+    model = load_model("tiny_llama", repo).spec
+    assert run_errors(_run("cpu", fused_ce="chunked", attention="math"), model) == []
+    assert run_errors(_run("cpu", fused_ce=False), model) == []  # YAML's bare `off`
+    assert embedded_options(_run("cpu", fused_ce=False))["fused_ce"] == "off"
+    gpu = _run("cuda", fused_ce="liger", liger_kernels=True, attention="cudnn", compile=True,
+               compile_mode="max-autotune")
+    assert embedded_option_errors(gpu, "cuda", have_liger=lambda: True) == []
+    mp = _run("cpu", track="model_parallel", fused_ce="chunked")
+    assert embedded_option_errors(mp, "cpu") == []
+    assert options.resolve(mp, torch.device("cpu"))["fused_ce"] == "off"  # not applied there, and said so
+    assert options.resolve(_run("cpu", fused_ce="chunked"), torch.device("cpu"))["fused_ce"] == "chunked"
+    assert embedded_options(_run())["attention"] == "auto" and embedded_options(_run())["fused_ce"] == "off"
+
+
+def test_config_schema_names_file_key_and_value(default_config):
+    from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"my.yaml: key 'embedded.attention' = \"fast\""):
+        validate({**default_config, "embedded": {"attention": "fast"}}, CONFIG_SCHEMA, "my.yaml")
+    filled = validate({**default_config, "embedded": {"fused_ce": False}}, CONFIG_SCHEMA, "my.yaml")
+    assert filled["embedded"] == {"activation_checkpointing": False, "compile": False, "compile_mode": "default",
+                                  "fused_ce": False, "liger_kernels": False, "attention": "auto"}
+
+
+def test_liger_kernels_patch_the_model_by_type(monkeypatch):
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_llama = lambda **kw: calls.append(("llama", kw))
+    fake.apply_liger_kernel_to_mixtral = lambda **kw: calls.append(("mixtral", kw))
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="mixtral"))
+    assert options.apply_liger_kernels(model) == "apply_liger_kernel_to_mixtral"
+    assert calls == [("mixtral", {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                                  "fused_linear_cross_entropy": False, "model": model})]
+    with pytest.raises(ValueError, match="no liger-kernel patch for model type 'qwen2'"):
+        options.apply_liger_kernels(types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen2")))
+
+
+def test_compile_mode_and_layout_fields():
+    seen = []
+    model = types.SimpleNamespace(compile=lambda **kw: seen.append(kw))
+    options.compile_model(model, "default")
+    options.compile_model(model, "reduce-overhead")
+    assert seen == [{}, {"mode": "reduce-overhead"}]
+    assert options.layout_fields(embedded_options(_run(fused_ce="chunked"))) == {
+        "activation_checkpointing": 0, "compile": 0, "compile_mode": "default", "fused_ce": "chunked",
+        "liger_kernels": 0, "attention": "auto"}
+    with pytest.raises(ValueError, match="embedded.attention = 'flash': needs a CUDA GPU"):
+        options.resolve(_run("auto", attention="flash"), torch.device("cpu"))  # the engine's own check
+
+
+# --------------------------------------------------------------------------- the engine, end to end
+
+
+def test_engine_runs_with_fused_ce_and_math_attention(tmp_path):
+    """Two real runs of the engine (``python -m ftscale.run.engine.embedded``, one rank, gloo; a fresh
+    interpreter each, as torchrun starts it): the default and chunked + math. The layout line names the
+    options and the per-step losses agree."""
+    from test_model_parallel import _free_port
+
+    from ftscale.importing.checkpoint import import_model
+
+    checkpoint = import_model(load_model("tiny_llama"), tmp_path / "ckpt")
+    losses, layouts = {}, {}
+    for name, opts in (("off", {}), ("fused", {"fused_ce": "chunked", "attention": "math"})):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        run = _run("cpu", **opts)
+        run["checkpoint"] = str(checkpoint)
+        (run_dir / "run.json").write_text(json.dumps(run))
+        env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "FTSCALE_THREADS_PER_RANK": "1"}
+        done = subprocess.run([sys.executable, "-m", "ftscale.run.engine.embedded", str(run_dir / "run.json")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        layouts[name] = next(line for line in done.stdout.splitlines() if "[ftscale] layout" in line)
+        losses[name] = [json.loads(r)["loss"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "fused_ce=off" in layouts["off"] and "attention=auto" in layouts["off"]
+    assert "fused_ce=chunked" in layouts["fused"] and "attention=math" in layouts["fused"]
+    assert len(losses["fused"]) == 3
+    assert losses["fused"] == pytest.approx(losses["off"], rel=1e-5)
+
+
+def test_tables_say_which_options_a_run_used():
+    from ftscale.analyze.frame import engine_options_label
+
+    configured = {"engine_options": {"compile": True, "fused_ce": "chunked"}}
+    assert engine_options_label("embedded", {}, configured) == "compile, fused_ce=chunked"
+    # as built (the layout line) wins over as configured; an old line names only compile
+    built = {"compile": 1, "fused_ce": "off", "attention": "flash", "liger_kernels": 1}
+    assert engine_options_label("embedded", built, configured) == "compile, liger_kernels, attention=flash"
+    assert engine_options_label("embedded", {"compile": 0, "activation_checkpointing": 0}, {}) == "defaults"
+    assert engine_options_label("nemo", built, configured) == ""
+
+
+@pytest.mark.parametrize("name", ["fusedce", "liger", "liger_eager", "attn_cudnn", "attn_flash", "autotune"])
+def test_gpu_benchmark_configs_are_valid(name, monkeypatch):
+    """The next GPU session's configs (benchmarks/gpu/NOTES.md) load here, liger-kernel taken as installed."""
+    from ftscale.study import engines
+    from ftscale.study.sweep import load_config_file, load_study
+
+    monkeypatch.setattr(engines, "liger_installed", lambda: True)
+    path = REPO / "benchmarks" / "gpu" / f"llama8b_lora_{name}.yaml"
+    study = load_study(load_config_file(path), source=str(path), root=REPO)
+    assert study.runs and all(r.engine_options["compile"] == (name != "liger_eager") for r in study.runs)
