@@ -92,7 +92,7 @@ def test_a_broken_configfile_is_named_by_check_config(tmp_path):
 def test_check_config_validates_and_plans_as_the_workflow(tmp_path):
     work = copy_workflow(tmp_path)
     out = ftscale("check-config", "config/config.yaml", cwd=work)
-    assert (out.returncode, out.stdout) == (0, "config/config.yaml: valid: 10 runs of 2 model(s)\n")
+    assert (out.returncode, out.stdout) == (0, "config/config.yaml: valid: 11 runs of 2 model(s)\n")
     (work / "gpus.yaml").write_text("tracks: {data_parallel: {gpus: [0]}}\n")  # merged over the default
     out = ftscale("check-config", "config/config.yaml", "gpus.yaml", cwd=work)
     assert out.returncode == 2 and "config/config.yaml, gpus.yaml: key 'tracks.data_parallel.gpus[0]' = 0" in out.stderr

@@ -175,7 +175,7 @@ def test_the_workflow_lists_each_runs_files_and_names_the_config(default_config,
     assert s.source == "config/config.yaml"
     assert run_files(s, "run") == [f"{r.directory}/run.json" for r in s.runs]
     mp = run_files(s, "metrics", "model_parallel")
-    assert mp == [f"{r.directory}/metrics.jsonl" for r in s.runs if r.track == "model_parallel"] and len(mp) == 4
+    assert mp == [f"{r.directory}/metrics.jsonl" for r in s.runs if r.track == "model_parallel"] and len(mp) == 5
     assert model_files(s, "spec") == ["models/tiny_llama/model.yaml", "models/tiny_mixtral/model.yaml"]
     assert container_image(s) is None and nemo_ftscale_command(s) == "ftscale"  # embedded: no image
 
