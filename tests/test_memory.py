@@ -131,3 +131,20 @@ def test_layer_formula_matches_autograd_saved_tensors(kind, dtype_name, lora):
     s = memory_setting(arch, lora and {"rank": 8, "targets": lora}, {}, micro_batch=2, seq_length=64,
                        dtype_bytes=dtype.itemsize)
     assert sum(layer_activation_bytes(s).values()) == pytest.approx(measured, rel=0.01)
+
+
+def test_fused_ce_keeps_one_chunk_of_logits_by_hand():
+    """fused_ce (embedded, data-parallel): the hidden states' gradient + one chunk's fp32 logits and their
+    bf16 gradient, instead of 12 bytes per vocabulary entry for every token."""
+    kw = dict(micro_batch=1, seq_length=4096, dtype_bytes=2)
+    lora = {"rank": 8, "targets": ALL7}
+    eager = predict_memory(memory_setting(LLAMA_8B, lora, {}, **kw))
+    chunked = predict_memory(memory_setting(LLAMA_8B, lora, {}, fused_ce="chunked", **kw))
+    liger = predict_memory(memory_setting(LLAMA_8B, lora, {}, fused_ce="liger", **kw))
+    grad_hidden = 4096 * 2 * 4096
+    assert chunked.logits_mib == (grad_hidden + 512 * 6 * 128256) / MIB  # 2**26 / 128256 -> 512 tokens
+    assert liger.logits_mib == (grad_hidden + 128 * 6 * 128256) / MIB  # 4096 / ceil(128256 / 4096) = 128
+    assert eager.peak_mib - chunked.peak_mib == pytest.approx(eager.logits_mib - chunked.logits_mib)
+    # not on the model-parallel track (the engine leaves it off there: the head is split by TP)
+    mp = memory_setting(LLAMA_8B, None, {"tp": 2, "sp": True}, track="model_parallel", fused_ce="chunked", **kw)
+    assert mp.fused_ce == "off"

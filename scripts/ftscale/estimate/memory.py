@@ -54,7 +54,11 @@ peak is at the start of backward with the fp32 log-probabilities, their gradient
 of the logits alive: ``12·V`` per token (the forward holds 2V + 4V + 4V = 10V for bf16). The TP plan
 all-gathers the vocab-parallel logits, so TP does not divide them. With ``torch.compile`` the
 cross-entropy is fused: ``COMPILE_LOGITS_BYTES_PER_VOCAB``·V. NeMo: vocab-parallel fused
-cross-entropy, 6·V/t (bf16 logits shard + fp32 shard).
+cross-entropy, 6·V/t (bf16 logits shard + fp32 shard). With the embedded engine's ``fused_ce`` (chunked
+or liger, data-parallel track) no full logits exist: the hidden states' gradient, computed in the
+forward, is kept (a·h per token), and one chunk of tokens has fp32 logits/softmax and their gradient in
+the model's dtype alive, (4 + a)·V per token of the chunk (``fused_ce_chunk_tokens``). Not yet checked
+against a GPU run.
 
 Peak per GPU = weights + gradients + optimizer + DDP buckets + L·n·layer (or the checkpointing
 figure) + n·logits + ``ALLOCATOR_OVERHEAD_MIB``; on the model-parallel track the gradient sync
@@ -117,6 +121,7 @@ class MemorySetting:
     track: str = "data_parallel"
     activation_checkpointing: bool = False
     compile: bool = False
+    fused_ce: str = "off"
 
     @property
     def full(self) -> bool:
@@ -136,7 +141,7 @@ class MemorySetting:
 def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layout: Layout | Mapping[str, Any], *,
                    micro_batch: int, seq_length: int, dtype_bytes: int, engine: str = "embedded",
                    track: str = "data_parallel", activation_checkpointing: bool = False,
-                   compile: bool = False) -> MemorySetting:
+                   compile: bool = False, fused_ce: str = "off") -> MemorySetting:
     if "architecture" in arch:
         arch = arch["architecture"]
     if dtype_bytes not in (2, 4):
@@ -148,7 +153,8 @@ def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layo
     return MemorySetting(arch=arch_dims(arch), arch_dict=dict(arch), lora=lora_spec(lora),
                          layout=Layout.coerce(layout), micro_batch=micro_batch, seq_length=seq_length,
                          dtype_bytes=dtype_bytes, engine=engine, track=track,
-                         activation_checkpointing=activation_checkpointing, compile=compile)
+                         activation_checkpointing=activation_checkpointing, compile=compile,
+                         fused_ce=fused_ce if engine == "embedded" and track == "data_parallel" else "off")
 
 
 # --------------------------------------------------------------------------- model state
@@ -258,11 +264,23 @@ def activation_bytes(s: MemorySetting) -> float:
     return tokens * s.arch.layers * per_layer
 
 
+def fused_ce_chunk_tokens(kind: str, tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens whose logits exist at once under ``fused_ce``: the engine's chunk (ftscale.run.engine.fused_ce,
+    2**26 logits entries), or liger-kernel's (tokens / ceil(V / h), rounded up to a power of two)."""
+    if kind == "liger":
+        return 1 << (max(1, -(-tokens // -(-vocab // hidden))) - 1).bit_length()
+    n = max(1, 2**26 // vocab)
+    return 1 << (n.bit_length() - 1)
+
+
 def logits_bytes(s: MemorySetting) -> float:
     """Logits and loss at their peak for one micro-batch (see the module docstring)."""
     tokens = s.micro_batch * s.seq_length
     if s.megatron:
         return tokens * 6 * s.arch.vocab / s.layout.tp
+    if s.fused_ce != "off":
+        chunk = min(tokens, fused_ce_chunk_tokens(s.fused_ce, tokens, s.arch.vocab, s.arch.hidden))
+        return tokens * s.dtype_bytes * s.arch.hidden + chunk * (4 + s.dtype_bytes) * s.arch.vocab
     per_vocab = COMPILE_LOGITS_BYTES_PER_VOCAB if s.compile else EAGER_LOGITS_BYTES_PER_VOCAB
     return tokens * per_vocab * s.arch.vocab
 
