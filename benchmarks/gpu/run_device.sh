@@ -28,8 +28,12 @@ repo=$PWD
 declare -A SITE=([base]=/tmp/site [hf]=/tmp/site [nemo]=/tmp/site-nemo [automodel]=/tmp/site-am)
 for set in base hf nemo automodel; do
   if ls .whl/$set/*.whl >/dev/null 2>&1; then
+    # a warm machine keeps both the carried wheels and what an earlier call installed: install a set once
+    stamp="${SITE[$set]}/.installed-$set"
+    if [ "$(ls .whl/$set | md5sum)" = "$(cat "$stamp" 2>/dev/null)" ]; then echo "$set: installed already"; continue; fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${SITE[$set]}" \
       .whl/$set/*.whl || { echo "wheel install failed ($set)"; exit 1; }
+    ls .whl/$set | md5sum > "$stamp"
     echo "installed $(ls .whl/$set/*.whl | wc -l) wheels of $set into ${SITE[$set]}"
   fi
 done
@@ -47,12 +51,14 @@ for config in "$@"; do
   name=$(basename "$config" .yaml)
   cp -r Snakefile rules config models benchmarks "$work"/ 2>/dev/null || true
   cd "$work"
+  # The versions, recorded beside the runs (importing NeMo alone takes ~40 s: measured on the H200, where
+  # it ate a short call's deadline before Snakemake started).
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, transformers, peft, snakemake; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "snakemake", snakemake.__version__)'
     [ -d /tmp/site-nemo/nemo ] && python-nemo -c 'import nemo, megatron.core, transformers; print("nemo", nemo.__version__, "megatron-core", megatron.core.__version__, "transformers", transformers.__version__)' 2>&1 | tail -1
     [ -d /tmp/site-am/nemo_automodel ] && python-am -c 'import nemo_automodel, transformers; print("nemo_automodel", nemo_automodel.__version__, "transformers", transformers.__version__)' 2>&1 | tail -1
-    echo "commit ${FTSCALE_COMMIT:-unknown} (plus uncommitted changes, if any)"; date -u +%FT%TZ; } > provenance.txt 2>&1
-  cat provenance.txt
+    echo "commit ${FTSCALE_COMMIT:-unknown} (plus uncommitted changes, if any)"; date -u +%FT%TZ; } > provenance.txt 2>&1 &
+  versions=$!
   start=$(date +%s)
   # one job per GPU at a time: Snakemake counts the gpu resource the train jobs declare
   left=$(( deadline - $(date +%s) - 20 ))
@@ -60,6 +66,7 @@ for config in "$@"; do
   timeout --kill-after=10 "$(( left > 1 ? left : 1 ))" snakemake "$target" --cores 16 --resources gpu=$(nvidia-smi -L | wc -l) \
     --scheduler greedy --keep-going --configfile "$config" ${SNAKEMAKE_ARGS:-} > "snakemake-$name.log" 2>&1
   echo "snakemake exit $? after $(( $(date +%s) - start )) s ($config, $target)"
+  wait "$versions"; cat provenance.txt
   grep -h "\[ftscale\]\|Error\|error" "snakemake-$name.log" | tail -20
   for log in models/*/import.log models/*/nemo-import.log; do [ -f "$log" ] && { echo "== $log"; tail -5 "$log"; }; done
   [ -f results/tables.md ] && cat results/tables.md
