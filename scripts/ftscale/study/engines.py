@@ -240,13 +240,18 @@ def nemo_errors(run: dict, model: dict) -> list[str]:
         errs.add("sp", False, f"Megatron requires sequence parallelism when tp ({tp}) and ep ({ep}) are both > 1")
     if not isinstance(run.get("seed"), int) or run.get("seed", 0) <= 0:
         errs.add("seed", run.get("seed"), "must be a positive integer (Megatron rejects seed <= 0)")
+    _check_lora_targets(errs, run, nemo_lora_targets)
+    return errs
+
+
+def _check_lora_targets(errs: _Errors, run: dict, engine_names: Callable[[list], list]) -> None:
+    """The run's LoRA targets must map to the engine's module names (``engine_names`` raises otherwise)."""
     lora = run.get("lora")
     if isinstance(lora, dict) and isinstance(lora.get("targets"), list) and lora["targets"]:
         try:
-            nemo_lora_targets(lora["targets"])
+            engine_names(lora["targets"])
         except ValueError as e:
             errs.add("lora.targets", lora["targets"], str(e))
-    return errs
 
 
 def automodel_errors(run: dict, model: dict) -> list[str]:
@@ -257,12 +262,7 @@ def automodel_errors(run: dict, model: dict) -> list[str]:
         errs.add("track", run.get("track"), "the automodel engine runs the data_parallel track (LoRA) only here")
     if model.get("synthetic_at_load"):
         errs.add("model.synthetic_at_load", True, "AutoModel loads weights from files: needs synthetic_at_load: false")
-    lora = run.get("lora")
-    if isinstance(lora, dict) and isinstance(lora.get("targets"), list) and lora["targets"]:
-        try:
-            hf_lora_targets(lora["targets"])
-        except ValueError as e:
-            errs.add("lora.targets", lora["targets"], str(e))
+    _check_lora_targets(errs, run, hf_lora_targets)
     return errs
 
 
