@@ -52,11 +52,15 @@ def error_line(kind: str, message: str) -> str:
     return f"{PREFIX} error={kind} {' '.join(message.split())[:500]}"
 
 
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is CUDA's OutOfMemoryError (by name: this module imports no torch)."""
+    return type(err).__name__ == "OutOfMemoryError"
+
+
 def failure_line(err: BaseException, rank: int) -> str:
     """The error line of an engine's job that ended with ``err`` on ``rank`` (``oom`` for CUDA's
     OutOfMemoryError, else ``failed``); the engines print it after the traceback."""
-    kind = "oom" if type(err).__name__ == "OutOfMemoryError" else "failed"
-    return error_line(kind, f"rank {rank}: {type(err).__name__}: {err}")
+    return error_line("oom" if is_oom(err) else "failed", f"rank {rank}: {type(err).__name__}: {err}")
 
 
 PATTERNS: dict[str, re.Pattern[str]] = {

@@ -22,7 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from ftscale.run.logformat import error_line, failure_line, kv_line
+from ftscale.run.engine.outcome import refused, reported
+from ftscale.run.logformat import kv_line
 from ftscale.study.engines import hf_lora_targets, run_errors
 
 
@@ -123,17 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     run = json.loads(run_json.read_text())
     model = _load_model(run)
     rank = int(os.environ.get("RANK", 0))
-    errors = run_errors(run, model)
-    world = os.environ.get("WORLD_SIZE")
-    if world is not None and int(world) != run.get("gpus"):
-        errors.append(f"run {run.get('name')}: gpus = {run.get('gpus')!r}: launched with WORLD_SIZE = {world}")
-    if errors:
-        for e in errors:
-            print(error_line("config", e), flush=True)
-        return 2
+    if (code := refused(run, model, os.environ)) is not None:
+        return code
 
-    code = 0
-    try:
+    def job() -> None:
         import nemo_automodel
         import torch
         import yaml
@@ -154,15 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = TrainFinetuneRecipeForNextTokenPrediction(load_yaml_config(str(_written(recipe_yaml))))
         recipe.setup()
         recipe.run_train_validation_loop()
-        if rank == 0:
-            print(kv_line("done", steps=run["steps"]), flush=True)
-    except Exception as err:  # noqa: BLE001 - the log must say why the job ended
-        import traceback
 
-        traceback.print_exc()
-        print(failure_line(err, rank), flush=True)
-        code = 1
-    return code
+    return reported(job, rank, run)
 
 
 def _written(path: Path, timeout_s: float = 60.0) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -28,8 +27,9 @@ from ftscale.run.engine.data_parallel import prepare_data_parallel
 from ftscale.run.engine.fused_ce import install as install_fused_head
 from ftscale.run.engine.model_parallel import prepare_model_parallel
 from ftscale.run.engine.options import apply_liger_kernels, attention_context, compile_model, layout_fields, resolve
-from ftscale.run.engine.training import EXIT_OOM, TrainSetup, device_for, dtype_for, train
-from ftscale.run.logformat import error_line, kv_line
+from ftscale.run.engine.outcome import reported
+from ftscale.run.engine.training import TrainSetup, device_for, dtype_for, train
+from ftscale.run.logformat import kv_line
 from ftscale.study.paths import RunPaths
 
 
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     device = device_for(run, local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    try:
+
+    def job() -> None:
         if world != run["gpus"]:
             raise RuntimeError(f"launched with {world} processes but the run asks for {run['gpus']} GPUs")
         if device.type == "cpu":
@@ -87,16 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                           dtype=str(dtype).removeprefix("torch."), **layout_fields(options)), flush=True)
         with attention_context(options["attention"]):
             train(run, prepared, tokens, device, RunPaths(run_json.parent).metrics)
-        if rank == 0:
-            print(kv_line("done", steps=run["steps"]), flush=True)
-        code = 0
-    except torch.OutOfMemoryError as err:
-        print(error_line("oom", f"rank {rank}: {err}"), flush=True)
-        code = EXIT_OOM
-    except Exception as err:  # noqa: BLE001 - any failure must end the job with a reason in the log
-        traceback.print_exc()
-        print(error_line("failed", f"rank {rank}: {type(err).__name__}: {err}"), flush=True)
-        code = 1
+
+    code = reported(job, rank, run)
     if code == 0:
         dist.destroy_process_group()
     return code

@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 
 from ftscale.importing.nemo import arch_fields, local_overrides
-from ftscale.run.logformat import error_line, failure_line, kv_line
+from ftscale.run.engine.outcome import refused, reported
+from ftscale.run.logformat import kv_line
 from ftscale.study.engines import nemo_lora_targets, run_errors
 
 # ----------------------------------------------------------------------------------------------
@@ -246,23 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     run = json.loads(Path(args.run_json).read_text())
     model = _load_model(run, args.model_yaml)
     rank = int(os.environ.get("RANK", 0))
-    errors = run_errors(run, model)
-    world = os.environ.get("WORLD_SIZE")
-    if world is not None and int(world) != run.get("gpus"):
-        errors.append(f"run {run.get('name')}: gpus = {run.get('gpus')!r}: launched with WORLD_SIZE = {world}")
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    if local is not None and int(local) != run.get("gpus_per_node"):
-        errors.append(f"run {run.get('name')}: gpus_per_node = {run.get('gpus_per_node')!r}: "
-                      f"launched with LOCAL_WORLD_SIZE = {local}")
-    if errors:
-        for e in errors:
-            print(error_line("config", e), flush=True)
-        return 2
+    if (code := refused(run, model, os.environ)) is not None:
+        return code
 
     # Read by MegatronStrategy.__init__: adds max_memory_reserved/allocated (bytes) to each step line.
     os.environ["NEMO_LOG_MEMORY_USAGE"] = "1"
-    code = 0
-    try:
+    def job() -> None:
         import lightning.pytorch as pl
         import nemo
         import nemo_run as nr
@@ -281,15 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                           device_name=torch.cuda.get_device_name().replace(" ", "_"), torch=torch.__version__,
                           nemo=nemo.__version__), flush=True)
         nr.run(recipe, direct=True)
-        if rank == 0:
-            print(kv_line("done", steps=run["steps"]), flush=True)
-    except Exception as err:  # noqa: BLE001 - the log must say why the job ended
-        import traceback
 
-        traceback.print_exc()
-        print(failure_line(err, rank), flush=True)
-        code = 1
-    return code
+    return reported(job, rank, run)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from ftscale.run.data import global_batch, micro_batches
 from ftscale.run.engine.fused_ce import FusedHead
 from ftscale.run.logformat import step_line
 
-EXIT_OOM = 3
-
 
 @dataclass
 class TrainSetup:
