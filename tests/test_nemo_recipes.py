@@ -23,6 +23,17 @@ def nemo_python(repo) -> str | None:
     return path if os.path.exists(path) else None
 
 
+def require_nemo_python(repo) -> str:
+    """The NeMo venv's interpreter; without one, a failure in CI and a skip elsewhere."""
+    python = nemo_python(repo)
+    if python is None:
+        msg = "no NeMo venv: run .ci/nemo-venv .venv-nemo (or set FTSCALE_NEMO_PYTHON)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return python
+
+
 def workshop_study(repo):
     cfg = yaml.safe_load((repo / "config/workshop.yaml").read_text())
     cfg["container"] = "nvcr.io/nvidia/nemo:test"
@@ -45,12 +56,7 @@ def test_workshop_plan_has_every_run(repo):
 
 
 def test_every_workshop_run_builds_a_real_nemo_recipe(repo, tmp_path):
-    python = nemo_python(repo)
-    if python is None:
-        msg = "no NeMo venv: run .ci/nemo-venv .venv-nemo (or set FTSCALE_NEMO_PYTHON)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    python = require_nemo_python(repo)
     study = workshop_study(repo)
     plan = {"models": {name: m.spec for name, m in study.models.items()},
             "runs": [r.to_dict() for r in study.runs]}
@@ -72,9 +78,7 @@ def test_synthetic_files_read_the_same_under_nemos_transformers(repo, tmp_path):
     from ftscale.importing.synthetic import write_synthetic
     from ftscale.study.models import load_model
 
-    python = nemo_python(repo)
-    if python is None:
-        pytest.skip("no NeMo venv")
+    python = require_nemo_python(repo)
     model = load_model("tiny_llama", repo)
     model.arch["rope_theta"] = 500000.0  # LLaMA 3.1's, not transformers 4.x's default of 10000
     write_synthetic(model, tmp_path, "cpu")

@@ -51,8 +51,8 @@ for config in "$@"; do
   name=$(basename "$config" .yaml)
   cp -r Snakefile rules config models benchmarks "$work"/ 2>/dev/null || true
   cd "$work"
-  # The versions, recorded beside the runs (importing NeMo alone takes ~40 s: measured on the H200, where
-  # it ate a short call's deadline before Snakemake started).
+  # The versions, recorded beside the runs (it imports NeMo: with the wheel install, 54-57 s went before
+  # Snakemake started on the H200, the whole of a short call's deadline).
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, transformers, peft, snakemake; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "snakemake", snakemake.__version__)'
     [ -d /tmp/site-nemo/nemo ] && python-nemo -c 'import nemo, megatron.core, transformers; print("nemo", nemo.__version__, "megatron-core", megatron.core.__version__, "transformers", transformers.__version__)' 2>&1 | tail -1
