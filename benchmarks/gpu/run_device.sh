@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (device tool), from the repository root. Usage:
-#   bash benchmarks/gpu/run_device.sh [--target TARGET] [--deadline SECONDS] CONFIG [CONFIG ...]
+#   bash benchmarks/gpu/run_device.sh [--target TARGET] [--deadline SECONDS] [--fail-fast] CONFIG [CONFIG ...]
 # --deadline: the whole script's time; each Snakemake run gets what is left (less 20 s to pack the results),
-# so a slow run is stopped and its logs still come back. SNAKEMAKE_ARGS (environment) is passed to Snakemake,
+# so a slow run is stopped and its logs still come back. --fail-fast: skip the configs after the first whose
+# Snakemake fails (a first run of an engine: the later configs would stop at the same error). SNAKEMAKE_ARGS (environment) is passed to Snakemake,
 # e.g. SNAKEMAKE_ARGS='--config engine=[nemo]' for one engine of a side-by-side config.
 # Wheels (made here by benchmarks/gpu/wheels.sh, carried as .whl/<set>/) go into one directory per set,
 # so each engine gets the versions it was made for:
@@ -17,10 +18,12 @@
 set -uo pipefail
 target=results/tables.md
 deadline=$(( $(date +%s) + 100000 ))
+fail_fast=0
 while [ $# -gt 0 ]; do
   case $1 in
     --target) target=$2; shift 2 ;;
     --deadline) deadline=$(( $(date +%s) + $2 )); shift 2 ;;
+    --fail-fast) fail_fast=1; shift ;;
     *) break ;;
   esac
 done
@@ -65,7 +68,8 @@ for config in "$@"; do
   # shellcheck disable=SC2086  # SNAKEMAKE_ARGS is split on purpose
   timeout --kill-after=10 "$(( left > 1 ? left : 1 ))" snakemake "$target" --cores 16 --resources gpu=$(nvidia-smi -L | wc -l) \
     --scheduler greedy --keep-going --configfile "$config" ${SNAKEMAKE_ARGS:-} > "snakemake-$name.log" 2>&1
-  echo "snakemake exit $? after $(( $(date +%s) - start )) s ($config, $target)"
+  status=$?
+  echo "snakemake exit $status after $(( $(date +%s) - start )) s ($config, $target)"
   wait "$versions"; cat provenance.txt
   grep -h "\[ftscale\]\|Error\|error" "snakemake-$name.log" | tail -20
   for log in models/*/import.log models/*/nemo-import.log; do [ -f "$log" ] && { echo "== $log"; tail -5 "$log"; }; done
@@ -74,4 +78,5 @@ for config in "$@"; do
   tar czf "$OUT/results-$name.tar.gz" provenance.txt "snakemake-$name.log" results models/*/*.log models/*/*/IMPORT.json \
     experiments/*/*/*/{train.log,launch.json,run.json,automodel.yaml} 2>/dev/null
   cd "$repo"
+  if [ "$fail_fast" = 1 ] && [ "$status" != 0 ]; then echo "--fail-fast: skipping the configs after $config"; break; fi
 done
