@@ -365,3 +365,58 @@ def test_hf_importer_config_builds_without_te_under_the_workaround(tiny_hf):
     assert llama_module.LlamaConfig is LlamaConfig  # restored after the block
     with pytest.raises(Exception, match="Transformer Engine|TE >= 1.4|apply_rope_fusion"):
         _ = importer.config
+
+
+@pytest.fixture
+def model_parallel_on_cpu():
+    """Megatron's parallel state for one CPU process (gloo), torn down afterwards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def test_lora_wraps_the_local_spec_without_te_under_the_workaround(model_parallel_on_cpu):
+    """NeMo's LoRA.transform asks `m.__class__ == te.Linear` of every target, which raises without TE (the
+    first NeMo training on the H200 stopped there); te_free_lora lets it reach Megatron's own linear layers."""
+    try:
+        import transformer_engine  # noqa: F401
+        pytest.skip("Transformer Engine present")
+    except ImportError:
+        pass
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+    from nemo.collections.llm import fn
+    from nemo.collections.llm.peft.lora import LoRALinear
+    from nemo.collections.llm.peft.utils import ParallelLinearAdapter
+    from nemo.utils.import_utils import UnavailableError
+
+    config = nemo_import.model_config(TINY, {"transformer_impl": "local"})
+    config.use_cpu_initialization = True
+
+    def tiny_gpt():
+        return GPTModel(config=config, transformer_layer_spec=config.transformer_layer_spec(config),
+                        vocab_size=1024, max_sequence_length=128, position_embedding_type="rope")
+
+    lora = llm.peft.LoRA(target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], dim=8, alpha=16)
+    with pytest.raises(UnavailableError, match="transformer_engine"):
+        fn.walk(tiny_gpt(), lora.transform)
+    with nemo_import.te_free_lora():
+        model = fn.walk(tiny_gpt(), lora.transform)
+    for layer in model.decoder.layers:
+        for linear in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
+                       layer.mlp.linear_fc1, layer.mlp.linear_fc2):
+            assert isinstance(linear, LoRALinear) and isinstance(linear.adapter, ParallelLinearAdapter)
+    qkv = model.decoder.layers[0].self_attention.linear_qkv
+    assert isinstance(qkv.to_wrap, ColumnParallelLinear) and qkv.adapter.linear_in.weight.shape == (8, 128)
+    from nemo.collections.llm.peft import lora as lora_module
+
+    assert lora_module.te.__class__.__name__ != "SimpleNamespace"  # restored after the block

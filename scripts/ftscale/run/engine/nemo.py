@@ -20,13 +20,14 @@ It cannot train on a CPU-only machine (no Transformer Engine); tests/nemo builds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
 import sys
 from pathlib import Path
 
-from ftscale.importing.nemo import arch_fields, local_overrides
+from ftscale.importing.nemo import arch_fields, local_overrides, te_free_lora
 from ftscale.run.engine.outcome import refused, reported
 from ftscale.run.logformat import kv_line
 from ftscale.study.engines import nemo_lora_targets, run_errors
@@ -270,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                           restore=f["checkpoint"], device="cuda",
                           device_name=torch.cuda.get_device_name().replace(" ", "_"), torch=torch.__version__,
                           nemo=nemo.__version__), flush=True)
-        nr.run(recipe, direct=True)
+        local = (run.get("engine_options") or {}).get("transformer_impl") == "local"
+        with te_free_lora() if local else contextlib.nullcontext():
+            nr.run(recipe, direct=True)
 
     return reported(job, rank, run)
 
