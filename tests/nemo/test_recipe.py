@@ -31,6 +31,7 @@ fdl = pytest.importorskip("fiddle")
 
 from ftscale.importing import nemo as nemo_import  # noqa: E402
 from ftscale.run.engine import nemo as engine  # noqa: E402
+from ftscale.run.engine import nemo_without_te  # noqa: E402
 from ftscale.study.engines import run_errors  # noqa: E402
 
 MODELS = {
@@ -409,7 +410,7 @@ def test_lora_wraps_the_local_spec_without_te_under_the_workaround(model_paralle
     lora = llm.peft.LoRA(target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], dim=8, alpha=16)
     with pytest.raises(UnavailableError, match="transformer_engine"):
         fn.walk(tiny_gpt(), lora.transform)
-    with nemo_import.te_free_lora():
+    with nemo_without_te.te_free_lora():
         model = fn.walk(tiny_gpt(), lora.transform)
     for layer in model.decoder.layers:
         for linear in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
@@ -420,3 +421,32 @@ def test_lora_wraps_the_local_spec_without_te_under_the_workaround(model_paralle
     from nemo.collections.llm.peft import lora as lora_module
 
     assert lora_module.te.__class__.__name__ != "SimpleNamespace"  # restored after the block
+
+
+def test_mock_data_gives_the_attention_mask_local_attention_needs_under_the_workaround(tiny_hf):
+    """Without TE NeMo's MockDataModule means to add an attention mask but passes the flag as the seed (the
+    second NeMo training on the H200 stopped at gpt_forward_step's assertion); the workaround makes the mask."""
+    import torch
+    from nemo.collections.llm.gpt.data import mock
+
+    if mock.HAVE_TE:
+        pytest.skip("Transformer Engine present")
+    run = tiny_run(tiny_hf, data={"kind": "mock"}, dataset_dir=None)
+    recipe = engine.build_recipe(run, TINY)
+    recipe.data.num_workers = 0
+
+    def first_batch():
+        data = fdl.build(recipe.data)
+        assert data.create_attention_mask  # forced on without TE
+        data.setup()
+        return next(iter(data.val_dataloader()))
+
+    assert "attention_mask" not in first_batch()  # NeMo 2.7.3 as shipped
+    with nemo_without_te.te_free_training():
+        batch = first_batch()
+    assert batch["attention_mask"].shape == (1, 1, 128, 128) and batch["attention_mask"].dtype == torch.bool
+    # causal: a position masks (True) exactly the positions after it
+    assert bool(batch["attention_mask"][0, 0, 0, 1]) and not bool(batch["attention_mask"][0, 0, 1, 0])
+    assert batch["tokens"].shape == (1, 128)
+    assert "attention_mask" not in first_batch()  # restored after the block
+

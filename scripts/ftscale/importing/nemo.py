@@ -126,35 +126,6 @@ def te_free_importer(model_class: type):
             imp.convert_state = convert
 
 
-@contextlib.contextmanager
-def te_free_lora():
-    """Workaround (NeMo 2.7.3): ``LoRA.transform`` (nemo/collections/llm/peft/lora.py) asks every target
-    module ``m.__class__ == te.Linear`` before it looks at Megatron's own linear layers; without Transformer
-    Engine ``te`` is NeMo's placeholder, whose every attribute raises ``UnavailableError: transformer_engine.pytorch
-    could not be imported`` (the first NeMo training on the lent H200 stopped there). For the duration, and only
-    when TE is missing, ``te`` is a stand-in whose ``Linear`` no module is an instance of: local-spec layers then
-    take NeMo's own ParallelLinearAdapter path. That path (``peft.utils.get_adapter_attributes_from_linear``)
-    trusts ``HAVE_TE``, which is True without TE: megatron-core 0.15.3's TE extension module imports and sets
-    its TE classes to None, so ``isinstance(m, None)`` raises TypeError; its ``HAVE_TE`` is False meanwhile."""
-    import types
-
-    from nemo.collections.llm.peft import lora, utils
-
-    if lora.HAVE_TE:
-        yield
-        return
-
-    class NoTransformerEngineLinear:  # never instantiated: `m.__class__ == te.Linear` is False for every m
-        pass
-
-    saved = lora.te, utils.HAVE_TE
-    lora.te, utils.HAVE_TE = types.SimpleNamespace(Linear=NoTransformerEngineLinear), False
-    try:
-        yield
-    finally:
-        lora.te, utils.HAVE_TE = saved
-
-
 #: Hugging Face norm weights -> where Megatron's local layer spec keeps them. NeMo 2.7.3's importers
 #: map them onto TE's fused layer-norm weights (linear_qkv.layer_norm_weight, linear_fc1.layer_norm_weight),
 #: which the local spec does not have.

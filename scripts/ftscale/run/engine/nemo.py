@@ -27,7 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from ftscale.importing.nemo import arch_fields, local_overrides, te_free_lora
+from ftscale.importing.nemo import arch_fields, local_overrides
+from ftscale.run.engine.nemo_without_te import te_free_training
 from ftscale.run.engine.outcome import refused, reported
 from ftscale.run.logformat import kv_line
 from ftscale.study.engines import nemo_lora_targets, run_errors
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                           device_name=torch.cuda.get_device_name().replace(" ", "_"), torch=torch.__version__,
                           nemo=nemo.__version__), flush=True)
         local = (run.get("engine_options") or {}).get("transformer_impl") == "local"
-        with te_free_lora() if local else contextlib.nullcontext():
+        with te_free_training() if local else contextlib.nullcontext():
             nr.run(recipe, direct=True)
 
     return reported(job, rank, run)
