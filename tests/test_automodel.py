@@ -30,7 +30,7 @@ def test_tree_carries_the_run(repo):
     assert tree["step_scheduler"]["global_batch_size"] == 32 and tree["step_scheduler"]["local_batch_size"] == 2
     assert tree["step_scheduler"]["max_steps"] == 20
     assert tree["model"]["pretrained_model_name_or_path"] == os.path.abspath("models/llama31_8b_synthetic_files/model")
-    assert tree["peft"]["target_modules"] == LORA["targets"]
+    assert tree["peft"]["target_modules"] == ["*." + t for t in LORA["targets"]]
     assert (tree["peft"]["dim"], tree["peft"]["alpha"]) == (8, 16)
     assert tree["dataset"]["seq_len"] == 4096 and tree["dataset"]["vocab_size"] == 128256
     assert tree["dataset"]["batch_size"] == 2 and tree["dataloader"]["batch_size"] is None
@@ -43,7 +43,7 @@ def test_prepared_data_and_nemo_lora_names(repo):
     tree = automodel_config(run, spec)
     assert tree["dataset"]["path_or_dataset_id"] == os.path.abspath("experiments/data/corpus/training.jsonl")
     assert tree["dataset"]["column_mapping"] == {"context": "input", "answer": "output"}
-    assert tree["peft"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert tree["peft"]["target_modules"] == ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj"]
 
 
 def test_invalid_runs_are_refused_with_the_reason(repo):

@@ -54,6 +54,14 @@ def dataset_config(run: dict, model: dict) -> dict:
     }
 
 
+def lora_patterns(targets: list[str]) -> list[str]:
+    """AutoModel's ``peft.target_modules`` for the run's LoRA targets: ``*.<hf name>`` each. Its ModuleMatcher
+    (nemo_automodel 0.7.0, components/_peft/module_matcher.py) compares a pattern with the module's full
+    dotted name (``model.layers.0.self_attn.q_proj``), anchored at the start: a bare ``q_proj`` matches no
+    module, and the first run on the H200 stopped at ``optimizer received no trainable parameters``."""
+    return [f"*.{name}" for name in hf_lora_targets(targets)]
+
+
 def automodel_config(run: dict, model: dict) -> dict:
     """The AutoModel recipe tree for ``run`` (a run.json dict) and ``model`` (its model.yaml dict).
 
@@ -87,7 +95,7 @@ def automodel_config(run: dict, model: dict) -> dict:
         },
         "peft": {
             "_target_": "nemo_automodel.components._peft.lora.PeftConfig",
-            "target_modules": hf_lora_targets(lora["targets"]),
+            "target_modules": lora_patterns(lora["targets"]),
             "dim": lora["rank"],
             "alpha": lora["alpha"],
             "dropout": lora.get("dropout", 0.0),
