@@ -234,6 +234,9 @@ def test_tables_say_which_options_a_run_used():
     assert engine_options_label("embedded", built, configured) == "compile, liger_kernels, attention=flash"
     assert engine_options_label("embedded", {"compile": 0, "activation_checkpointing": 0}, {}) == "defaults"
     assert engine_options_label("nemo", built, configured) == ""
+    assert engine_options_label("nemo", {}, {"engine_options": {"transformer_impl": "local"}}) == "transformer_impl=local"
+    assert engine_options_label("nemo", {}, {"engine_options": {"transformer_impl": "transformer_engine"}}) == ""
+    assert engine_options_label("automodel", {}, {"engine_options": {"transformer_impl": "local"}}) == ""
 
 
 @pytest.mark.parametrize("name", ["fusedce", "liger", "liger_eager", "attn_cudnn", "attn_flash", "autotune"])

@@ -39,6 +39,10 @@ EXAMPLES = {
     "2026-11-24-h100-llama31_8b-lora-compile": "benchmarks/gpu/llama8b_lora_compile.yaml",
     "2026-11-24-h100-llama31_8b-lora-compile-ckpt": "benchmarks/gpu/llama8b_lora_compile_ckpt.yaml",
     "2026-11-24-h200-mixtral_8x7b-lora": "benchmarks/gpu/mixtral_lora.yaml",
+    "2026-12-01-h200-nemo-tiny_llama": "benchmarks/gpu/nemo_tiny.yaml",
+    "2026-12-01-h200-llama31_8b-side-by-side": "benchmarks/gpu/side_by_side_8b.yaml",
+    "2026-12-01-h200-llama31_8b-lora-fusedce": "benchmarks/gpu/llama8b_lora_fusedce.yaml",
+    "2026-12-01-h200-automodel-anchor": "benchmarks/gpu/automodel_anchor_8b.yaml",
 }
 
 
@@ -80,14 +84,22 @@ def rename_runs(example: Path, study: Study) -> list[tuple[str, str]]:
 
 
 def device_environment(example: Path, config: dict) -> dict:
-    """The study-wide provenance as the GPU machine recorded it in provenance.txt: line 2 the library
-    versions ("torch 2.11.0+cu130 cuda 13.0 transformers 5.23.0 ..."), line 3 the commit."""
+    """The study-wide provenance as the GPU machine recorded it in provenance.txt (run_device.sh): per device
+    call, the GPU line, the image's versions ("torch 2.11.0+cu130 cuda 13.0 transformers 5.17.0 ..."), NeMo's
+    and AutoModel's where installed ("nemo 2.7.3 megatron-core 0.15.3 ..."), "commit <sha> ..." and the date.
+    An example made over several calls holds their records one after the other: the versions are the first
+    call's (the image's transformers, not NeMo's pinned one), nemo from its own line, the commits all named."""
     lines = (example / "provenance.txt").read_text().splitlines()
-    words = lines[1].split()
-    versions = dict(zip(words[::2], words[1::2]))
-    commit = re.match(r"commit ([0-9a-f]{7,40})\b", lines[2])
+
+    def pairs(prefix: str) -> dict:
+        line = next((ln for ln in lines if ln.startswith(prefix)), "")
+        words = line.split()
+        return dict(zip(words[::2], words[1::2]))
+
+    versions = {**pairs("nemo "), **pairs("torch ")}  # the image's transformers wins over NeMo's pin
+    commits = list(dict.fromkeys(m[1] for ln in lines if (m := re.match(r"commit ([0-9a-f]{7,40})\b", ln))))
     env = environment(config, example)
-    env.update(git_commit=commit[1] if commit else "unknown",
+    env.update(git_commit="+".join(commits) or "unknown",
                versions={name: versions.get(name, "") for name in LIBRARIES})
     return env
 

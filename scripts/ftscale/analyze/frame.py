@@ -14,7 +14,7 @@ Derived per run:
 - speedup and efficiency (``add_scaling``, data-parallel track): against the 1-GPU run of the same
   engine, scaling mode and batch shape, speedup S(N) = tokens/s(N) / tokens/s(1), efficiency S(N) / N
   (weak scaling: T(1) / T(N); strong: T(1) / (N x T(N)));
-- ``engine_options``: the embedded engine's options that differ from the defaults (``engine_options_label``);
+- ``engine_options``: the engine options that differ from the defaults (``engine_options_label``);
 - ``oversubscribed``: the job had fewer CPUs than processes on a node (launch.json ``cpus``);
 - model parallel: parameters per GPU by formula and the analytic bytes each GPU sends per step
   (``ftscale.estimate.comm``);
@@ -79,13 +79,17 @@ class Extras:
     ref: RefResult = field(default_factory=lambda: RefResult(None))
     predicted: Mapping[str, object] = field(default_factory=dict)
     provenance: Mapping[str, object] = field(default_factory=dict)
-    options: str = ""  # engine_options_label: the embedded engine's options that differ from the defaults
+    options: str = ""  # engine_options_label: the engine options that differ from the defaults
 
 
 def engine_options_label(engine: str, layout: Mapping, run_json: Mapping) -> str:
-    """The embedded engine's options a run used, those that differ from the defaults, as the tables show
-    them ('compile, fused_ce=chunked'; 'defaults' when none does; blank for the other engines). As built
-    (the run's layout line) where the line names them, else as configured (run.json ``engine_options``)."""
+    """The engine options a run used, those that differ from the defaults, as the tables show them. The
+    embedded engine's: 'compile, fused_ce=chunked' ('defaults' when none differs), as built (the run's layout
+    line) where the line names them, else as configured (run.json ``engine_options``). NeMo's:
+    'transformer_impl=local' when it ran Megatron's local layer spec (no TE: unfused attention). Blank else."""
+    if engine == "nemo":
+        impl = (run_json.get("engine_options") or {}).get("transformer_impl")
+        return f"transformer_impl={impl}" if impl and impl != "transformer_engine" else ""
     if engine != "embedded":
         return ""
     opts = embedded_options(dict(run_json))
