@@ -111,7 +111,8 @@ def setting_for(run: Run | Mapping[str, Any], arch: Mapping[str, Any],
     return memory_setting(arch, r.get("lora"), Layout.coerce(r), micro_batch=int(r["micro_batch"]),
                           seq_length=int(r["seq_length"]), dtype_bytes=dtype_bytes(r, built),
                           engine=r.get("engine", "embedded"), track=r["track"], activation_checkpointing=ckpt,
-                          compile=comp, fused_ce=fused)
+                          compile=comp, fused_ce=fused,
+                          local_spec=(r.get("engine_options") or {}).get("transformer_impl") == "local")
 
 
 def step_time_s(run: Run | Mapping[str, Any], setting: MemorySetting, target: Target) -> float:
