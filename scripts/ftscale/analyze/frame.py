@@ -38,7 +38,7 @@ from ftscale.analyze.references import ASPECTS, RefResult
 from ftscale.estimate import flops as flops_mod
 from ftscale.estimate.comm import comm_bytes_per_step, params_per_gpu
 from ftscale.estimate.plan import Target, error_pct, predict
-from ftscale.study.engines import EMBEDDED_OPTIONS, embedded_options
+from ftscale.study.engines import EMBEDDED_OPTIONS, embedded_options, nemo_local_spec
 from ftscale.study.layout import Layout
 from ftscale.study.sweep import Study
 
@@ -88,8 +88,7 @@ def engine_options_label(engine: str, layout: Mapping, run_json: Mapping) -> str
     line) where the line names them, else as configured (run.json ``engine_options``). NeMo's:
     'transformer_impl=local' when it ran Megatron's local layer spec (no TE: unfused attention). Blank else."""
     if engine == "nemo":
-        impl = (run_json.get("engine_options") or {}).get("transformer_impl")
-        return f"transformer_impl={impl}" if impl and impl != "transformer_engine" else ""
+        return "transformer_impl=local" if nemo_local_spec({**run_json, "engine": "nemo"}) else ""
     if engine != "embedded":
         return ""
     opts = embedded_options(dict(run_json))

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 from ftscale.estimate.comm import comm_bytes_per_step
 from ftscale.estimate.flops import training_flops_per_token
 from ftscale.estimate.memory import MemoryPrediction, MemorySetting, memory_setting, predict_memory
+from ftscale.study.engines import nemo_local_spec
 from ftscale.study.layout import Layout
 from ftscale.study.run import Run
 from ftscale.study.sweep import Study
@@ -112,7 +113,7 @@ def setting_for(run: Run | Mapping[str, Any], arch: Mapping[str, Any],
                           seq_length=int(r["seq_length"]), dtype_bytes=dtype_bytes(r, built),
                           engine=r.get("engine", "embedded"), track=r["track"], activation_checkpointing=ckpt,
                           compile=comp, fused_ce=fused,
-                          local_spec=(r.get("engine_options") or {}).get("transformer_impl") == "local")
+                          local_spec=nemo_local_spec(r))
 
 
 def step_time_s(run: Run | Mapping[str, Any], setting: MemorySetting, target: Target) -> float:

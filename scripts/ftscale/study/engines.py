@@ -205,6 +205,12 @@ def embedded_errors(run: dict, model: dict) -> list[str]:
     return errs + embedded_option_errors(run, run.get("device", "auto"))
 
 
+def nemo_local_spec(run: dict) -> bool:
+    """Whether a NeMo run uses Megatron's local layer spec (``nemo: {transformer_impl: local}``: no Transformer
+    Engine, unfused attention), from its ``engine_options``."""
+    return run.get("engine") == "nemo" and (run.get("engine_options") or {}).get("transformer_impl") == "local"
+
+
 def nemo_errors(run: dict, model: dict) -> list[str]:
     """NeMo 2.7.3 / Megatron-core rules on top of the common ones."""
     errs = _Errors(run)
@@ -281,5 +287,5 @@ def run_errors(run: dict, model: dict) -> list[str]:
     return common_errors(run, model) + ENGINE_CHECKS[engine](run, model)
 
 
-__all__ = ["EMBEDDED_OPTIONS", "EXPERT_KEYS", "embedded_option_errors", "embedded_options", "HF_LORA_GROUPS", "NEMO_LORA_TARGETS", "hf_lora_targets", "nemo_lora_targets",
+__all__ = ["EMBEDDED_OPTIONS", "EXPERT_KEYS", "embedded_option_errors", "embedded_options", "HF_LORA_GROUPS", "NEMO_LORA_TARGETS", "hf_lora_targets", "nemo_local_spec", "nemo_lora_targets",
            "num_experts", "run_errors"]

@@ -31,7 +31,7 @@ from ftscale.importing.nemo import arch_fields, local_overrides
 from ftscale.run.engine.nemo_without_te import te_free_training
 from ftscale.run.engine.outcome import refused, reported
 from ftscale.run.logformat import kv_line
-from ftscale.study.engines import nemo_lora_targets, run_errors
+from ftscale.study.engines import nemo_local_spec, nemo_lora_targets, run_errors
 
 # ----------------------------------------------------------------------------------------------
 # Recipe (needs nemo)
@@ -122,7 +122,7 @@ def build_recipe(run: dict, model: dict):
     for key, value in arch_fields(model.get("architecture") or {}).items():
         setattr(config, key, value)
     config.seq_length = run["seq_length"]
-    if (run.get("engine_options") or {}).get("transformer_impl") == "local":
+    if nemo_local_spec(run):
         for key, value in local_overrides(config.__fn_or_cls__).items():
             setattr(config, key, value)
 
@@ -272,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                           restore=f["checkpoint"], device="cuda",
                           device_name=torch.cuda.get_device_name().replace(" ", "_"), torch=torch.__version__,
                           nemo=nemo.__version__), flush=True)
-        local = (run.get("engine_options") or {}).get("transformer_impl") == "local"
-        with te_free_training() if local else contextlib.nullcontext():
+        with te_free_training() if nemo_local_spec(run) else contextlib.nullcontext():
             nr.run(recipe, direct=True)
 
     return reported(job, rank, run)
