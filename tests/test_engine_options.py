@@ -126,6 +126,8 @@ def _run(device="cpu", track="data_parallel", **opts) -> dict:
     ({"attention": "flash"}, "cpu", "embedded.attention", "use 'math' or 'auto' on the CPU"),
     ({"attention": "cudnn"}, "cpu", "embedded.attention", "needs a CUDA GPU"),
     ({"compile_mode": "max-autotune"}, "cuda", "embedded.compile_mode", "set embedded.compile: true"),
+    ({"compile_scope": "model"}, "cuda", "embedded.compile_scope", "set embedded.compile: true"),
+    ({"compile_scope": "blocks"}, "cuda", "embedded.compile_scope", "must be one of ['layers', 'model']"),
     ({"fused_ce": "liger"}, "cuda", "embedded.fused_ce", "needs liger-kernel, which is not installed"),
     ({"liger_kernels": True}, "auto", "embedded.liger_kernels", "pip install -e '.[gpu]'"),
     ({"attention": "fast"}, "cuda", "embedded.attention", "must be one of ['auto', 'flash'"),
@@ -160,7 +162,8 @@ def test_config_schema_names_file_key_and_value(default_config):
         validate({**default_config, "embedded": {"attention": "fast"}}, CONFIG_SCHEMA, "my.yaml")
     filled = validate({**default_config, "embedded": {"fused_ce": False}}, CONFIG_SCHEMA, "my.yaml")
     assert filled["embedded"] == {"activation_checkpointing": False, "compile": False, "compile_mode": "default",
-                                  "fused_ce": False, "liger_kernels": False, "attention": "auto"}
+                                  "compile_scope": "layers", "fused_ce": False, "liger_kernels": False,
+                                  "attention": "auto"}
 
 
 def test_liger_kernels_patch_the_model_by_type(monkeypatch):
@@ -178,17 +181,56 @@ def test_liger_kernels_patch_the_model_by_type(monkeypatch):
         options.apply_liger_kernels(types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen2")))
 
 
-def test_compile_mode_and_layout_fields():
+def test_compile_mode_and_layout_fields(monkeypatch):
     seen = []
-    model = types.SimpleNamespace(compile=lambda **kw: seen.append(kw))
-    options.compile_model(model, "default")
-    options.compile_model(model, "reduce-overhead")
-    assert seen == [{}, {"mode": "reduce-overhead"}]
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert options.compile_model(model, "default", "model") == 1
+    assert options.compile_model(model, "reduce-overhead", "model") == 1
+    assert seen == [("Sequential", {}), ("Sequential", {"mode": "reduce-overhead"})]
+    with pytest.raises(ValueError, match="compile_scope = 'layers': the model names no decoder layer class"):
+        options.compile_model(model, "default", "layers")
     assert options.layout_fields(embedded_options(_run(fused_ce="chunked"))) == {
-        "activation_checkpointing": 0, "compile": 0, "compile_mode": "default", "fused_ce": "chunked",
-        "liger_kernels": 0, "attention": "auto"}
+        "activation_checkpointing": 0, "compile": 0, "compile_mode": "default", "compile_scope": "layers",
+        "fused_ce": "chunked", "liger_kernels": 0, "attention": "auto"}
     with pytest.raises(ValueError, match="embedded.attention = 'flash': needs a CUDA GPU"):
         options.resolve(_run("auto", attention="flash"), torch.device("cpu"))  # the engine's own check
+
+
+def test_compile_scope_layers_compiles_each_decoder_layer_with_causal_sdpa(monkeypatch):
+    """Real dynamo on a real tiny LLaMA under peft (a recording backend in place of inductor): scope
+    ``layers`` compiles each decoder layer, all layers share two graphs (the first layer's input, from the
+    frozen embedding, needs no gradient; the others' do), and in them SDPA is causal with no mask; scope ``model`` is one graph in which transformers passes a materialised mask instead (why the
+    whole-model compile could not use the flash kernel)."""
+    import torch._dynamo
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    graphs: list[list[dict]] = []
+
+    def recording(gm, example_inputs):
+        graphs.append([dict(n.kwargs) for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)])
+        return gm.forward
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend=recording, **kw))
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 128, (2, 16))
+    for scope in ("layers", "model"):
+        torch._dynamo.reset()
+        graphs.clear()
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        assert options.compile_model(model, "default", scope) == (4 if scope == "layers" else 1)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        calls = [c for g in graphs for c in g]
+        if scope == "layers":
+            assert len(graphs) == 2 and len(calls) == 2  # layer 0's graph, and one for layers 1-3
+            assert all(c["is_causal"] is True and c["attn_mask"] is None for c in calls)
+        else:
+            assert len(calls) == 4 and all(c["attn_mask"] is not None and not c["is_causal"] for c in calls)
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- the engine, end to end
@@ -231,15 +273,20 @@ def test_tables_say_which_options_a_run_used():
     assert engine_options_label("embedded", {}, configured) == "compile, fused_ce=chunked"
     # as built (the layout line) wins over as configured; an old line names only compile
     built = {"compile": 1, "fused_ce": "off", "attention": "flash", "liger_kernels": 1}
-    assert engine_options_label("embedded", built, configured) == "compile, liger_kernels, attention=flash"
+    assert engine_options_label("embedded", built, configured) == \
+        "compile, compile_scope=model, liger_kernels, attention=flash"  # a line from before compile_scope
     assert engine_options_label("embedded", {"compile": 0, "activation_checkpointing": 0}, {}) == "defaults"
+    # a compiled run's line from before compile_scope existed: the whole model was compiled
+    assert engine_options_label("embedded", {"compile": 1, "fused_ce": "chunked"}, {}) == \
+        "compile, compile_scope=model, fused_ce=chunked"
+    assert engine_options_label("embedded", {"compile": 1, "compile_scope": "layers"}, {}) == "compile"
     assert engine_options_label("nemo", built, configured) == ""
     assert engine_options_label("nemo", {}, {"engine_options": {"transformer_impl": "local"}}) == "transformer_impl=local"
     assert engine_options_label("nemo", {}, {"engine_options": {"transformer_impl": "transformer_engine"}}) == ""
     assert engine_options_label("automodel", {}, {"engine_options": {"transformer_impl": "local"}}) == ""
 
 
-@pytest.mark.parametrize("name", ["fusedce", "liger", "liger_eager", "attn_cudnn", "attn_flash", "autotune"])
+@pytest.mark.parametrize("name", ["fusedce", "layers", "liger", "liger_eager", "attn_cudnn", "attn_flash", "autotune"])
 def test_gpu_benchmark_configs_are_valid(name, monkeypatch):
     """The next GPU session's configs (benchmarks/gpu/NOTES.md) load here, liger-kernel taken as installed."""
     from ftscale.study import engines

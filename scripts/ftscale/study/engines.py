@@ -141,10 +141,14 @@ EMBEDDED_OPTIONS: dict[str, tuple] = {
     "activation_checkpointing": (False, True),
     "compile": (False, True),
     "compile_mode": ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"),
+    "compile_scope": ("layers", "model"),
     "fused_ce": ("off", "chunked", "liger"),
     "liger_kernels": (False, True),
     "attention": ("auto", "flash", "cudnn", "efficient", "math"),
 }
+#: What a run did for an option its layout line does not name because the line predates it: runs compiled
+#: before ``compile_scope`` existed compiled the whole model.
+EMBEDDED_OPTIONS_BEFORE: dict[str, object] = {"compile_scope": "model"}
 #: Option values that need a CUDA GPU (Triton kernels, CUDA-only attention backends).
 CUDA_ONLY: dict[str, tuple] = {"fused_ce": ("liger",), "liger_kernels": (True,),
                                "attention": ("flash", "cudnn", "efficient")}
@@ -186,6 +190,8 @@ def embedded_option_errors(run: dict, device: str, have_liger: Callable[[], bool
     opts = embedded_options(run)
     if opts["compile_mode"] != "default" and not opts["compile"]:
         errs.add("embedded.compile_mode", opts["compile_mode"], "applies to torch.compile only: set embedded.compile: true")
+    if opts["compile_scope"] != "layers" and not opts["compile"]:
+        errs.add("embedded.compile_scope", opts["compile_scope"], "applies to torch.compile only: set embedded.compile: true")
     for key, values in CUDA_ONLY.items():
         if opts[key] in values and device == "cpu":
             errs.add(f"embedded.{key}", opts[key], "needs a CUDA GPU and this run's device is cpu"

@@ -56,7 +56,10 @@ def build(run: dict, device: torch.device) -> tuple[TrainSetup, torch.Tensor, di
         prepared = prepare_model_parallel(model, run, device)
     prepared.head = head
     if options["compile"]:
-        compile_model(prepared.model, options["compile_mode"])
+        compiled = compile_model(prepared.model, options["compile_mode"], options["compile_scope"])
+        if dist.get_rank() == 0:
+            print(f"[ftscale] torch.compile: {compiled} module(s), scope {options['compile_scope']}, "
+                  f"mode {options['compile_mode']}", flush=True)
     return prepared, tokens, options, dtype
 
 

@@ -58,9 +58,34 @@ def apply_liger_kernels(model: torch.nn.Module) -> str:
     return apply
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> None:
-    """torch.compile ``model`` in place (``default``: torch's default mode)."""
-    model.compile(**({} if mode == "default" else {"mode": mode}))
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of ``model`` (a transformers model, bare or wrapped by peft and DDP): the
+    modules of the classes its ``_no_split_modules`` names (LlamaDecoderLayer, MixtralDecoderLayer)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError("embedded.compile_scope = 'layers': the model names no decoder layer class "
+                         f"(_no_split_modules: {sorted(names)}); use compile_scope: model")
+    return layers
+
+
+def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> int:
+    """torch.compile ``model`` in place (``default``: torch's default mode); returns how many modules were
+    compiled. ``scope``:
+
+    - ``layers``: each decoder layer on its own (regional compilation). All layers share one compiled graph
+      (parameters are graph inputs), so compilation takes one layer's time, and the attention mask is built
+      outside the graph: transformers then calls SDPA with ``is_causal`` and no mask (flash/cuDNN kernels,
+      grouped-query attention without repeating K/V), where inside a compiled graph it materialises the mask.
+    - ``model``: the whole model in one graph (fuses across layers and the loss; slower to compile).
+    """
+    kwargs = {} if mode == "default" else {"mode": mode}
+    modules = decoder_layers(model) if scope == "layers" else [model]
+    for module in modules:
+        module.compile(**kwargs)
+    return len(modules)
 
 
 def layout_fields(options: dict) -> dict:
