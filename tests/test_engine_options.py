@@ -128,6 +128,7 @@ def _run(device="cpu", track="data_parallel", **opts) -> dict:
     ({"compile_mode": "max-autotune"}, "cuda", "embedded.compile_mode", "set embedded.compile: true"),
     ({"compile_scope": "model"}, "cuda", "embedded.compile_scope", "set embedded.compile: true"),
     ({"compile_scope": "blocks"}, "cuda", "embedded.compile_scope", "must be one of ['layers', 'model']"),
+    ({"lora_dtype": "bf16"}, "cuda", "embedded.lora_dtype", "must be one of ['float32', 'model']"),
     ({"fused_ce": "liger"}, "cuda", "embedded.fused_ce", "needs liger-kernel, which is not installed"),
     ({"liger_kernels": True}, "auto", "embedded.liger_kernels", "pip install -e '.[gpu]'"),
     ({"attention": "fast"}, "cuda", "embedded.attention", "must be one of ['auto', 'flash'"),
@@ -163,7 +164,7 @@ def test_config_schema_names_file_key_and_value(default_config):
     filled = validate({**default_config, "embedded": {"fused_ce": False}}, CONFIG_SCHEMA, "my.yaml")
     assert filled["embedded"] == {"activation_checkpointing": False, "compile": False, "compile_mode": "default",
                                   "compile_scope": "layers", "fused_ce": False, "liger_kernels": False,
-                                  "attention": "auto"}
+                                  "attention": "auto", "lora_dtype": "float32"}
 
 
 def test_liger_kernels_patch_the_model_by_type(monkeypatch):
@@ -192,7 +193,7 @@ def test_compile_mode_and_layout_fields(monkeypatch):
         options.compile_model(model, "default", "layers")
     assert options.layout_fields(embedded_options(_run(fused_ce="chunked"))) == {
         "activation_checkpointing": 0, "compile": 0, "compile_mode": "default", "compile_scope": "layers",
-        "fused_ce": "chunked", "liger_kernels": 0, "attention": "auto"}
+        "fused_ce": "chunked", "liger_kernels": 0, "attention": "auto", "lora_dtype": "float32"}
     with pytest.raises(ValueError, match="embedded.attention = 'flash': needs a CUDA GPU"):
         options.resolve(_run("auto", attention="flash"), torch.device("cpu"))  # the engine's own check
 
@@ -231,6 +232,32 @@ def test_compile_scope_layers_compiles_each_decoder_layer_with_causal_sdpa(monke
         else:
             assert len(calls) == 4 and all(c["attn_mask"] is not None and not c["is_causal"] for c in calls)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("lora_dtype, adapter", [("float32", torch.float32), ("model", torch.bfloat16)])
+def test_lora_dtype_sets_the_adapters_dtype(lora_dtype, adapter, tmp_path):
+    """A bf16 model through the engine's own data-parallel preparation (peft + DDP, one gloo rank): peft's
+    default upcasts the adapters to fp32; ``model`` keeps them in bf16, and the loss still trains them."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftscale.run.engine.data_parallel import prepare_data_parallel
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        prepared = prepare_data_parallel(LlamaForCausalLM(config).to(torch.bfloat16), _run("cpu"),
+                                         torch.device("cpu"), lora_dtype)
+        trainable = {n: p for n, p in prepared.model.named_parameters() if p.requires_grad}
+        assert trainable and all(p.dtype == adapter for p in trainable.values()), {n: p.dtype for n, p in trainable.items()}
+        frozen = [p.dtype for p in prepared.model.parameters() if not p.requires_grad]
+        assert set(frozen) == {torch.bfloat16}
+        ids = torch.randint(0, 128, (2, 8))
+        prepared.loss(ids).backward()
+        assert all(p.grad is not None and p.grad.dtype == adapter for n, p in trainable.items() if "lora_A" in n)
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- the engine, end to end

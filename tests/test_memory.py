@@ -79,7 +79,7 @@ def test_sp_divides_the_norms_and_checkpointing_keeps_layer_inputs():
     assert predict_memory(ckpt).activations_mib < predict_memory(eager).activations_mib / 10
 
 
-def _saved_bytes_per_token_per_layer(kind, dtype, lora):
+def _saved_bytes_per_token_per_layer(kind, dtype, lora, lora_dtype="float32"):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -96,7 +96,8 @@ def _saved_bytes_per_token_per_layer(kind, dtype, lora):
                 transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
         model = model.to(dtype)
         if lora:
-            model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=lora, task_type="CAUSAL_LM"))
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=lora, task_type="CAUSAL_LM"),
+                                        autocast_adapter_dtype=lora_dtype == "float32")
         return model.train()
 
     def saved(model):
@@ -116,20 +117,21 @@ def _saved_bytes_per_token_per_layer(kind, dtype, lora):
     return (saved(build(3)) - saved(build(1))) / 2 / ids.numel()  # two more layers: per layer, per token
 
 
-@pytest.mark.parametrize("kind,dtype_name,lora", [
-    ("llama", "bfloat16", ALL7),
-    ("llama", "bfloat16", None),
-    ("llama", "float32", ["q_proj", "v_proj", "o_proj", "down_proj"]),
-    ("mixtral", "bfloat16", ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    ("mixtral", "bfloat16", None),
+@pytest.mark.parametrize("kind,dtype_name,lora,lora_dtype", [
+    ("llama", "bfloat16", ALL7, "float32"),
+    ("llama", "bfloat16", ALL7, "model"),  # embedded.lora_dtype: model (bf16 adapters, no cast copies)
+    ("llama", "bfloat16", None, "float32"),
+    ("llama", "float32", ["q_proj", "v_proj", "o_proj", "down_proj"], "float32"),
+    ("mixtral", "bfloat16", ["q_proj", "k_proj", "v_proj", "o_proj"], "float32"),
+    ("mixtral", "bfloat16", None, "float32"),
 ])
-def test_layer_formula_matches_autograd_saved_tensors(kind, dtype_name, lora):
+def test_layer_formula_matches_autograd_saved_tensors(kind, dtype_name, lora, lora_dtype):
     torch = pytest.importorskip("torch")
     dtype = getattr(torch, dtype_name)
-    measured = _saved_bytes_per_token_per_layer(kind, dtype, lora)
+    measured = _saved_bytes_per_token_per_layer(kind, dtype, lora, lora_dtype)
     arch = {**SMALL, "type": kind, **({"num_local_experts": 4, "num_experts_per_tok": 2} if kind == "mixtral" else {})}
     s = memory_setting(arch, lora and {"rank": 8, "targets": lora}, {}, micro_batch=2, seq_length=64,
-                       dtype_bytes=dtype.itemsize)
+                       dtype_bytes=dtype.itemsize, lora_dtype=lora_dtype)
     assert sum(layer_activation_bytes(s).values()) == pytest.approx(measured, rel=0.01)
 
 

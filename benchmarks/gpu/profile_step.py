@@ -36,8 +36,10 @@ FAMILIES: list[tuple[str, str]] = [
 ]
 _COMPILED = [(family, re.compile(pattern, re.IGNORECASE)) for family, pattern in FAMILIES]
 FAMILY_ORDER = [f for f, _ in FAMILIES] + ["other"]
-#: Profiler rows that are wrappers around their children's time, not work of their own.
-WRAPPERS = re.compile(r"^(ProfilerStep|## |autograd::|Optimizer\.|cudaDeviceSynchronize|aten::empty)", re.I)
+#: Profiler rows that are wrappers around their children's time, not work of their own (DDP's forward is a GPU-side
+#: annotation spanning its kernels).
+WRAPPERS = re.compile(r"^(ProfilerStep|## |autograd::|Optimizer\.|cudaDeviceSynchronize|aten::empty"
+                      r"|DistributedDataParallel\.)", re.I)
 
 
 def kernel_family(name: str) -> str:

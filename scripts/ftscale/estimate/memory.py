@@ -11,8 +11,9 @@ experts, embedding and lm_head; ep gives E/ep whole experts).
 Model state (persistent from the first optimizer step on)::
 
     embedded engine (torch AdamW on the parameters' own dtype, no master copy):
-      weights    = N_gpu·a + N_lora·4          (peft keeps LoRA adapters in fp32: autocast_adapter_dtype)
-      gradients  = N_train·g  (g = a full fine-tuning, 4 LoRA)
+      weights    = N_gpu·a + N_lora·l          (l = 4: peft keeps LoRA adapters in fp32, its
+                                                autocast_adapter_dtype; l = a with lora_dtype: model)
+      gradients  = N_train·g  (g = a full fine-tuning, l LoRA)
       optimizer  = 2·N_train·g                 (exp_avg and exp_avg_sq in the parameter's dtype)
       DDP buckets = N_train·g on the data-parallel track: DDP's flat gradient buckets, a second copy
                    of the gradients, allocated when the model is wrapped (counted in the peak; not in
@@ -129,6 +130,14 @@ class MemorySetting:
     compile: bool = False
     fused_ce: str = "off"
     local_spec: bool = False  # NeMo with transformer_impl: local (Megatron's local layer spec, no TE)
+    lora_dtype: str = "float32"  # embedded engine: the adapters' dtype, float32 (peft's default) or the model's
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes per LoRA adapter parameter."""
+        if self.engine == "embedded" and self.lora_dtype == "model":
+            return self.dtype_bytes
+        return LORA_ADAPTER_BYTES[self.engine]
 
     @property
     def full(self) -> bool:
@@ -148,7 +157,8 @@ class MemorySetting:
 def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layout: Layout | Mapping[str, Any], *,
                    micro_batch: int, seq_length: int, dtype_bytes: int, engine: str = "embedded",
                    track: str = "data_parallel", activation_checkpointing: bool = False,
-                   compile: bool = False, fused_ce: str = "off", local_spec: bool = False) -> MemorySetting:
+                   compile: bool = False, fused_ce: str = "off", local_spec: bool = False,
+                   lora_dtype: str = "float32") -> MemorySetting:
     if "architecture" in arch:
         arch = arch["architecture"]
     if dtype_bytes not in (2, 4):
@@ -162,7 +172,7 @@ def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layo
                          dtype_bytes=dtype_bytes, engine=engine, track=track,
                          activation_checkpointing=activation_checkpointing, compile=compile,
                          fused_ce=fused_ce if engine == "embedded" and track == "data_parallel" else "off",
-                         local_spec=local_spec and engine == "nemo")
+                         local_spec=local_spec and engine == "nemo", lora_dtype=lora_dtype)
 
 
 # --------------------------------------------------------------------------- model state
@@ -205,8 +215,8 @@ def state_bytes(s: MemorySetting) -> StateBytes:
         grads = trainable * 4
         optimizer = 12 * (train_dense / lay.data_parallel_size + train_expert / lay.dp)
         return StateBytes(weights, grads, optimizer, 0.0)
-    g = a if s.full else LORA_ADAPTER_BYTES["embedded"]
-    weights = base * a + adapters * LORA_ADAPTER_BYTES["embedded"]
+    g = a if s.full else s.adapter_bytes
+    weights = base * a + adapters * s.adapter_bytes
     grads = trainable * g
     optimizer = 2 * trainable * g
     sync = 0.0
@@ -236,7 +246,7 @@ def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
         attention += a * d.heads * s.seq_length / t
     lora = 0.0
     if s.lora is not None:
-        adapter = LORA_ADAPTER_BYTES[s.engine]
+        adapter = s.adapter_bytes
         shapes = d.linear_shapes()
         routed = d.top_k if d.is_moe else 1
         if adapter != a:  # one cast copy per target

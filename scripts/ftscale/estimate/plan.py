@@ -79,17 +79,19 @@ def _as_dict(run: Run | Mapping[str, Any]) -> Mapping[str, Any]:
     return run.to_dict() if isinstance(run, Run) else run
 
 
-def _options(run: Mapping[str, Any], built: Mapping[str, Any] | None) -> tuple[bool, bool, str]:
-    """(activation checkpointing, compile, fused_ce): as built (the log's layout line) when known, else as
+def _options(run: Mapping[str, Any], built: Mapping[str, Any] | None) -> tuple[bool, bool, str, str]:
+    """(activation checkpointing, compile, fused_ce, lora_dtype): as built (the log's layout line) when known, else as
     configured (``engine_options``; ``extra`` in run.json files written before it was renamed)."""
     opts = run.get("engine_options") or run.get("extra") or {}
     ckpt, comp = bool(opts.get("activation_checkpointing")), bool(opts.get("compile"))
     fused = str(opts.get("fused_ce") or "off")  # YAML reads a bare off as False
+    lora_dtype = str(opts.get("lora_dtype", "float32"))
     if built:
         ckpt = bool(int(built.get("activation_checkpointing", ckpt)))
         comp = bool(int(built.get("compile", comp)))
         fused = str(built.get("fused_ce", fused))
-    return ckpt, comp, fused
+        lora_dtype = str(built.get("lora_dtype", lora_dtype))
+    return ckpt, comp, fused, lora_dtype
 
 
 def dtype_bytes(run: Mapping[str, Any], built: Mapping[str, Any] | None = None) -> int:
@@ -108,11 +110,11 @@ def setting_for(run: Run | Mapping[str, Any], arch: Mapping[str, Any],
     """The memory setting of a run (a ``Run`` or its run.json dict); ``built`` is the layout line read back
     from its log, when it ran (dtype and engine options as they really were)."""
     r = _as_dict(run)
-    ckpt, comp, fused = _options(r, built)
+    ckpt, comp, fused, lora_dtype = _options(r, built)
     return memory_setting(arch, r.get("lora"), Layout.coerce(r), micro_batch=int(r["micro_batch"]),
                           seq_length=int(r["seq_length"]), dtype_bytes=dtype_bytes(r, built),
                           engine=r.get("engine", "embedded"), track=r["track"], activation_checkpointing=ckpt,
-                          compile=comp, fused_ce=fused,
+                          compile=comp, fused_ce=fused, lora_dtype=lora_dtype,
                           local_spec=nemo_local_spec(r))
 
 

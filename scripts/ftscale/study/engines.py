@@ -145,6 +145,7 @@ EMBEDDED_OPTIONS: dict[str, tuple] = {
     "fused_ce": ("off", "chunked", "liger"),
     "liger_kernels": (False, True),
     "attention": ("auto", "flash", "cudnn", "efficient", "math"),
+    "lora_dtype": ("float32", "model"),
 }
 #: What a run did for an option its layout line does not name because the line predates it: runs compiled
 #: before ``compile_scope`` existed compiled the whole model.

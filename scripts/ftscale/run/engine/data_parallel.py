@@ -8,14 +8,18 @@ import torch.distributed as dist
 from ftscale.run.engine.training import TrainSetup, count_params
 
 
-def prepare_data_parallel(model: torch.nn.Module, run: dict, device: torch.device) -> TrainSetup:
+def prepare_data_parallel(model: torch.nn.Module, run: dict, device: torch.device,
+                          lora_dtype: str = "float32") -> TrainSetup:
+    """LoRA adapters on ``model`` (``lora_dtype``: ``float32``, peft's default, upcasts bf16/fp16 adapters
+    and with them each target's input, so the adapters' matrix multiplies run in fp32; ``model``: adapters
+    in the model's dtype, on the tensor cores), wrapped in DDP."""
     from peft import LoraConfig, get_peft_model
     from torch.nn.parallel import DistributedDataParallel
 
     lora = run["lora"]
     config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0),
                         target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, config).to(device)
+    model = get_peft_model(model, config, autocast_adapter_dtype=lora_dtype == "float32").to(device)
     held, trainable = count_params(model)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     world, rank = dist.get_world_size(), dist.get_rank()

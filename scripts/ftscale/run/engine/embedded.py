@@ -51,7 +51,7 @@ def build(run: dict, device: torch.device) -> tuple[TrainSetup, torch.Tensor, di
     head = install_fused_head(model, options["fused_ce"]) if options["fused_ce"] != "off" else None
     tokens = dataset_tokens(run, AutoTokenizer.from_pretrained(run["checkpoint"]), model.config.vocab_size)
     if run["track"] == "data_parallel":
-        prepared = prepare_data_parallel(model, run, device)
+        prepared = prepare_data_parallel(model, run, device, options["lora_dtype"])
     else:
         prepared = prepare_model_parallel(model, run, device)
     prepared.head = head
