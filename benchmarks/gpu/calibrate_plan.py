@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ftscale.estimate.plan import PREDICTED_OOM, Target, error_pct, predict
+from ftscale.run.logformat import parse_steps
 from ftscale.study.models import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +25,14 @@ EXAMPLES = ROOT / "results" / "examples"
 DEVICE_MEMORY_GIB = {"NVIDIA H100 80GB HBM3": 81559 / 1024, "NVIDIA H200": 143771 / 1024}
 
 
+def built_layout(log: Path) -> dict | None:
+    """The run's layout line as parsed (dtype and engine options as built), as the analysis passes it."""
+    if not log.is_file():
+        return None
+    _, layout, _ = parse_steps(log.read_text(errors="replace"))
+    return {k: v for k, v in layout.items() if k != "line"} or None
+
+
 def calibration_rows(examples: Path = EXAMPLES, root: Path = ROOT) -> list[dict]:
     """One row per run of every example: measured and predicted peak memory and step time, errors in %."""
     rows = []
@@ -32,8 +41,9 @@ def calibration_rows(examples: Path = EXAMPLES, root: Path = ROOT) -> list[dict]
             for rec in csv.DictReader(f):
                 run_json = scaling.parent / "experiments" / rec["track"] / rec["model"] / rec["run"] / "run.json"
                 run = json.loads(run_json.read_text())
+                built = built_layout(run_json.parent / "train.log")
                 target = Target(gpu_memory_gib=DEVICE_MEMORY_GIB[rec["device_model"]])
-                pred = predict(run, load_model(rec["model"], root).spec, target=target)
+                pred = predict(run, load_model(rec["model"], root).spec, target=target, built=built)
                 measured_mem = float(rec["peak_mem_mib"]) if rec["peak_mem_mib"] else None
                 measured_step = float(rec["step_time_s"]) if rec["step_time_s"] else None
                 options = run.get("engine_options") or run.get("extra") or {}

@@ -43,6 +43,9 @@ EXAMPLES = {
     "2026-12-01-h200-llama31_8b-side-by-side": "benchmarks/gpu/side_by_side_8b.yaml",
     "2026-12-01-h200-llama31_8b-lora-fusedce": "benchmarks/gpu/llama8b_lora_fusedce.yaml",
     "2026-12-01-h200-automodel-anchor": "benchmarks/gpu/automodel_anchor_8b.yaml",
+    "2026-12-01-h200-llama31_8b-lora-layers": "benchmarks/gpu/llama8b_lora_layers.yaml",
+    "2026-12-01-h200-llama31_8b-head-to-head": "benchmarks/gpu/head_to_head_8b.yaml",
+    "2026-12-01-h200-mixtral_8x7b-lora-fast": "benchmarks/gpu/mixtral_lora_fast.yaml",
 }
 
 

@@ -38,7 +38,7 @@ from ftscale.analyze.references import ASPECTS, RefResult
 from ftscale.estimate import flops as flops_mod
 from ftscale.estimate.comm import comm_bytes_per_step, params_per_gpu
 from ftscale.estimate.plan import Target, error_pct, predict
-from ftscale.study.engines import EMBEDDED_OPTIONS, EMBEDDED_OPTIONS_BEFORE, embedded_options, nemo_local_spec
+from ftscale.study.engines import EMBEDDED_OPTIONS, embedded_options_as_built, nemo_local_spec
 from ftscale.study.layout import Layout
 from ftscale.study.sweep import Study
 
@@ -91,13 +91,7 @@ def engine_options_label(engine: str, layout: Mapping, run_json: Mapping) -> str
         return "transformer_impl=local" if nemo_local_spec({**run_json, "engine": "nemo"}) else ""
     if engine != "embedded":
         return ""
-    opts = embedded_options(dict(run_json))
-    for key, values in EMBEDDED_OPTIONS.items():
-        if key in layout:
-            value = layout[key]
-            opts[key] = bool(value) if isinstance(values[0], bool) else str(value)
-        elif key in EMBEDDED_OPTIONS_BEFORE and "compile" in layout and opts["compile"]:  # a line from before it
-            opts[key] = EMBEDDED_OPTIONS_BEFORE[key]
+    opts = embedded_options_as_built(run_json, layout)
     shown = [key if value is True else f"{key}={value}" for key, value in opts.items()
              if value != EMBEDDED_OPTIONS[key][0]]
     return ", ".join(shown) or "defaults"

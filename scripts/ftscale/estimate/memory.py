@@ -131,6 +131,7 @@ class MemorySetting:
     fused_ce: str = "off"
     local_spec: bool = False  # NeMo with transformer_impl: local (Megatron's local layer spec, no TE)
     lora_dtype: str = "float32"  # embedded engine: the adapters' dtype, float32 (peft's default) or the model's
+    compile_scope: str = "layers"  # embedded engine with compile: layers or model (the planner's step time only)
 
     @property
     def adapter_bytes(self) -> int:
@@ -158,7 +159,7 @@ def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layo
                    micro_batch: int, seq_length: int, dtype_bytes: int, engine: str = "embedded",
                    track: str = "data_parallel", activation_checkpointing: bool = False,
                    compile: bool = False, fused_ce: str = "off", local_spec: bool = False,
-                   lora_dtype: str = "float32") -> MemorySetting:
+                   lora_dtype: str = "float32", compile_scope: str = "layers") -> MemorySetting:
     if "architecture" in arch:
         arch = arch["architecture"]
     if dtype_bytes not in (2, 4):
@@ -172,7 +173,8 @@ def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layo
                          dtype_bytes=dtype_bytes, engine=engine, track=track,
                          activation_checkpointing=activation_checkpointing, compile=compile,
                          fused_ce=fused_ce if engine == "embedded" and track == "data_parallel" else "off",
-                         local_spec=local_spec and engine == "nemo", lora_dtype=lora_dtype)
+                         local_spec=local_spec and engine == "nemo", lora_dtype=lora_dtype,
+                         compile_scope=compile_scope)
 
 
 # --------------------------------------------------------------------------- model state

@@ -17,7 +17,8 @@ Step time, from the model FLOPs of ``ftscale.estimate.flops`` (the MFU conventio
 R = (total + forward) / total with activation checkpointing (one more forward), else 1.
 ``matmul_tflops`` (``plan.matmul_tflops``, default 798) is the dense bf16 matmul rate measured on
 the H100 and H200 lent to this project; ``STEP_EFFICIENCY`` is the fraction of it a whole training
-step reaches, fitted on the GPU examples (eager: 248-289 model TFLOP/s, compiled: 365-372).
+step reaches, by engine and by how the embedded engine runs the model (``step_efficiency``), each fitted
+on the GPU examples of results/examples (model TFLOP/s / 798).
 Figures for the CPU are not predicted: the plan is for the target GPU.
 """
 
@@ -31,14 +32,21 @@ from typing import Any, Mapping
 from ftscale.estimate.comm import comm_bytes_per_step
 from ftscale.estimate.flops import training_flops_per_token
 from ftscale.estimate.memory import MemoryPrediction, MemorySetting, memory_setting, predict_memory
-from ftscale.study.engines import nemo_local_spec
+from ftscale.study.engines import embedded_options_as_built, nemo_local_spec
 from ftscale.study.layout import Layout
 from ftscale.study.run import Run
 from ftscale.study.sweep import Study
 
-#: Fraction of ``matmul_tflops`` a whole step reaches, by how the model runs. Fitted: eager LLaMA 3.1 8B
-#: LoRA on H100 reached 0.31-0.36 (seq 2048-4096), Mixtral 8x7B LoRA on H200 0.44; compiled 0.46-0.47.
-STEP_EFFICIENCY = {"eager": 0.37, "compile": 0.46}
+#: Fraction of ``matmul_tflops`` a whole step reaches (``step_efficiency`` picks one), fitted on the examples:
+STEP_EFFICIENCY = {
+    # embedded, fp32 adapters (peft's default): LLaMA 3.1 8B LoRA, H100, 0.31-0.36; Mixtral 8x7B, H200, 0.44
+    "eager": 0.37,
+    "compile_model": 0.46,  # the whole model in one graph, fp32 adapters: 0.46-0.47 (H100, H200)
+    "compile_layers": 0.56,  # each decoder layer compiled, fp32 adapters: 0.56 (LLaMA, H200)
+    "compile_layers_bf16": 0.63,  # and lora_dtype: model: LLaMA 0.665-0.68, Mixtral 0.58 (H200)
+    "automodel": 0.67,  # NeMo AutoModel 0.7.0 (Liger, cuDNN attention, Triton LoRA): 0.655-0.675 (H200)
+    "nemo_local": 0.29,  # NeMo 2.7.3 on Megatron's local spec (no TE, unfused attention): 0.29 (H200)
+}
 
 #: Bytes per second one GPU sends in a collective (NCCL bus bandwidth within an NVLink node): assumed,
 #: not measured here; it only matters for the multi-GPU rows.
@@ -79,19 +87,27 @@ def _as_dict(run: Run | Mapping[str, Any]) -> Mapping[str, Any]:
     return run.to_dict() if isinstance(run, Run) else run
 
 
-def _options(run: Mapping[str, Any], built: Mapping[str, Any] | None) -> tuple[bool, bool, str, str]:
-    """(activation checkpointing, compile, fused_ce, lora_dtype): as built (the log's layout line) when known, else as
-    configured (``engine_options``; ``extra`` in run.json files written before it was renamed)."""
-    opts = run.get("engine_options") or run.get("extra") or {}
-    ckpt, comp = bool(opts.get("activation_checkpointing")), bool(opts.get("compile"))
-    fused = str(opts.get("fused_ce") or "off")  # YAML reads a bare off as False
-    lora_dtype = str(opts.get("lora_dtype", "float32"))
-    if built:
-        ckpt = bool(int(built.get("activation_checkpointing", ckpt)))
-        comp = bool(int(built.get("compile", comp)))
-        fused = str(built.get("fused_ce", fused))
-        lora_dtype = str(built.get("lora_dtype", lora_dtype))
-    return ckpt, comp, fused, lora_dtype
+def _options(run: Mapping[str, Any], built: Mapping[str, Any] | None) -> dict:
+    """The embedded options as built (the log's layout line) when known, else as configured
+    (``engine_options``; ``extra`` in run.json files written before it was renamed)."""
+    return embedded_options_as_built({**run, "engine_options": run.get("engine_options") or run.get("extra") or {}},
+                                     built)
+
+
+def step_efficiency(setting: MemorySetting) -> float:
+    """The ``STEP_EFFICIENCY`` of a run: by engine (NeMo with Transformer Engine is not measured here: the
+    eager figure), and for the embedded engine by compile scope and adapter dtype (bf16 adapters without
+    compile are not measured: the eager figure)."""
+    if setting.engine == "automodel":
+        return STEP_EFFICIENCY["automodel"]
+    if setting.engine == "nemo":
+        return STEP_EFFICIENCY["nemo_local" if setting.local_spec else "eager"]
+    if not setting.compile:
+        return STEP_EFFICIENCY["eager"]
+    if setting.compile_scope == "model":
+        return STEP_EFFICIENCY["compile_model"]
+    bf16 = setting.lora is not None and setting.adapter_bytes == setting.dtype_bytes == 2
+    return STEP_EFFICIENCY["compile_layers_bf16" if bf16 else "compile_layers"]
 
 
 def dtype_bytes(run: Mapping[str, Any], built: Mapping[str, Any] | None = None) -> int:
@@ -110,11 +126,13 @@ def setting_for(run: Run | Mapping[str, Any], arch: Mapping[str, Any],
     """The memory setting of a run (a ``Run`` or its run.json dict); ``built`` is the layout line read back
     from its log, when it ran (dtype and engine options as they really were)."""
     r = _as_dict(run)
-    ckpt, comp, fused, lora_dtype = _options(r, built)
+    opts = _options(r, built)
     return memory_setting(arch, r.get("lora"), Layout.coerce(r), micro_batch=int(r["micro_batch"]),
                           seq_length=int(r["seq_length"]), dtype_bytes=dtype_bytes(r, built),
-                          engine=r.get("engine", "embedded"), track=r["track"], activation_checkpointing=ckpt,
-                          compile=comp, fused_ce=fused, lora_dtype=lora_dtype,
+                          engine=r.get("engine", "embedded"), track=r["track"],
+                          activation_checkpointing=bool(opts["activation_checkpointing"]),
+                          compile=bool(opts["compile"]), fused_ce=str(opts["fused_ce"] or "off"),
+                          lora_dtype=str(opts["lora_dtype"]), compile_scope=str(opts["compile_scope"]),
                           local_spec=nemo_local_spec(r))
 
 
@@ -124,7 +142,7 @@ def step_time_s(run: Run | Mapping[str, Any], setting: MemorySetting, target: Ta
     flops = training_flops_per_token(setting.arch_dict, setting.seq_length, setting.lora_dict())
     recompute = (flops.total + flops.forward) / flops.total if setting.activation_checkpointing else 1.0
     tokens = int(r["global_batch"]) * setting.seq_length
-    efficiency = STEP_EFFICIENCY["compile" if setting.compile else "eager"]
+    efficiency = step_efficiency(setting)
     compute = flops.total * tokens / int(r["gpus"]) * recompute / (target.matmul_tflops * 1e12 * efficiency)
     lay = setting.layout
     grad_accum = int(r["global_batch"]) // (setting.micro_batch * lay.data_parallel_size)

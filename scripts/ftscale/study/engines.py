@@ -7,7 +7,7 @@ No engine is imported here. Each message names the run, the key and its value.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ftscale.study.layout import EXPERT_KEYS, Layout, num_experts
 from ftscale.study.run import TRACKS
@@ -168,6 +168,20 @@ def embedded_options(run: dict) -> dict:
     """The run's embedded options, every one present (its default where the config leaves it out)."""
     given = _given_options(run)
     return {key: given.get(key, values[0]) for key, values in EMBEDDED_OPTIONS.items()}
+
+
+def embedded_options_as_built(run: Mapping, layout: Mapping | None = None) -> dict:
+    """The run's embedded options, every one present: as built where the log's layout line (``layout``, as
+    parsed) names them, else as configured. A compiled run whose line predates an option took that option's
+    ``EMBEDDED_OPTIONS_BEFORE`` value."""
+    opts = embedded_options(dict(run))
+    for key, values in EMBEDDED_OPTIONS.items():
+        if layout and key in layout:
+            value = layout[key]
+            opts[key] = bool(int(value)) if isinstance(values[0], bool) else str(value)
+        elif layout and key in EMBEDDED_OPTIONS_BEFORE and "compile" in layout and opts["compile"]:
+            opts[key] = EMBEDDED_OPTIONS_BEFORE[key]
+    return opts
 
 
 def liger_installed() -> bool:
