@@ -51,6 +51,24 @@ def test_chunked_matches_cross_entropy_float64(chunk):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_chunked_compiled_matches_cross_entropy(weight_grad):
+    """embedded.compile with fused_ce: chunked runs each chunk's softmax and gradient compiled (inductor, real
+    compilation on the CPU here): the same loss and gradients as the unfused loss, the last chunk shorter."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    hidden, weight, labels = _inputs(dtype=torch.float32, weight_grad=weight_grad)
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100)
+    got = ChunkedLinearCrossEntropy.apply(hidden, weight, labels, -100, 8, True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(got * 2.0, hidden, weight), _grads(ref * 2.0, hidden, weight)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    loss, grad = fused_ce.softmax_grad(hidden.detach()[:8] @ weight.detach().t(), labels[:8].clamp(min=0),
+                                       labels[:8] != -100, torch.tensor(1.0))
+    assert grad.dtype == torch.float32 and loss.ndim == 0
+
+
 def test_chunked_frozen_weight_float32_and_nothing_to_predict():
     hidden, weight, labels = _inputs(dtype=torch.float32, weight_grad=False)
     ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100)

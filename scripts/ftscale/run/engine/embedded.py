@@ -48,7 +48,8 @@ def build(run: dict, device: torch.device) -> tuple[TrainSetup, torch.Tensor, di
         apply_liger_kernels(model)
     if options["activation_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    head = install_fused_head(model, options["fused_ce"]) if options["fused_ce"] != "off" else None
+    head = (install_fused_head(model, options["fused_ce"], compiled=options["compile"])
+            if options["fused_ce"] != "off" else None)
     tokens = dataset_tokens(run, AutoTokenizer.from_pretrained(run["checkpoint"]), model.config.vocab_size)
     if run["track"] == "data_parallel":
         prepared = prepare_data_parallel(model, run, device, options["lora_dtype"])

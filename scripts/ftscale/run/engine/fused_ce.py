@@ -16,6 +16,8 @@ Both keep the engine's loss: labels = the input ids shifted left by one, the las
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +42,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
-                ignore_index: int = IGNORE_INDEX, chunk: int = 0) -> torch.Tensor:
+                ignore_index: int = IGNORE_INDEX, chunk: int = 0, compiled: bool = False) -> torch.Tensor:
         chunk = chunk or chunk_tokens(weight.shape[0])
+        fused = compiled_softmax_grad() if compiled and any(ctx.needs_input_grad[:2]) else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, as ForCausalLMLoss's .float()
         valid = labels != ignore_index
         count = valid.sum()
@@ -54,6 +57,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk]
             ok = valid[start:start + chunk]
             target = torch.where(ok, labels[start:start + chunk], 0)
+            if fused is not None:  # one compiled pass over the chunk's logits (embedded.compile)
+                loss, grad = fused(h @ weight.t(), target, ok, scale)
+                total += loss
+                if want_h:
+                    torch.matmul(grad, weight, out=grad_hidden[start:start + chunk])
+                if want_w:
+                    grad_weight += (grad.t() @ h).to(acc)
+                continue
             logits = (h @ weight.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, target[:, None]).squeeze(1)
@@ -82,7 +93,28 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if want_w:
             grad_w = (saved.pop(0) * grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
+
+
+def softmax_grad(logits: torch.Tensor, target: torch.Tensor, ok: torch.Tensor,
+                 scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed loss and the gradient of its logits (in the logits' dtype), the eager path's math in
+    functional form (no in-place updates, the target's -1 as a comparison with the vocabulary index), so
+    that inductor makes it one pass over the logits: ``compiled_softmax_grad``."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    wide = logits.to(acc)
+    lse = torch.logsumexp(wide, dim=-1)
+    picked = wide.gather(1, target[:, None]).squeeze(1)
+    loss = torch.where(ok, lse - picked, 0).sum()
+    hit = torch.arange(wide.shape[1], device=wide.device)[None, :] == target[:, None]
+    grad = ((wide - lse[:, None]).exp() - hit.to(acc)) * (ok.to(acc) * scale)[:, None]
+    return loss, grad.to(logits.dtype)
+
+
+@functools.cache
+def compiled_softmax_grad():
+    """``softmax_grad`` under torch.compile (built once per process, on first use)."""
+    return torch.compile(softmax_grad, dynamic=False)
 
 
 def shifted_labels(input_ids: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -117,8 +149,8 @@ class HiddenStates(torch.nn.Module):
 class FusedHead:
     """The loss of a model whose ``lm_head`` was replaced by ``HiddenStates`` (``install``)."""
 
-    def __init__(self, stand_in: HiddenStates, kind: str) -> None:
-        self.stand_in, self.kind = stand_in, kind
+    def __init__(self, stand_in: HiddenStates, kind: str, compiled: bool = False) -> None:
+        self.stand_in, self.kind, self.compiled = stand_in, kind, compiled
         if kind == "liger":
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -131,16 +163,17 @@ class FusedHead:
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if self.kind == "liger":
             return self._liger(self.stand_in.weight, hidden, labels)
-        return ChunkedLinearCrossEntropy.apply(hidden, self.stand_in.weight, labels, IGNORE_INDEX, 0)
+        return ChunkedLinearCrossEntropy.apply(hidden, self.stand_in.weight, labels, IGNORE_INDEX, 0, self.compiled)
 
 
-def install(model: torch.nn.Module, kind: str) -> FusedHead:
+def install(model: torch.nn.Module, kind: str, compiled: bool = False) -> FusedHead:
     """Replace ``model``'s output embeddings (a transformers model, or a peft model around one) by
-    ``HiddenStates``, so that a forward without labels returns hidden states as its ``logits``."""
+    ``HiddenStates``, so that a forward without labels returns hidden states as its ``logits``. ``compiled``
+    (embedded.compile): the chunked loss's per-chunk softmax and gradient run compiled."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"fused_ce: the model's output embeddings are a {type(head).__name__}, not a Linear "
                          "(sharded by tensor parallelism?): fused_ce works on the data_parallel track")
     stand_in = HiddenStates(head)
     model.set_output_embeddings(stand_in)
-    return FusedHead(stand_in, kind)
+    return FusedHead(stand_in, kind, compiled)
