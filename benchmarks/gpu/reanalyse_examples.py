@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ftscale.analyze.provenance import LIBRARIES, environment
 from ftscale.analyze.results import write_results
+from ftscale.study import engines
 from ftscale.study.paths import RunPaths
 from ftscale.study.run import IDENTITY_KEYS
 from ftscale.study.sweep import Study, load_config_file
@@ -46,6 +47,10 @@ EXAMPLES = {
     "2026-12-01-h200-llama31_8b-lora-layers": "benchmarks/gpu/llama8b_lora_layers.yaml",
     "2026-12-01-h200-llama31_8b-head-to-head": "benchmarks/gpu/head_to_head_8b.yaml",
     "2026-12-01-h200-mixtral_8x7b-lora-fast": "benchmarks/gpu/mixtral_lora_fast.yaml",
+    "2026-12-01-h200-llama31_8b-lora-bf16lora": "benchmarks/gpu/llama8b_lora_bf16lora.yaml",
+    "2026-12-01-h200-llama31_8b-lora-attn-flash": "benchmarks/gpu/llama8b_lora_attn_flash.yaml",
+    "2026-12-01-h200-llama31_8b-lora-liger-eager": "benchmarks/gpu/llama8b_lora_liger_eager.yaml",
+    "2026-12-01-h200-llama31_8b-head-to-head-mbs2": "benchmarks/gpu/head_to_head_8b_mbs2.yaml",
 }
 
 
@@ -53,7 +58,12 @@ def example_study(config_file: str) -> Study:
     """The study as the workflow plans it, with the repository's references (the example has no config/)."""
     config = load_config_file(ROOT / config_file)
     config["references"] = str(ROOT / "config" / "references.yaml")
-    return workflow_study(config, [config_file], root=ROOT)
+    # The runs ran on the GPU machine, which had liger-kernel; the analysis here needs none of it.
+    real, engines.liger_installed = engines.liger_installed, lambda: True
+    try:
+        return workflow_study(config, [config_file], root=ROOT)
+    finally:
+        engines.liger_installed = real
 
 
 def _write_json(path: Path, data: dict) -> None:

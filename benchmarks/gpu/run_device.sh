@@ -14,7 +14,8 @@
 # (the configs name those interpreters as nemo.python / automodel.python). A set not carried in this
 # call is kept from an earlier call while the machine stays warm.
 # The workflow runs in ONE work directory, /tmp/wf, kept between calls of a warm machine, so that a
-# later call reuses the imports of an earlier one. Leaves results-<config>.tar.gz per config in $OUT.
+# later call reuses the imports of an earlier one. Leaves results-<config>.tar.gz per config in $OUT, with the
+# run directories that config's tables cite (not every run of the work directory).
 set -uo pipefail
 target=results/tables.md
 deadline=$(( $(date +%s) + 100000 ))
@@ -54,6 +55,7 @@ for config in "$@"; do
   name=$(basename "$config" .yaml)
   cp -r Snakefile rules config models benchmarks "$work"/ 2>/dev/null || true
   cd "$work"
+  rm -rf results   # the tables of an earlier config are not this one's
   # The versions, recorded beside the runs (it imports NeMo: with the wheel install, 54-57 s went before
   # Snakemake started on the H200, the whole of a short call's deadline).
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -75,8 +77,16 @@ for config in "$@"; do
   for log in models/*/import.log models/*/nemo-import.log; do [ -f "$log" ] && { echo "== $log"; tail -5 "$log"; }; done
   [ -f results/tables.md ] && cat results/tables.md
   for log in experiments/*/*/*/train.log; do echo "== $log"; grep -E "error=|Error|step [0-9]+ \||Training epoch|\[ftscale\] (layout|done)" "$log" | tail -6; done
+  # only the run directories this config's tables cite (column source): runs of an earlier config in the
+  # same work directory (same run identity, other engine options) must not travel as this config's
+  runs=$(python3 -c 'import csv, os, sys
+for row in csv.DictReader(open(sys.argv[1])):
+    d = os.path.dirname(row["source"].split(":")[0])
+    for f in ("train.log", "launch.json", "run.json", "automodel.yaml"):
+        if os.path.exists(os.path.join(d, f)): print(os.path.join(d, f))' results/scaling.csv 2>/dev/null | sort -u)
+  # shellcheck disable=SC2086  # one path per word
   tar czf "$OUT/results-$name.tar.gz" provenance.txt "snakemake-$name.log" results models/*/*.log models/*/*/IMPORT.json \
-    experiments/*/*/*/{train.log,launch.json,run.json,automodel.yaml} 2>/dev/null
+    $runs 2>/dev/null
   cd "$repo"
   if [ "$fail_fast" = 1 ] && [ "$status" != 0 ]; then echo "--fail-fast: skipping the configs after $config"; break; fi
 done
