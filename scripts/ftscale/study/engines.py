@@ -153,6 +153,14 @@ EMBEDDED_OPTIONS_BEFORE: dict[str, object] = {"compile_scope": "model"}
 #: Option values that need a CUDA GPU (Triton kernels, CUDA-only attention backends).
 CUDA_ONLY: dict[str, tuple] = {"fused_ce": ("liger",), "liger_kernels": (True,),
                                "attention": ("flash", "cudnn", "efficient")}
+#: Why ``liger_kernels`` is refused with ``compile``: measured on an H200 (2026-12-01, liger-kernel 0.8.5,
+#: torch 2.11, transformers 5.17, compile_scope layers), the first compiled step stopped in Inductor.
+#: compile_scope model traces the same decoder-layer code.
+LIGER_WITH_COMPILE = (
+    "cannot run with embedded.compile: true: torch.compile of a layer with liger-kernel's RMSNorm/SwiGLU/RoPE failed "
+    "on an H200 (BackendCompilerFailed: 'Attempting to broadcast a dimension of length 4096' at the residual add). "
+    "Use one or the other: compile (with fused_ce: chunked) was the faster of the two there"
+)
 #: Option values that need liger-kernel (``pip install -e '.[gpu]'``).
 NEEDS_LIGER: dict[str, tuple] = {"fused_ce": ("liger",), "liger_kernels": (True,)}
 
@@ -207,6 +215,8 @@ def embedded_option_errors(run: dict, device: str, have_liger: Callable[[], bool
         errs.add("embedded.compile_mode", opts["compile_mode"], "applies to torch.compile only: set embedded.compile: true")
     if opts["compile_scope"] != "layers" and not opts["compile"]:
         errs.add("embedded.compile_scope", opts["compile_scope"], "applies to torch.compile only: set embedded.compile: true")
+    if opts["liger_kernels"] and opts["compile"]:
+        errs.add("embedded.liger_kernels", True, LIGER_WITH_COMPILE)
     for key, values in CUDA_ONLY.items():
         if opts[key] in values and device == "cpu":
             errs.add(f"embedded.{key}", opts[key], "needs a CUDA GPU and this run's device is cpu"
