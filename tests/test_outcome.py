@@ -45,3 +45,16 @@ def test_a_launch_that_does_not_match_the_run_is_refused_with_the_reasons(capsys
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"[ftscale] error=config run {run['name']}: gpus = 2: launched with WORLD_SIZE = 4",
                      f"[ftscale] error=config run {run['name']}: gpus_per_node = 2: launched with LOCAL_WORLD_SIZE = 1"]
+
+
+@pytest.mark.parametrize("line, status", [
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "oom"),
+    ("[ftscale] error=oom rank 0: OutOfMemoryError: CUDA out of memory.", "oom"),
+    ("OutOfMemoryError: Allocation on device", "oom"),
+    # Inductor's max-autotune drops a Triton configuration that needs more shared memory, and goes on (H200 log)
+    ("[rank0]:E1202 01:18:25.244000 650 torch/_inductor/select_algorithm.py:3924] [0/0] No valid triton configs. "
+     "OutOfMemoryError: out of resource: triton_mm Required: 262144 Hardware limit:232448 Reducing block sizes or "
+     "`num_stages` may help.. ", None),
+])
+def test_an_oom_is_cuda_memory_not_a_triton_configuration_autotune_drops(line, status):
+    assert (classify_failure(line) or (None,))[0] == status

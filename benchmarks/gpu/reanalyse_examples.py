@@ -51,6 +51,7 @@ EXAMPLES = {
     "2026-12-01-h200-llama31_8b-lora-attn-flash": "benchmarks/gpu/llama8b_lora_attn_flash.yaml",
     "2026-12-01-h200-llama31_8b-lora-liger-eager": "benchmarks/gpu/llama8b_lora_liger_eager.yaml",
     "2026-12-01-h200-llama31_8b-head-to-head-mbs2": "benchmarks/gpu/head_to_head_8b_mbs2.yaml",
+    "2026-12-02-h200-llama31_8b-lora-autotune": "benchmarks/gpu/llama8b_lora_autotune.yaml",
 }
 
 

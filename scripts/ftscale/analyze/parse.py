@@ -18,9 +18,12 @@ from pathlib import Path
 from ftscale.run.logformat import PATTERNS, parse_steps
 from ftscale.study.paths import RunPaths
 
-# (status, reason, pattern): the first that matches names what went wrong.
+# (status, reason, pattern): the first that matches names what went wrong. Triton's OutOfMemoryError "out of
+# resource" is a kernel configuration asking for more shared memory than the GPU has: Inductor's max-autotune
+# logs it for each configuration it drops, and the run goes on (H200, 2026-12-02), so it is no OOM.
 FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
-    ("oom", "out of GPU memory", re.compile(r"\[ftscale\] error=oom|CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError")),
+    ("oom", "out of GPU memory", re.compile(
+        r"\[ftscale\] error=oom|CUDA out of memory|OutOfMemoryError(?!: out of resource)")),
     ("failed", "Slurm time limit", re.compile(r"DUE TO TIME LIMIT")),
     ("failed", "node failure", re.compile(r"DUE TO NODE FAILURE|NODE_FAIL")),
     ("cancelled", "cancelled", re.compile(r"\[ftscale\] error=cancelled|CANCELLED AT")),
