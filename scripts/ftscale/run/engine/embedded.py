@@ -26,7 +26,14 @@ from ftscale.run.data import dataset_tokens
 from ftscale.run.engine.data_parallel import prepare_data_parallel
 from ftscale.run.engine.fused_ce import install as install_fused_head
 from ftscale.run.engine.model_parallel import prepare_model_parallel
-from ftscale.run.engine.options import apply_liger_kernels, attention_context, compile_model, layout_fields, resolve
+from ftscale.run.engine.options import (
+    CUDA_GRAPH_MODES,
+    apply_liger_kernels,
+    attention_context,
+    compile_model,
+    layout_fields,
+    resolve,
+)
 from ftscale.run.engine.outcome import reported
 from ftscale.run.engine.training import TrainSetup, device_for, dtype_for, train
 from ftscale.run.logformat import kv_line
@@ -58,6 +65,7 @@ def build(run: dict, device: torch.device) -> tuple[TrainSetup, torch.Tensor, di
     prepared.head = head
     if options["compile"]:
         compiled = compile_model(prepared.model, options["compile_mode"], options["compile_scope"])
+        prepared.cuda_graphs = options["compile_mode"] in CUDA_GRAPH_MODES
         if dist.get_rank() == 0:
             print(f"[ftscale] torch.compile: {compiled} module(s), scope {options['compile_scope']}, "
                   f"mode {options['compile_mode']}", flush=True)

@@ -32,6 +32,9 @@ class TrainSetup:
     no_sync: Callable[[], ContextManager] | None = None
     # Engine option fused_ce: the model's lm_head returns hidden states and this computes the loss.
     head: FusedHead | None = None
+    # compile modes with CUDA graphs (reduce-overhead, max-autotune): each micro-batch starts a new step of
+    # torch's CUDA graph trees, so a graph's outputs are not overwritten while backward still needs them.
+    cuda_graphs: bool = False
 
     def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.head is not None:
@@ -116,6 +119,8 @@ def train_step(prepared: TrainSetup, optimizer: torch.optim.Optimizer, micros: l
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for i, micro in enumerate(micros):
         sync_ctx = prepared.no_sync() if (prepared.no_sync and i < len(micros) - 1) else contextlib.nullcontext()
+        if prepared.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with sync_ctx:
             loss = prepared.loss(micro.to(device))
             (loss / len(micros)).backward()
