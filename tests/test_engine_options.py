@@ -150,6 +150,10 @@ def _run(device="cpu", track="data_parallel", **opts) -> dict:
     ({"fused_ce": "liger"}, "cuda", "embedded.fused_ce", "needs liger-kernel, which is not installed"),
     ({"liger_kernels": True}, "auto", "embedded.liger_kernels", "pip install -e '.[gpu]'"),
     ({"attention": "fast"}, "cuda", "embedded.attention", "must be one of ['auto', 'flash'"),
+    ({"compile_mode": "reduce-overhead", "compile": True}, "cuda", "embedded.compile_mode",
+     "cannot run with embedded.compile_scope: layers"),
+    ({"compile_mode": "max-autotune", "compile": True, "compile_scope": "layers"}, "cuda", "embedded.compile_mode",
+     "compile_scope: model"),
     ({"liger_kernels": True, "compile": True}, "cuda", "embedded.liger_kernels", "cannot run with embedded.compile"),
     ({"liger_kernels": True, "compile": True, "compile_scope": "model"}, "cuda", "embedded.liger_kernels",
      "BackendCompilerFailed"),
@@ -167,7 +171,8 @@ def test_options_that_can_run_pass(repo):
     assert run_errors(_run("cpu", fused_ce="chunked", attention="math"), model) == []
     assert run_errors(_run("cpu", fused_ce=False), model) == []  # YAML's bare `off`
     assert embedded_options(_run("cpu", fused_ce=False))["fused_ce"] == "off"
-    gpu = _run("cuda", fused_ce="liger", attention="cudnn", compile=True, compile_mode="max-autotune")
+    gpu = _run("cuda", fused_ce="liger", attention="cudnn", compile=True, compile_mode="max-autotune",
+               compile_scope="model")
     assert embedded_option_errors(gpu, "cuda", have_liger=lambda: True) == []
     liger_eager = _run("cuda", fused_ce="liger", liger_kernels=True, lora_dtype="model")
     assert embedded_option_errors(liger_eager, "cuda", have_liger=lambda: True) == []

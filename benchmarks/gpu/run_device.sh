@@ -77,11 +77,11 @@ for config in "$@"; do
   for log in models/*/import.log models/*/nemo-import.log; do [ -f "$log" ] && { echo "== $log"; tail -5 "$log"; }; done
   [ -f results/tables.md ] && cat results/tables.md
   for log in experiments/*/*/*/train.log; do echo "== $log"; grep -E "error=|Error|step [0-9]+ \||Training epoch|\[ftscale\] (layout|done)" "$log" | tail -6; done
-  # only the run directories this config's tables cite (column source): runs of an earlier config in the
+  # only the run directories of this config's tables (every row, failed ones too): runs of an earlier config in the
   # same work directory (same run identity, other engine options) must not travel as this config's
   runs=$(python3 -c 'import csv, os, sys
 for row in csv.DictReader(open(sys.argv[1])):
-    d = os.path.dirname(row["source"].split(":")[0])
+    d = os.path.join("experiments", row["track"], row["model"], row["run"])  # failed runs too (no source)
     for f in ("train.log", "launch.json", "run.json", "automodel.yaml"):
         if os.path.exists(os.path.join(d, f)): print(os.path.join(d, f))' results/scaling.csv 2>/dev/null | sort -u)
   # shellcheck disable=SC2086  # one path per word

@@ -161,6 +161,16 @@ LIGER_WITH_COMPILE = (
     "on an H200 (BackendCompilerFailed: 'Attempting to broadcast a dimension of length 4096' at the residual add). "
     "Use one or the other: compile (with fused_ce: chunked) was the faster of the two there"
 )
+#: torch.compile modes that capture CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: Why those modes are refused with compile_scope layers: measured on an H200 (2026-12-02, torch 2.11), the first
+#: backward stopped. All layers replay one compiled graph, so each layer's replay overwrites the outputs of the
+#: layer before, which backward still needs.
+CUDA_GRAPHS_WITH_LAYERS = (
+    "captures CUDA graphs, which cannot run with embedded.compile_scope: layers: every decoder layer replays one "
+    "graph and overwrites the outputs the layer before saved for backward (H200: 'accessing tensor output of "
+    "CUDAGraphs that has been overwritten by a subsequent run'). Use max-autotune-no-cudagraphs, or compile_scope: model"
+)
 #: Option values that need liger-kernel (``pip install -e '.[gpu]'``).
 NEEDS_LIGER: dict[str, tuple] = {"fused_ce": ("liger",), "liger_kernels": (True,)}
 
@@ -215,6 +225,8 @@ def embedded_option_errors(run: dict, device: str, have_liger: Callable[[], bool
         errs.add("embedded.compile_mode", opts["compile_mode"], "applies to torch.compile only: set embedded.compile: true")
     if opts["compile_scope"] != "layers" and not opts["compile"]:
         errs.add("embedded.compile_scope", opts["compile_scope"], "applies to torch.compile only: set embedded.compile: true")
+    if opts["compile"] and opts["compile_mode"] in CUDA_GRAPH_MODES and opts["compile_scope"] == "layers":
+        errs.add("embedded.compile_mode", opts["compile_mode"], CUDA_GRAPHS_WITH_LAYERS)
     if opts["liger_kernels"] and opts["compile"]:
         errs.add("embedded.liger_kernels", True, LIGER_WITH_COMPILE)
     for key, values in CUDA_ONLY.items():

@@ -27,7 +27,6 @@ from ftscale.run.engine.data_parallel import prepare_data_parallel
 from ftscale.run.engine.fused_ce import install as install_fused_head
 from ftscale.run.engine.model_parallel import prepare_model_parallel
 from ftscale.run.engine.options import (
-    CUDA_GRAPH_MODES,
     apply_liger_kernels,
     attention_context,
     compile_model,
@@ -37,6 +36,7 @@ from ftscale.run.engine.options import (
 from ftscale.run.engine.outcome import reported
 from ftscale.run.engine.training import TrainSetup, device_for, dtype_for, train
 from ftscale.run.logformat import kv_line
+from ftscale.study.engines import CUDA_GRAPH_MODES
 from ftscale.study.paths import RunPaths
 
 

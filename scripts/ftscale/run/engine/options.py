@@ -71,10 +71,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-#: torch.compile modes that capture CUDA graphs.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
 def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> int:
     """torch.compile ``model`` in place (``default``: torch's default mode); returns how many modules were
     compiled. ``scope``:
