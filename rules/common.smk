@@ -5,7 +5,7 @@ from ftscale.run.data import prepare_dataset_logged
 from ftscale.run.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
 from ftscale.study import paths
 from ftscale.study.schema import ConfigError
-from ftscale.workflow import container_image, model_files, nemo_ftscale_command, run_files, workflow_study
+from ftscale.workflow import container_image, conversion_command, model_files, run_files, workflow_study
 
 
 def clear_errors(call, *args):

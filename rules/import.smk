@@ -58,12 +58,8 @@ rule import_nemo:
         cpus_per_task=import_resources(STUDY.config).cpus,
         mem_mb=import_mem_mb,
         runtime=import_runtime,
-    params:
-        transformer_impl=STUDY.config["nemo"]["transformer_impl"],
-        ftscale=nemo_ftscale_command(STUDY),
     shell:
-        "{params.ftscale} import-nemo {wildcards.model} --hf {input} --out {output} "
-        "--transformer-impl {params.transformer_impl} > {log} 2>&1"
+        conversion_command(STUDY, "nemo_checkpoint") + " > {log} 2>&1"
 
 
 rule import_all:

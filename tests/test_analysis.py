@@ -4,17 +4,17 @@ and the participant comparison, on fixtures and on records built by hand."""
 from __future__ import annotations
 
 import csv
-import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from runs import make_run
 
 from ftscale.analyze.compare import CompareError, merge, write_comparison
 from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, model_perf, prediction_columns
-from ftscale.analyze.parse import RUN_KEYS, RunRecord, parse_run
+from ftscale.analyze.parse import RunRecord, parse_run
 from ftscale.analyze.plots import PLOTS, _dp_plot, dense_vs_moe, mp_memory
 from ftscale.analyze.provenance import SCHEMA_VERSION, device_name
 from ftscale.analyze.references import ReferencesError, check, flag_value, load_references
@@ -23,6 +23,7 @@ from ftscale.analyze.tables import best_layouts
 from ftscale.estimate.comm import params_per_gpu
 from ftscale.estimate.plan import Target
 from ftscale.study.models import load_model
+from ftscale.study.run import Run  # noqa: F401
 from ftscale.study.sweep import load_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +71,7 @@ def with_device(tmp_path: Path, fields: str) -> Path:
 
 def test_flops_and_tflops_on_the_fixture_and_mfu_blank_on_cpu():
     rec = parse_run(COMPLETE)
-    lora = json.loads((COMPLETE / "run.json").read_text())["lora"]
-    perf = model_perf(TINY, rec, lora)
+    perf = model_perf(TINY, rec)
     assert perf.flops_per_token == TINY_LORA_FLOPS
     assert rec.tokens_per_s_per_gpu == pytest.approx(FIXTURE_TPS_GPU)
     assert perf.tflops_per_gpu == pytest.approx(0.0304922, rel=1e-5)
@@ -82,7 +82,7 @@ def test_flops_and_tflops_on_the_fixture_and_mfu_blank_on_cpu():
 def test_mfu_against_the_gpu_the_run_reports(tmp_path):
     rec = parse_run(with_device(tmp_path, "device=cuda device_name=NVIDIA_H100_80GB_HBM3"))
     assert device_name(rec.layout) == "NVIDIA H100 80GB HBM3"
-    perf = model_perf(TINY, rec, LORA)
+    perf = model_perf(TINY, rec)
     assert perf.mfu == pytest.approx(FIXTURE_TFLOPS / 989.4)  # 3.0819e-5
     assert "H100-SXM" in perf.mfu_note and "float32" in perf.mfu_note  # the fixture ran in float32
 
@@ -93,11 +93,11 @@ def test_mfu_of_llama_8b_lora_on_h100_by_hand():
     # lm_head 2·4096·128256 = 1,050,673,152; lora 32·2·8·26,624 = 13,631,488
     flops = 2 * (2_684_354_560 + 11_274_289_152 + 1_050_673_152) + 3 * (2_147_483_648 + 13_631_488)
     assert flops == 36_501_979_136
-    rec = RunRecord(run="gpus1_mbs2_gbs32_seq4096", track="data_parallel", model="llama31_8b", engine="nemo", gpus=1,
-                    tp=1, ep=1, dp=1, sp=False, micro_batch=2, global_batch=32, seq_length=4096, steps=50,
-                    warmup_steps=10, status="ok", tokens_per_s_per_gpu=12473.0,
+    run = make_run(model="llama31_8b", engine="nemo", micro_batch=2, global_batch=32, seq_length=4096, steps=50,
+                   warmup_steps=10, precision="bf16", device="cuda", lora=LORA)
+    rec = RunRecord(run=run, status="ok", tokens_per_s_per_gpu=12473.0,
                     layout={"device": "cuda", "device_name": "NVIDIA_H100_80GB_HBM3", "dtype": "bfloat16"})
-    perf = model_perf(LLAMA_8B, rec, LORA)
+    perf = model_perf(LLAMA_8B, rec)
     assert perf.flops_per_token == flops
     assert perf.tflops_per_gpu == pytest.approx(455.289, rel=1e-5)  # 12473 x 36.502e9 / 1e12
     assert perf.mfu == pytest.approx(455.289 / 989.4, rel=1e-5)  # 46.0 %
@@ -109,13 +109,13 @@ def test_mfu_of_llama_8b_lora_on_h100_by_hand():
     ("device=cuda device_name=Some_New_GPU", "unknown device"),
 ])
 def test_mfu_blank_with_a_reason_when_the_peak_is_unknown(tmp_path, fields, reason):
-    perf = model_perf(TINY, parse_run(with_device(tmp_path, fields)), LORA)
+    perf = model_perf(TINY, parse_run(with_device(tmp_path, fields)))
     assert perf.tflops_per_gpu == pytest.approx(FIXTURE_TFLOPS)
     assert perf.mfu is None and reason in perf.mfu_note
 
 
 def test_failed_run_has_flops_per_token_but_no_throughput():
-    perf = model_perf(TINY, parse_run(FIXTURES / "embedded" / "oom"), LORA)
+    perf = model_perf(TINY, parse_run(FIXTURES / "embedded" / "oom"))
     assert perf.flops_per_token == TINY_LORA_FLOPS
     assert perf.tflops_per_gpu is None and perf.mfu is None and "oom" in perf.mfu_note
 
@@ -190,9 +190,10 @@ def test_plots_are_written_and_not_empty(analysed):
 def dp_record(gpus: int, status: str = "ok", step: float = 0.1) -> RunRecord:
     good = status == "ok"
     name = f"embedded_gpus{gpus}_mbs4_gbs{8 * gpus}_seq128"
-    return RunRecord(run=name, track="data_parallel", model="tiny_llama",
-                     engine="embedded", gpus=gpus, tp=1, ep=1, dp=gpus, sp=False, micro_batch=4, global_batch=8 * gpus,
-                     seq_length=128, steps=12, warmup_steps=2, status=status, step_time_s=step if good else None,
+    run = make_run(gpus=gpus, micro_batch=4, global_batch=8 * gpus, seq_length=128, steps=12, warmup_steps=2,
+                   scaling="weak" if gpus > 1 else None)
+    assert run.name == name
+    return RunRecord(run=run, status=status, step_time_s=step if good else None,
                      tokens_per_s=8 * gpus * 128 / step if good else None,
                      tokens_per_s_per_gpu=8 * 128 / step if good else None, peak_mem_mib=400.0 if good else None,
                      mem_kind="rss", run_dir=f"experiments/data_parallel/tiny_llama/{name}")
@@ -217,8 +218,7 @@ def record_of(run, tokens_per_s_per_gpu: float, status: str = "ok") -> RunRecord
     """A record of one of the study's runs, as the parser makes them (measured columns blank unless ok)."""
     good = status == "ok"
     tps = run.gpus * tokens_per_s_per_gpu
-    return RunRecord(run=run.name, status=status, run_dir=run.directory, scaling=run.scaling,
-                     **{k: run.to_dict()[k] for k in RUN_KEYS}, step_time_s=run.tokens_per_step / tps if good else None,
+    return RunRecord(run=run, status=status, run_dir=run.directory, step_time_s=run.tokens_per_step / tps if good else None,
                      tokens_per_s=tps if good else None, tokens_per_s_per_gpu=tokens_per_s_per_gpu if good else None,
                      peak_mem_mib=500.0 if good else None, mem_kind="rss")
 
@@ -272,19 +272,18 @@ def mp_record(model: str, tp: int, ep: int, state: float | None, status: str = "
     """A model-parallel CPU run of ``model`` as the embedded engine reports it (fp32, RSS)."""
     good = status == "ok"
     name = f"embedded_tp{tp}_ep{ep}_dp1{'_sp' if tp > 1 else ''}_mbs4_gbs8_seq128"
-    return RunRecord(run=name, track="model_parallel", model=model, engine="embedded", gpus=tp * ep, tp=tp, ep=ep,
-                     dp=1, sp=tp > 1, micro_batch=4, global_batch=8, seq_length=128, steps=12, warmup_steps=2,
-                     status=status, step_time_s=0.1 if good else None, tokens_per_s=8 * 128 / 0.1 if good else None,
+    run = make_run(track="model_parallel", model=model, gpus=tp * ep, tp=tp, ep=ep, dp=1, sp=tp > 1, micro_batch=4,
+                   global_batch=8, seq_length=128, steps=12, warmup_steps=2)
+    assert run.name == name
+    return RunRecord(run=run, status=status, step_time_s=0.1 if good else None, tokens_per_s=8 * 128 / 0.1 if good else None,
                      tokens_per_s_per_gpu=8 * 128 / 0.1 / (tp * ep) if good else None,
                      peak_mem_mib=800.0 if good else None, mem_kind="rss" if good else "", state_mib=state,
                      layout={"device": "cpu", "dtype": "float32"}, run_dir=f"experiments/model_parallel/{model}/{name}")
 
 
 def test_on_the_cpu_only_the_model_state_is_compared_with_the_prediction():
-    study = study_of()
     r = mp_record("tiny_llama", 2, 1, state=4.5)
-    run = study.run_by_dir(r.run_dir).to_dict()
-    cols = prediction_columns(load_model("tiny_llama", REPO).spec, r, run, Target())
+    cols = prediction_columns(load_model("tiny_llama", REPO).spec, r, Target())
     # full fine-tuning in fp32: weights, gradients and AdamW's two moments, 16 bytes per parameter held
     predicted = params_per_gpu(TINY, 2, 1) * 16 / 2**20
     assert cols["predicted_state_mib"] == pytest.approx(predicted)
@@ -292,7 +291,7 @@ def test_on_the_cpu_only_the_model_state_is_compared_with_the_prediction():
     assert cols["predicted_peak_mem_mib"] > 0 and cols["predicted_step_time_s"] > 0  # in the CSV, as predicted
     assert cols.get("peak_mem_error_pct") is None and cols.get("step_time_error_pct") is None  # RSS, CPU time
     assert "RSS" in cols["prediction_note"] and "model state is" in cols["prediction_note"]
-    failed = prediction_columns(load_model("tiny_llama", REPO).spec, mp_record("tiny_llama", 2, 1, None, "oom"), run,
+    failed = prediction_columns(load_model("tiny_llama", REPO).spec, mp_record("tiny_llama", 2, 1, None, "oom"),
                                 Target())
     assert failed.get("state_error_pct") is None and failed["prediction_note"] == "run oom: nothing measured to compare"
 
@@ -307,13 +306,12 @@ def test_the_gpu_examples_get_predicted_columns_with_their_errors(run_dir):
     calibration, tests/test_plan.py), state compared where the log has state_mib, else blank with the reason."""
     example = run_dir.parents[3]
     rec = parse_run(run_dir, root=example)
-    cols = prediction_columns(load_model(rec.model, REPO).spec, rec, json.loads((run_dir / "run.json").read_text()),
-                              Target())
+    cols = prediction_columns(load_model(rec.run.model, REPO).spec, rec, Target())
     assert cols["predicted_peak_mem_mib"] > 0 and cols["predicted_step_time_s"] > 0
     if rec.status == "ok":
         assert rec.mem_kind == "cuda"
         if rec.peak_mem_mib >= 1024:  # below, the allocator's fixed overhead dominates (NeMo's tiny run)
-            assert abs(cols["peak_mem_error_pct"]) <= (20 if rec.engine == "automodel" else 15)
+            assert abs(cols["peak_mem_error_pct"]) <= (20 if rec.run.engine == "automodel" else 15)
         assert cols["step_time_error_pct"] == pytest.approx((cols["predicted_step_time_s"] - rec.step_time_s)
                                                             / rec.step_time_s * 100)
         if rec.state_mib is None:  # logs before state_mib, and the NeMo/AutoModel step lines
@@ -333,9 +331,7 @@ def test_mp_memory_plot_shows_the_model_state_and_its_prediction(tmp_path):
                mp_record("tiny_mixtral", 2, 2, 4.7), mp_record("tiny_mixtral", 2, 2, None, "oom")]
     records[-1].run_dir += "_failed"  # a fourth row, failed: left out of the bars
     spec = load_model("tiny_mixtral", REPO).spec
-    extras = {r.run_dir: Extras(Perf(None), predicted=prediction_columns(spec, r, {**r.to_dict(), "precision": "fp32",
-                                                                                       "lora": None}, Target()))
-              for r in records}
+    extras = {r.run_dir: Extras(Perf(None), predicted=prediction_columns(spec, r, Target())) for r in records}
     frame = build_frame(study, records, extras)
     fig = mp_memory(study, frame, tmp_path / "m.png")
     ax = fig.axes[0]

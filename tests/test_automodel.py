@@ -1,4 +1,4 @@
-"""The automodel engine's recipe tree (ftscale.run.engine.automodel.automodel_config) and the parsing of
+"""The automodel engine's recipe tree (ftscale.engines.automodel.train.automodel_config) and the parsing of
 NeMo AutoModel's step line. The tree is plain data: AutoModel itself is needed only on the GPU."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ftscale.run.engine.automodel import automodel_config
+from ftscale.engines.automodel.train import automodel_config
 from ftscale.run.logformat import parse_steps
 from ftscale.study.models import load_model
 from ftscale.study.run import Run
@@ -16,12 +16,12 @@ LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_pro
                                              "down_proj"]}
 
 
-def run_dict(**changes) -> dict:
+def run_dict(**changes) -> Run:
     fields = dict(track="data_parallel", model="llama31_8b_synthetic_files", engine="automodel", gpus=1, tp=1, ep=1,
                   dp=1, sp=False, micro_batch=2, global_batch=32, seq_length=4096, steps=20, warmup_steps=5,
                   learning_rate=1e-5, seed=42, precision="bf16", device="cuda", lora=LORA, data={"kind": "mock"})
     fields.update(changes)
-    return Run(**fields).to_dict()
+    return Run(**fields)
 
 
 def test_tree_carries_the_run(repo):

@@ -11,7 +11,7 @@ import yaml
 from ftscale.study.models import load_model
 from ftscale.study.schema import ConfigError
 from ftscale.study.sweep import load_study
-from ftscale.workflow import container_image, model_files, nemo_ftscale_command, run_files, workflow_study
+from ftscale.workflow import container_image, conversion_command, model_files, run_files, workflow_study
 
 
 def study(cfg, root):
@@ -177,7 +177,8 @@ def test_the_workflow_lists_each_runs_files_and_names_the_config(default_config,
     mp = run_files(s, "metrics", "model_parallel")
     assert mp == [f"{r.directory}/metrics.jsonl" for r in s.runs if r.track == "model_parallel"] and len(mp) == 5
     assert model_files(s, "spec") == ["models/tiny_llama/model.yaml", "models/tiny_mixtral/model.yaml"]
-    assert container_image(s) is None and nemo_ftscale_command(s) == "ftscale"  # embedded: no image
+    assert container_image(s) is None  # embedded: no image
+    assert "exit 1" in conversion_command(s, "nemo_checkpoint")  # and no conversion
 
 
 @pytest.mark.parametrize("container, image", [("nvcr.io/nvidia/nemo:25.09", "docker://nvcr.io/nvidia/nemo:25.09"),
@@ -187,4 +188,6 @@ def test_the_nemo_jobs_image_and_command(repo, container, image):
     cfg.update(container=container, nemo={"python": "/opt/nemo/bin/python"})
     s = workflow_study(cfg, ["config/workshop.yaml"], root=repo)
     assert container_image(s) == image
-    assert nemo_ftscale_command(s) == "/opt/nemo/bin/python -m ftscale.cli"
+    assert conversion_command(s, "nemo_checkpoint") == (
+        "/opt/nemo/bin/python -m ftscale.cli import-nemo {wildcards.model} --hf {input} --out {output} "
+        "--transformer-impl transformer_engine")

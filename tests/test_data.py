@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import make_run
 
 from ftscale.run.data import corpus_records, dataset_tokens, prepare_dataset, squad_record
 from ftscale.study.data import data_errors, dataset_name
@@ -101,17 +102,19 @@ def test_squad_rows_become_records():
                                  "output": "France"}
 
 
-def test_embedded_tokens_for_each_kind(tmp_path):
+def test_embedded_tokens_for_each_kind(tmp_path, monkeypatch):
     from ftscale.importing.synthetic import train_tokenizer
 
     tok = train_tokenizer(512)
     base = {"global_batch": 2, "seq_length": 16, "seed": 3}
-    corpus = dataset_tokens({**base, "data": {"kind": "corpus"}}, tok, 512)
-    mock = dataset_tokens({**base, "data": {"kind": "mock"}}, tok, 512)
+    corpus = dataset_tokens(make_run(**base, data={"kind": "corpus"}), tok, 512)
+    mock = dataset_tokens(make_run(**base, data={"kind": "mock"}), tok, 512)
     assert corpus.numel() > 1000 and int(mock.max()) < 512
-    assert torch.equal(mock, dataset_tokens({**base, "data": {"kind": "mock"}}, tok, 512))  # seeded
-    out = tmp_path / "d"
-    out.mkdir()
+    assert torch.equal(mock, dataset_tokens(make_run(**base, data={"kind": "mock"}), tok, 512))  # seeded
+    monkeypatch.chdir(tmp_path)  # the run reads its prepared dataset under experiments/data/
+    run = make_run(**base, data={"kind": "jsonl", "path": "mine.jsonl"})
+    out = Path(run.dataset_dir)
+    out.mkdir(parents=True)
     write_jsonl(out / "training.jsonl", [{"input": "hello", "output": "world"}] * 4)
-    tokens = dataset_tokens({**base, "data": {"kind": "jsonl"}, "dataset_dir": str(out)}, tok, 512)
+    tokens = dataset_tokens(run, tok, 512)
     assert tok.decode(tokens[:8].tolist()).startswith("hello world")

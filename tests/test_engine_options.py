@@ -7,6 +7,7 @@ and for what they call; their speed is measured on a GPU (benchmarks/gpu/NOTES.m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 
-from ftscale.run.engine import fused_ce, options
-from ftscale.run.engine.fused_ce import ChunkedLinearCrossEntropy, chunked_linear_cross_entropy
-from ftscale.run.engine.training import TrainSetup
-from ftscale.study.engines import embedded_option_errors, embedded_options, run_errors
+from ftscale.engines.embedded import fused_ce, options
+from ftscale.engines.embedded.fused_ce import ChunkedLinearCrossEntropy, chunked_linear_cross_entropy
+from ftscale.engines.embedded.spec import EmbeddedSpec
+from ftscale.engines.embedded.training import TrainSetup
+from ftscale.study.check import run_errors
 from ftscale.study.models import load_model
 from ftscale.study.run import Run
 
@@ -131,11 +133,14 @@ def test_fused_head_matches_transformers_loss_on_a_lora_model(monkeypatch, atten
 # --------------------------------------------------------------------------- validation
 
 
-def _run(device="cpu", track="data_parallel", **opts) -> dict:
+SPEC = EmbeddedSpec()
+
+
+def _run(device="cpu", track="data_parallel", **opts) -> Run:
     run = Run(track=track, model="tiny_llama", engine="embedded", gpus=1, tp=1, ep=1, dp=1, sp=False, micro_batch=1,
               global_batch=2, seq_length=32, steps=3, warmup_steps=0, learning_rate=1e-2, seed=1, precision="fp32",
               device=device, lora=LORA if track == "data_parallel" else None, engine_options=opts)
-    return run.to_dict()
+    return run
 
 
 @pytest.mark.parametrize("opts, device, key, words", [
@@ -161,37 +166,40 @@ def _run(device="cpu", track="data_parallel", **opts) -> dict:
 ])
 def test_options_a_device_cannot_honour_are_refused(opts, device, key, words):
     run = _run(device, **opts)
-    errors = embedded_option_errors(run, device, have_liger=lambda: False)
+    errors = SPEC.option_errors(run, device, have_liger=lambda: False)
     value = next(iter(opts.values()))
-    assert any(e.startswith(f"run {run['name']}: {key} = {value!r}: ") and words in e for e in errors), errors
+    assert any(e.startswith(f"run {run.name}: {key} = {value!r}: ") and words in e for e in errors), errors
 
 
 def test_options_that_can_run_pass(repo):
     model = load_model("tiny_llama", repo).spec
     assert run_errors(_run("cpu", fused_ce="chunked", attention="math"), model) == []
     assert run_errors(_run("cpu", fused_ce=False), model) == []  # YAML's bare `off`
-    assert embedded_options(_run("cpu", fused_ce=False))["fused_ce"] == "off"
+    assert SPEC.options(_run("cpu", fused_ce=False)).fused_ce == "off"
     gpu = _run("cuda", fused_ce="liger", attention="cudnn", compile=True, compile_mode="max-autotune",
                compile_scope="model")
-    assert embedded_option_errors(gpu, "cuda", have_liger=lambda: True) == []
+    assert SPEC.option_errors(gpu, "cuda", have_liger=lambda: True) == []
     liger_eager = _run("cuda", fused_ce="liger", liger_kernels=True, lora_dtype="model")
-    assert embedded_option_errors(liger_eager, "cuda", have_liger=lambda: True) == []
+    assert SPEC.option_errors(liger_eager, "cuda", have_liger=lambda: True) == []
     mp = _run("cpu", track="model_parallel", fused_ce="chunked")
-    assert embedded_option_errors(mp, "cpu") == []
-    assert options.resolve(mp, torch.device("cpu"))["fused_ce"] == "off"  # not applied there, and said so
-    assert options.resolve(_run("cpu", fused_ce="chunked"), torch.device("cpu"))["fused_ce"] == "chunked"
-    assert embedded_options(_run())["attention"] == "auto" and embedded_options(_run())["fused_ce"] == "off"
+    assert SPEC.option_errors(mp, "cpu") == []
+    assert options.resolve(mp, torch.device("cpu")).fused_ce == "off"  # not applied there, and said so
+    assert options.resolve(_run("cpu", fused_ce="chunked"), torch.device("cpu")).fused_ce == "chunked"
+    assert SPEC.options(_run()).attention == "auto" and SPEC.options(_run()).fused_ce == "off"
 
 
-def test_config_schema_names_file_key_and_value(default_config):
-    from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, validate
+def test_bad_options_name_file_key_and_value(default_config, repo):
+    from ftscale.study.schema import ConfigError
+    from ftscale.study.sweep import load_study
 
-    with pytest.raises(ConfigError, match=r"my.yaml: key 'embedded.attention' = \"fast\""):
-        validate({**default_config, "embedded": {"attention": "fast"}}, CONFIG_SCHEMA, "my.yaml")
-    filled = validate({**default_config, "embedded": {"fused_ce": False}}, CONFIG_SCHEMA, "my.yaml")
-    assert filled["embedded"] == {"activation_checkpointing": False, "compile": False, "compile_mode": "default",
-                                  "compile_scope": "layers", "fused_ce": False, "liger_kernels": False,
-                                  "attention": "auto", "lora_dtype": "float32"}
+    with pytest.raises(ConfigError, match=r"my.yaml: run \S+: embedded.attention = 'fast': must be one of \['auto'"):
+        load_study({**default_config, "embedded": {"attention": "fast"}}, "my.yaml", repo)
+    with pytest.raises(ConfigError, match=r"my.yaml: key 'embedded' = \[1\]: the embedded engine's options are a mapping"):
+        load_study({**default_config, "embedded": [1]}, "my.yaml", repo)
+    study = load_study({**default_config, "embedded": {"fused_ce": False}}, "my.yaml", repo)
+    assert dataclasses.asdict(study.runs[0].options) == {
+        "activation_checkpointing": False, "compile": False, "compile_mode": "default", "compile_scope": "layers",
+        "fused_ce": "off", "liger_kernels": False, "attention": "auto", "lora_dtype": "float32"}
 
 
 def test_liger_kernels_patch_the_model_by_type(monkeypatch):
@@ -218,7 +226,7 @@ def test_compile_mode_and_layout_fields(monkeypatch):
     assert seen == [("Sequential", {}), ("Sequential", {"mode": "reduce-overhead"})]
     with pytest.raises(ValueError, match="compile_scope = 'layers': the model names no decoder layer class"):
         options.compile_model(model, "default", "layers")
-    assert options.layout_fields(embedded_options(_run(fused_ce="chunked"))) == {
+    assert options.layout_fields(SPEC.options(_run(fused_ce="chunked"))) == {
         "activation_checkpointing": 0, "compile": 0, "compile_mode": "default", "compile_scope": "layers",
         "fused_ce": "chunked", "liger_kernels": 0, "attention": "auto", "lora_dtype": "float32"}
     with pytest.raises(ValueError, match="embedded.attention = 'flash': needs a CUDA GPU"):
@@ -268,7 +276,7 @@ def test_lora_dtype_sets_the_adapters_dtype(lora_dtype, adapter, tmp_path):
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftscale.run.engine.data_parallel import prepare_data_parallel
+    from ftscale.engines.embedded.data_parallel import prepare_data_parallel
 
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
@@ -291,26 +299,24 @@ def test_lora_dtype_sets_the_adapters_dtype(lora_dtype, adapter, tmp_path):
 
 
 def test_engine_runs_with_fused_ce_and_math_attention(tmp_path):
-    """Two real runs of the engine (``python -m ftscale.run.engine.embedded``, one rank, gloo; a fresh
+    """Two real runs of the engine (``python -m ftscale.engines.embedded.train``, one rank, gloo; a fresh
     interpreter each, as torchrun starts it): the default and chunked + math. The layout line names the
     options and the per-step losses agree."""
     from test_model_parallel import _free_port
 
     from ftscale.importing.checkpoint import import_model
 
-    checkpoint = import_model(load_model("tiny_llama"), tmp_path / "ckpt")
+    import_model(load_model("tiny_llama"), tmp_path / "models" / "tiny_llama" / "model")  # where the run reads it
     losses, layouts = {}, {}
     for name, opts in (("off", {}), ("fused", {"fused_ce": "chunked", "attention": "math"})):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        run = _run("cpu", **opts)
-        run["checkpoint"] = str(checkpoint)
-        (run_dir / "run.json").write_text(json.dumps(run))
+        (run_dir / "run.json").write_text(json.dumps(_run("cpu", **opts).to_dict()))
         env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                "FTSCALE_THREADS_PER_RANK": "1"}
-        done = subprocess.run([sys.executable, "-m", "ftscale.run.engine.embedded", str(run_dir / "run.json")],
-                              env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "ftscale.engines.embedded.train", str(run_dir / "run.json")],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         layouts[name] = next(line for line in done.stdout.splitlines() if "[ftscale] layout" in line)
         losses[name] = [json.loads(r)["loss"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -321,32 +327,33 @@ def test_engine_runs_with_fused_ce_and_math_attention(tmp_path):
 
 
 def test_tables_say_which_options_a_run_used():
-    from ftscale.analyze.frame import engine_options_label
+    def label(engine: str, built: dict, **given) -> str:
+        run = dataclasses.replace(_run(), engine=engine, engine_options=given)
+        return run.spec.options_label(run, built)
 
-    configured = {"engine_options": {"compile": True, "fused_ce": "chunked"}}
-    assert engine_options_label("embedded", {}, configured) == "compile, fused_ce=chunked"
+    configured = {"compile": True, "fused_ce": "chunked"}
+    assert label("embedded", {}, **configured) == "compile, fused_ce=chunked"
     # as built (the layout line) wins over as configured; an old line names only compile
     built = {"compile": 1, "fused_ce": "off", "attention": "flash", "liger_kernels": 1}
-    assert engine_options_label("embedded", built, configured) == \
+    assert label("embedded", built, **configured) == \
         "compile, compile_scope=model, liger_kernels, attention=flash"  # a line from before compile_scope
-    assert engine_options_label("embedded", {"compile": 0, "activation_checkpointing": 0}, {}) == "defaults"
+    assert label("embedded", {"compile": 0, "activation_checkpointing": 0}) == "defaults"
     # a compiled run's line from before compile_scope existed: the whole model was compiled
-    assert engine_options_label("embedded", {"compile": 1, "fused_ce": "chunked"}, {}) == \
-        "compile, compile_scope=model, fused_ce=chunked"
-    assert engine_options_label("embedded", {"compile": 1, "compile_scope": "layers"}, {}) == "compile"
-    assert engine_options_label("nemo", built, configured) == ""
-    assert engine_options_label("nemo", {}, {"engine_options": {"transformer_impl": "local"}}) == "transformer_impl=local"
-    assert engine_options_label("nemo", {}, {"engine_options": {"transformer_impl": "transformer_engine"}}) == ""
-    assert engine_options_label("automodel", {}, {"engine_options": {"transformer_impl": "local"}}) == ""
+    assert label("embedded", {"compile": 1, "fused_ce": "chunked"}) == "compile, compile_scope=model, fused_ce=chunked"
+    assert label("embedded", {"compile": 1, "compile_scope": "layers"}) == "compile"
+    assert label("nemo", built) == ""
+    assert label("nemo", {}, transformer_impl="local") == "transformer_impl=local"
+    assert label("nemo", {}, transformer_impl="transformer_engine") == ""
+    assert label("automodel", {}) == ""
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
 def test_gpu_benchmark_configs_are_valid(path, monkeypatch):
     """Every GPU benchmark config (benchmarks/gpu/NOTES.md) loads here, liger-kernel taken as installed: a
     device call never spends its time on a config the workflow refuses."""
-    from ftscale.study import engines
+    from ftscale.engines.embedded import spec
     from ftscale.study.sweep import load_config_file, load_study
 
-    monkeypatch.setattr(engines, "liger_installed", lambda: True)
+    monkeypatch.setattr(spec, "liger_installed", lambda: True)
     study = load_study(load_config_file(path), source=str(path), root=REPO)
     assert study.runs

@@ -1,11 +1,14 @@
-"""What each engine accepts (ftscale.study.engines): the pure checks run before any job, in the main
-suite. Model dicts are the real models/*.yaml; runs are built by ftscale.study.run.Run."""
+"""What each engine accepts (ftscale.study.check and each ftscale.engines.<name>.spec): the pure checks run
+before any job, in the main suite. Model dicts are the real models/*.yaml; runs are ftscale.study.run.Run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from ftscale.study.engines import hf_lora_targets, nemo_lora_targets, run_errors
+from ftscale.engines.nemo.spec import hf_lora_targets, nemo_lora_targets
+from ftscale.study.check import run_errors
 from ftscale.study.models import load_model
 from ftscale.study.run import Run
 
@@ -17,33 +20,32 @@ def spec(repo, name: str) -> dict:
 
 
 def make_run(track: str, model: str, tp: int, ep: int, dp: int, *, sp: bool = False, global_batch: int,
-             engine: str = "nemo", lora: dict | None = None, nodes: int = 1) -> dict:
+             engine: str = "nemo", lora: dict | None = None, nodes: int = 1) -> Run:
     return Run(track=track, model=model, engine=engine, gpus=tp * ep * dp, tp=tp, ep=ep, dp=dp, sp=sp, micro_batch=1,
                global_batch=global_batch, seq_length=2048, steps=50, warmup_steps=5, learning_rate=1e-4,
-               seed=1234, precision="bf16", device="auto", lora=lora, nodes=nodes).to_dict()
+               seed=1234, precision="bf16", device="auto", lora=lora, nodes=nodes)
 
 
-def good_mixtral_mp() -> dict:
+def good_mixtral_mp() -> Run:
     return make_run("model_parallel", "mixtral_8x7b", 2, 4, 1, sp=True, global_batch=64)
 
 
 @pytest.mark.parametrize("change, key, value, words", [
-    ({"ep": 3, "gpus": 6, "gpus_per_node": 6, "tp": 2, "data_parallel_size": 3, "global_batch": 6},
+    ({"ep": 3, "gpus": 6, "tp": 2, "global_batch": 6},
      "layout", "'tp2_ep3_dp1_sp'", "ep = 3 must divide the number of experts (8)"),
-    ({"gpus": 16, "gpus_per_node": 16}, "gpus", "16", "tp x ep x dp = 2 x 4 x 1 = 8"),
-    ({"gpus_per_node": 4}, "gpus", "8", "nodes x gpus_per_node = 1 x 4"),
+    ({"gpus": 16}, "gpus", "16", "tp x ep x dp = 2 x 4 x 1 = 8"),
+    ({"nodes": 3}, "gpus", "8", "nodes x gpus_per_node = 3 x 2"),
     ({"lora": LORA}, "lora", "{'rank': 8", "model_parallel track is full fine-tuning"),
     ({"sp": False}, "sp", "False", "sequence parallelism when tp (2) and ep (4)"),
     ({"global_batch": 6}, "global_batch", "6", "micro_batch x data-parallel size (ep x dp) = 1 x 4 = 4"),
-    ({"grad_accum": 64}, "grad_accum", "64", "= 16"),
     ({"precision": "fp8"}, "precision", "'fp8'", "bf16"),
     ({"warmup_steps": 50}, "warmup_steps", "50", "[0, steps = 50)"),
     ({"engine": "megatron"}, "engine", "'megatron'", "must be one of"),
 ])
 def test_nemo_run_messages_name_the_run_key_and_value(repo, change, key, value, words):
-    run = {**good_mixtral_mp(), **change}
+    run = dataclasses.replace(good_mixtral_mp(), **change)
     msgs = run_errors(run, spec(repo, "mixtral_8x7b"))
-    hits = [m for m in msgs if m.startswith(f"run {run['name']}: {key} = {value}") and words in m]
+    hits = [m for m in msgs if m.startswith(f"run {run.name}: {key} = {value}") and words in m]
     assert hits, msgs
 
 
@@ -69,11 +71,11 @@ def test_tp_must_divide_kv_heads(repo):
 def test_nemo_needs_its_model_section_and_a_convertible_source(repo):
     run = make_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=LORA)
     no_nemo = {k: v for k, v in spec(repo, "llama31_8b").items() if k != "nemo"}
-    assert any(m.startswith(f"run {run['name']}: model.nemo = None") and "no 'nemo' section" in m
+    assert any(m.startswith(f"run {run.name}: model.nemo = None") and "no 'nemo' section" in m
                for m in run_errors(run, no_nemo))
     for source, words in ((None, "no weights source"), ("", "no weights source"), ("s3://bucket/x", "only 'hf://'")):
         model = {**spec(repo, "llama31_8b"), "source": source}
-        assert any(m.startswith(f"run {run['name']}: model.source = {source!r}") and words in m
+        assert any(m.startswith(f"run {run.name}: model.source = {source!r}") and words in m
                    for m in run_errors(run, model)), source
     at_load = {**spec(repo, "llama31_8b_synthetic"), "nemo": spec(repo, "llama31_8b")["nemo"]}
     run = make_run("data_parallel", "llama31_8b_synthetic", 1, 1, 1, global_batch=8, lora=LORA)
@@ -83,7 +85,7 @@ def test_nemo_needs_its_model_section_and_a_convertible_source(repo):
 def test_lora_targets_map_between_names(repo):
     partial = {**LORA, "targets": ["q_proj", "v_proj"]}
     run = make_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=partial)
-    assert any(m.startswith(f"run {run['name']}: lora.targets = ['q_proj', 'v_proj']") and "linear_qkv" in m
+    assert any(m.startswith(f"run {run.name}: lora.targets = ['q_proj', 'v_proj']") and "linear_qkv" in m
                for m in run_errors(run, spec(repo, "llama31_8b")))
     every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert nemo_lora_targets(every) == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]

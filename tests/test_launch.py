@@ -5,26 +5,28 @@ from __future__ import annotations
 import json
 import sys
 
+from runs import make_run
+
 from ftscale.run.launch import launch_command, run_job
 
 
 def test_single_node_uses_torchrun_standalone():
-    cmd = launch_command({"engine": "embedded", "gpus": 4, "nodes": 1}, "d/run.json", python="py")
+    cmd = launch_command(make_run(gpus=4), "d/run.json", python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
-                   "ftscale.run.engine.embedded", "d/run.json"]
+                   "ftscale.engines.embedded.train", "d/run.json"]
 
 
 def test_several_nodes_start_one_torchrun_per_node_through_srun():
-    cmd = launch_command({"engine": "nemo", "gpus": 16, "nodes": 2}, "d/run.json", python="py")
+    cmd = launch_command(make_run(engine="nemo", gpus=16, nodes=2), "d/run.json", python="py")
     assert cmd[:3] == ["srun", "--nodes=2", "--ntasks-per-node=1"]
     assert "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
-    assert cmd[-3:] == ["-m", "ftscale.run.engine.nemo", "d/run.json"]
+    assert cmd[-3:] == ["-m", "ftscale.engines.nemo.train", "d/run.json"]
 
 
 def test_run_job_records_a_failure_with_its_exit_code(tmp_path):
     """A job whose engine cannot start still leaves launch.json with the exit code and the log."""
-    run = {"name": "r", "engine": "embedded", "gpus": 1, "nodes": 1}
-    (tmp_path / "run.json").write_text(json.dumps(run))  # incomplete on purpose: the engine will fail
+    run = make_run(model="no_such_model")  # its checkpoint does not exist: the engine will fail
+    (tmp_path / "run.json").write_text(json.dumps(run.to_dict()))
     code = run_job(tmp_path / "run.json", tmp_path / "train.log", tmp_path / "launch.json", cpus=1)
     record = json.loads((tmp_path / "launch.json").read_text())
     assert code != 0 and record["returncode"] == code and record["end"] >= record["start"]

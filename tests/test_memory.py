@@ -2,7 +2,9 @@
 really saves for backward in small Hugging Face models (bf16 and fp32, LoRA and full, dense and MoE)."""
 
 import pytest
+from runs import make_run
 
+from ftscale.engines import engine
 from ftscale.estimate.memory import (
     ALLOCATOR_OVERHEAD_MIB,
     MIB,
@@ -43,13 +45,14 @@ def test_full_finetuning_embedded_is_8_bytes_per_param_in_bf16_and_tp_divides_it
 
 
 def test_ep_divides_the_experts_and_nemo_is_mixed_precision():
-    def state(ep: int, engine: str = "embedded") -> float:
+    def state(ep: int) -> float:
         return state_bytes(memory_setting(MIXTRAL_8X7B, None, {"ep": ep}, micro_batch=1, seq_length=2048,
-                                          dtype_bytes=2, engine=engine, track="model_parallel")).total
+                                          dtype_bytes=2, track="model_parallel")).total
     expert_bytes = 32 * 8 * 3 * 4096 * 14336 * 8  # all experts, 8 bytes per parameter
     assert state(1) - state(2) == expert_bytes / 2
     nemo = state_bytes(memory_setting(MIXTRAL_8X7B, None, {"ep": 1}, micro_batch=1, seq_length=2048, dtype_bytes=2,
-                                      engine="nemo", track="model_parallel"))
+                                      terms=engine("nemo").planner_terms(make_run(engine="nemo"), 2),
+                                      track="model_parallel"))
     assert nemo.total == 46_702_792_704 * (2 + 4 + 12)  # the issue's ~16 bytes per parameter (+2 main grads)
 
 
@@ -131,7 +134,7 @@ def test_layer_formula_matches_autograd_saved_tensors(kind, dtype_name, lora, lo
     measured = _saved_bytes_per_token_per_layer(kind, dtype, lora, lora_dtype)
     arch = {**SMALL, "type": kind, **({"num_local_experts": 4, "num_experts_per_tok": 2} if kind == "mixtral" else {})}
     s = memory_setting(arch, lora and {"rank": 8, "targets": lora}, {}, micro_batch=2, seq_length=64,
-                       dtype_bytes=dtype.itemsize, lora_dtype=lora_dtype)
+                       dtype_bytes=dtype.itemsize, adapter_bytes=dtype.itemsize if lora_dtype == "model" else 4)
     assert sum(layer_activation_bytes(s).values()) == pytest.approx(measured, rel=0.01)
 
 
@@ -148,5 +151,5 @@ def test_fused_ce_keeps_one_chunk_of_logits_by_hand():
     assert liger.logits_mib == (grad_hidden + 128 * 6 * 128256) / MIB  # 4096 / ceil(128256 / 4096) = 128
     assert eager.peak_mib - chunked.peak_mib == pytest.approx(eager.logits_mib - chunked.logits_mib)
     # not on the model-parallel track (the engine leaves it off there: the head is split by TP)
-    mp = memory_setting(LLAMA_8B, None, {"tp": 2, "sp": True}, track="model_parallel", fused_ce="chunked", **kw)
-    assert mp.fused_ce == "off"
+    mp = make_run(track="model_parallel", gpus=2, tp=2, sp=True, engine_options={"fused_ce": "chunked"})
+    assert engine("embedded").planner_terms(mp, 2).fused_ce == "off"

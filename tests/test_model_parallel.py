@@ -1,6 +1,6 @@
-"""The model-parallel track (ftscale.run.engine.model_parallel) against single-process training, on CPU (gloo).
+"""The model-parallel track (ftscale.engines.embedded.model_parallel) against single-process training, on CPU (gloo).
 
-Every layout runs the product end to end: ``ftscale.run.engine.embedded.main`` on a run.json written
+Every layout runs the product end to end: ``ftscale.engines.embedded.train.main`` on a run.json written
 from ``ftscale.study.run.Run`` (load, split, read the layout back, train 3 steps, write metrics.jsonl),
 one forked process per rank. The reference is the unsplit Hugging Face model trained by the same
 ``embedded.train`` loop in one process on the same global batches. fp32: per-step losses and the
@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 
 from ftscale.analyze.parse import parse_steps
+from ftscale.engines.embedded import train as embedded
+from ftscale.engines.embedded import training
+from ftscale.engines.embedded.model_parallel import check_model
 from ftscale.estimate.comm import params_per_gpu, trainable_params_per_gpu
 from ftscale.importing.checkpoint import import_model
-from ftscale.run.engine import embedded, training
-from ftscale.run.engine.model_parallel import check_model
 from ftscale.study.layout import Layout
 from ftscale.study.models import load_model
 from ftscale.study.run import Run
@@ -101,15 +102,14 @@ def launch(target, world: int, args: tuple, logdir: Path) -> list[str]:
 # --------------------------------------------------------------------------- jobs
 
 
-def _run_json(directory: Path, model: str, checkpoint: Path, tp: int, ep: int, dp: int, sp: bool) -> Path:
+def _run_json(directory: Path, model: str, tp: int, ep: int, dp: int, sp: bool) -> Path:
+    """The run's run.json in ``directory``; the job reads its checkpoint under its workflow directory (``root``)."""
     run = Run(track="model_parallel", model=model, engine="embedded", gpus=tp * ep * dp, tp=tp, ep=ep, dp=dp,
-              sp=sp, warmup_steps=0, learning_rate=LR, seed=0, precision="fp32", device="cpu", lora=None,
-              **BATCH).to_dict()
-    run["checkpoint"] = str(checkpoint)
+              sp=sp, warmup_steps=0, learning_rate=LR, seed=0, precision="fp32", device="cpu", lora=None, **BATCH)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "run.json"
-    path.write_text(json.dumps(run, indent=2))
-    return path
+    path.write_text(json.dumps(run.to_dict(), indent=2))
+    return path.resolve()
 
 
 class _GradCapture:
@@ -135,7 +135,7 @@ class _GradCapture:
     def save(self) -> None:
         from torch.distributed.tensor import DTensor
 
-        from ftscale.run.engine.moe import ExpertParallelMoE
+        from ftscale.engines.embedded.moe import ExpertParallelMoE
 
         grads, experts = {}, {}
         for name, p in self.model.named_parameters():
@@ -159,8 +159,10 @@ class _GradCapture:
             torch.save(grads, self.out)
 
 
-def _layout_job(run_json: str, grads_out: str) -> int:
-    """``embedded.main`` as torchrun would run it, recording the step-1 gradients."""
+def _layout_job(root: str, run_json: str, grads_out: str) -> int:
+    """``embedded.main`` as torchrun would run it in the workflow directory ``root``, recording the step-1
+    gradients."""
+    os.chdir(root)
     capture, prepare = _GradCapture(Path(grads_out)), embedded.prepare_model_parallel
 
     def prepare_and_remember(model, run, device):
@@ -172,17 +174,18 @@ def _layout_job(run_json: str, grads_out: str) -> int:
     return embedded.main([run_json])
 
 
-def _reference(run_json: str, grads_out: str) -> int:
+def _reference(root: str, run_json: str, grads_out: str) -> int:
     """The unsplit model in one process through the engine's own training loop."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftscale.run.data import corpus_tokens
 
-    run = json.loads(Path(run_json).read_text())
+    os.chdir(root)
+    run = Run.load(run_json)
     dist.init_process_group("gloo")
-    torch.manual_seed(run["seed"])
-    model = AutoModelForCausalLM.from_pretrained(run["checkpoint"], dtype=torch.float32, attn_implementation="sdpa")
-    tokens = corpus_tokens(AutoTokenizer.from_pretrained(run["checkpoint"]))
+    torch.manual_seed(run.seed)
+    model = AutoModelForCausalLM.from_pretrained(run.checkpoint, dtype=torch.float32, attn_implementation="sdpa")
+    tokens = corpus_tokens(AutoTokenizer.from_pretrained(run.checkpoint))
     _GradCapture(Path(grads_out)).model = model
     prepared = training.TrainSetup(model=model, dp_rank=0, dp_size=1, layout={})
     training.train(run, prepared, tokens, torch.device("cpu"), Path(run_json).parent / "metrics.jsonl")
@@ -195,9 +198,12 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def checkpoints(tmp_path_factory) -> Path:
+    """A workflow directory with both tiny models imported where runs read them (models/<m>/model)."""
     root = tmp_path_factory.mktemp("checkpoints")
-    return {name: import_model(load_model(name), root / name) for name in ("tiny_llama", "tiny_mixtral")}
+    for name in ("tiny_llama", "tiny_mixtral"):
+        import_model(load_model(name), root / "models" / name / "model")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +213,8 @@ def reference(checkpoints, tmp_path_factory):
     def get(model: str) -> tuple[list[float], dict]:
         if model not in cache:
             run_dir = tmp_path_factory.mktemp(f"ref_{model}")
-            run_json = _run_json(run_dir, model, checkpoints[model], 1, 1, 1, False)
-            launch(_reference, 1, (str(run_json), str(run_dir / "grads.pt")), run_dir / "logs")
+            run_json = _run_json(run_dir, model, 1, 1, 1, False)
+            launch(_reference, 1, (str(checkpoints), str(run_json), str(run_dir / "grads.pt")), run_dir / "logs")
             cache[model] = _losses(run_dir), torch.load(run_dir / "grads.pt")
         return cache[model]
 
@@ -230,8 +236,9 @@ LAYOUTS = [
 
 @pytest.mark.parametrize(("model", "tp", "ep", "dp", "sp"), LAYOUTS)
 def test_model_parallel_matches_single_process(model, tp, ep, dp, sp, checkpoints, reference, tmp_path):
-    run_json = _run_json(tmp_path, model, checkpoints[model], tp, ep, dp, sp)
-    texts = launch(_layout_job, tp * ep * dp, (str(run_json), str(tmp_path / "grads.pt")), tmp_path / "logs")
+    run_json = _run_json(tmp_path, model, tp, ep, dp, sp)
+    texts = launch(_layout_job, tp * ep * dp, (str(checkpoints), str(run_json), str(tmp_path / "grads.pt")),
+                   tmp_path / "logs")
 
     steps, layout, done = parse_steps(texts[0])
     assert done and [s["step"] for s in steps] == [1, 2, 3], texts[0][-2000:]

@@ -1,9 +1,9 @@
-"""ftscale.run.engine.outcome: how every engine's job ends in its log, read back by the parser."""
+"""ftscale.run.outcome: how every engine's job ends in its log, read back by the parser."""
 
 import pytest
 
 from ftscale.analyze.parse import classify_failure
-from ftscale.run.engine.outcome import EXIT_OOM, EXIT_REFUSED, refused, reported
+from ftscale.run.outcome import EXIT_OOM, EXIT_REFUSED, refused, reported
 from ftscale.study.run import Run
 
 
@@ -18,16 +18,16 @@ def fail(err: Exception):
 
 
 def test_a_finished_job_prints_done_on_rank_0_only(capsys):
-    assert reported(lambda: None, 0, {"steps": 12}) == 0
+    assert reported(lambda: None, 0, 12) == 0
     assert capsys.readouterr().out == "[ftscale] done steps=12\n"
-    assert reported(lambda: None, 1, {"steps": 12}) == 0
+    assert reported(lambda: None, 1, 12) == 0
     assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("err, code, status", [(ValueError("bad shape"), 1, "failed"),
                                                (OutOfMemoryError("CUDA out of memory"), EXIT_OOM, "oom")])
 def test_a_failed_job_leaves_its_traceback_and_an_error_line_the_parser_reads(capsys, err, code, status):
-    assert reported(fail(err), 1, {"steps": 12}) == code
+    assert reported(fail(err), 1, 12) == code
     out, errout = capsys.readouterr()
     assert out == f"[ftscale] error={status} rank 1: {type(err).__name__}: {err}\n"
     assert "Traceback" in errout and "done" not in out
@@ -37,14 +37,14 @@ def test_a_failed_job_leaves_its_traceback_and_an_error_line_the_parser_reads(ca
 def test_a_launch_that_does_not_match_the_run_is_refused_with_the_reasons(capsys):
     run = Run(track="data_parallel", model="tiny_llama", engine="automodel", gpus=2, tp=1, ep=1, dp=2, sp=False,
               micro_batch=1, global_batch=4, seq_length=128, steps=10, warmup_steps=2, learning_rate=1e-4, seed=1,
-              precision="bf16", device="cuda", lora={"rank": 8, "alpha": 16, "targets": ["q_proj"]}).to_dict()
+              precision="bf16", device="cuda", lora={"rank": 8, "alpha": 16, "targets": ["q_proj"]})
     model = {"name": "tiny_llama", "synthetic_at_load": False}
     assert refused(run, model, {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) is None
     assert capsys.readouterr().out == ""
     assert refused(run, model, {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "1"}) == EXIT_REFUSED
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"[ftscale] error=config run {run['name']}: gpus = 2: launched with WORLD_SIZE = 4",
-                     f"[ftscale] error=config run {run['name']}: gpus_per_node = 2: launched with LOCAL_WORLD_SIZE = 1"]
+    assert lines == [f"[ftscale] error=config run {run.name}: gpus = 2: launched with WORLD_SIZE = 4",
+                     f"[ftscale] error=config run {run.name}: gpus_per_node = 2: launched with LOCAL_WORLD_SIZE = 1"]
 
 
 @pytest.mark.parametrize("line, status", [

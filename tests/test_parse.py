@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from runs import make_run
 
 from ftscale.analyze.parse import ParseError, parse_run
 from ftscale.run.logformat import PATTERNS, parse_steps, step_line
@@ -103,12 +104,11 @@ NEMO_FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
 
 def nemo_run(tmp_path: Path, log: str, returncode: int | None) -> Path:
     """A run directory of the NeMo engine (llama31_8b, 8 GPUs, LoRA, 50 steps) around a fixture log."""
-    run = {"name": "gpus8_mbs1_gbs128_seq2048", "track": "data_parallel", "model": "llama31_8b", "engine": "nemo",
-           "gpus": 8, "tp": 1, "ep": 1, "dp": 8, "sp": False, "micro_batch": 1, "global_batch": 128,
-           "seq_length": 2048, "steps": 50, "warmup_steps": 10, "scaling": "weak", "weights": "pretrained"}
+    run = make_run(model="llama31_8b", engine="nemo", gpus=8, micro_batch=1, global_batch=128, seq_length=2048,
+                   steps=50, warmup_steps=10, scaling="weak", precision="bf16", device="cuda")
     d = tmp_path / log
     d.mkdir()
-    (d / "run.json").write_text(json.dumps(run))
+    (d / "run.json").write_text(json.dumps(run.to_dict()))
     shutil.copy(NEMO_FIXTURES / log, d / "train.log")
     (d / "launch.json").write_text(json.dumps({"returncode": returncode, "wall_s": 600.0,
                                                "end": None if returncode is None else 1.0}))

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from runs import make_run
 
 from ftscale.analyze.parse import parse_run
 from ftscale.estimate.plan import (
@@ -112,9 +113,7 @@ def test_plan_memory_grows_with_micro_batch_and_falls_with_tp():
 
 
 def test_predict_reads_what_was_built_from_the_layout_line():
-    run = {"track": "data_parallel", "engine": "embedded", "gpus": 1, "tp": 1, "ep": 1, "dp": 1, "sp": False,
-           "micro_batch": 1, "global_batch": 8, "seq_length": 4096, "steps": 6, "precision": "auto",
-           "device": "auto", "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]}}
+    run = make_run(global_batch=8, seq_length=4096, steps=6, device="auto", lora={"rank": 8, "targets": ["q_proj", "v_proj"]})
     spec = {"architecture": {"type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
                              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                              "vocab_size": 128256}}
@@ -159,7 +158,7 @@ def test_state_mib_in_the_step_line_and_the_record():
 
 def test_measured_state_bytes_counts_dtensor_shards_locally():
     torch = pytest.importorskip("torch")
-    from ftscale.run.engine.training import state_bytes
+    from ftscale.engines.embedded.training import state_bytes
 
     model = torch.nn.Linear(8, 4, bias=False)
     opt = torch.optim.AdamW(model.parameters())

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from runs import make_run
 
 from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, csv_frame
 from ftscale.analyze.parse import RunRecord
@@ -28,9 +29,10 @@ def study(modes: list[str], gpus: list[int] = [1, 2, 4]):  # noqa: B006 - read o
 def rec(gpus: int, gbs: int, step_time: float, status: str = "ok", **fields) -> RunRecord:
     tps = gbs * SEQ / step_time if status == "ok" else None
     name = f"embedded_gpus{gpus}_mbs1_gbs{gbs}_seq{SEQ}"
-    return RunRecord(run=name, track="data_parallel", model="tiny_llama", engine="embedded", gpus=gpus, tp=1,
-                     ep=1, dp=gpus, sp=False, micro_batch=1, global_batch=gbs, seq_length=SEQ, steps=10,
-                     warmup_steps=1, status=status, reason="" if status == "ok" else "out of GPU memory",
+    run = make_run(gpus=gpus, micro_batch=1, global_batch=gbs, seq_length=SEQ, steps=10, warmup_steps=1,
+                   scaling=fields.pop("scaling", None))
+    assert run.name == name
+    return RunRecord(run=run, status=status, reason="" if status == "ok" else "out of GPU memory",
                      step_time_s=step_time if status == "ok" else None, tokens_per_s=tps,
                      tokens_per_s_per_gpu=tps / gpus if tps else None, mem_kind="rss",
                      peak_mem_mib=400.0 if status == "ok" else None,
@@ -38,7 +40,7 @@ def rec(gpus: int, gbs: int, step_time: float, status: str = "ok", **fields) -> 
 
 
 def frame_of(st, records, provenance=None):
-    extras = {r.run_dir: Extras(Perf(2_183_168), provenance=(provenance or {}).get(r.gpus, {})) for r in records}
+    extras = {r.run_dir: Extras(Perf(2_183_168), provenance=(provenance or {}).get(r.run.gpus, {})) for r in records}
     return build_frame(st, records, extras)
 
 

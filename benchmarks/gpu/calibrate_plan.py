@@ -9,13 +9,13 @@ tests/test_plan.py runs the same comparison and holds the predictions to +-15% (
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
 from ftscale.estimate.plan import PREDICTED_OOM, Target, error_pct, predict
 from ftscale.run.logformat import parse_steps
 from ftscale.study.models import load_model
+from ftscale.study.run import Run
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "results" / "examples"
@@ -40,13 +40,13 @@ def calibration_rows(examples: Path = EXAMPLES, root: Path = ROOT) -> list[dict]
         with scaling.open() as f:
             for rec in csv.DictReader(f):
                 run_json = scaling.parent / "experiments" / rec["track"] / rec["model"] / rec["run"] / "run.json"
-                run = json.loads(run_json.read_text())
+                run = Run.load(run_json)
                 built = built_layout(run_json.parent / "train.log")
                 target = Target(gpu_memory_gib=DEVICE_MEMORY_GIB[rec["device_model"]])
                 pred = predict(run, load_model(rec["model"], root).spec, target=target, built=built)
                 measured_mem = float(rec["peak_mem_mib"]) if rec["peak_mem_mib"] else None
                 measured_step = float(rec["step_time_s"]) if rec["step_time_s"] else None
-                options = run.get("engine_options") or run.get("extra") or {}
+                options = run.engine_options
                 rows.append({
                     "example": scaling.parent.name, "run": rec["run"], "status": rec["status"],
                     "compile": bool(options.get("compile")),

@@ -15,6 +15,7 @@ Run from the workflow's root (the config's models are imported there if they are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import socket
@@ -132,18 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
+    from ftscale.engines.embedded.options import attention_context
+    from ftscale.engines.embedded.train import build
+    from ftscale.engines.embedded.training import device_for, make_optimizer, step_batches, train_step
     from ftscale.importing.checkpoint import import_model
-    from ftscale.run.engine.embedded import build
-    from ftscale.run.engine.options import attention_context
-    from ftscale.run.engine.training import device_for, make_optimizer, step_batches, train_step
     from ftscale.study.sweep import load_config_file, load_study
 
     config = _set(load_config_file(args.config), args.set + ([f"device={args.device}"] if args.device else []))
     study = load_study(config, source=args.config)
-    run_obj = _pick_run(study, args.micro_batch, args.run)
-    run = run_obj.to_dict()
-    if not (Path(run["checkpoint"]) / "config.json").is_file():
-        import_model(study.models[run_obj.model], Path(run["checkpoint"]))
+    run = _pick_run(study, args.micro_batch, args.run)
+    if not (Path(run.checkpoint) / "config.json").is_file():
+        import_model(study.models[run.model], Path(run.checkpoint))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -151,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     device = device_for(run, 0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        torch.manual_seed(run["seed"])
+        torch.manual_seed(run.seed)
         prepared, tokens, options, dtype = build(run, device)
         optimizer = make_optimizer(prepared.model, run, device)
-        print(f"run {run['name']} ({args.config}); device {device.type}"
+        print(f"run {run.name} ({args.config}); device {device.type}"
               + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
               + f"; dtype {str(dtype).removeprefix('torch.')}; options "
-              + " ".join(f"{k}={v}" for k, v in options.items()), flush=True)
+              + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(options).items()), flush=True)
 
         def one_step(step: int) -> float:
             micros = step_batches(run, prepared, tokens, step)
@@ -171,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}: {time.perf_counter() - start:.3f} s, loss {loss.item() / len(micros):.4f}", flush=True)
             return time.perf_counter() - start
 
-        with attention_context(options["attention"]):
+        with attention_context(options.attention):
             for step in range(1, args.warmup + 1):
                 one_step(step)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
                 wall = one_step(args.warmup + 1)
-        tokens_step = run["global_batch"] * run["seq_length"]
+        tokens_step = run.tokens_per_step
         print(f"\nprofiled step: {wall:.3f} s wall (under the profiler), {tokens_step / wall:,.0f} tokens/s; "
               f"time by {'CUDA kernel' if device.type == 'cuda' else 'CPU operator (self time)'}:\n")
         print(family_table(profiled_kernels(prof, device.type), args.top), flush=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ftscale.analyze.provenance import LIBRARIES, environment
 from ftscale.analyze.results import write_results
-from ftscale.study import engines
+from ftscale.engines.embedded import spec as embedded_spec
 from ftscale.study.paths import RunPaths
 from ftscale.study.run import IDENTITY_KEYS
 from ftscale.study.sweep import Study, load_config_file
@@ -60,11 +60,11 @@ def example_study(config_file: str) -> Study:
     config = load_config_file(ROOT / config_file)
     config["references"] = str(ROOT / "config" / "references.yaml")
     # The runs ran on the GPU machine, which had liger-kernel; the analysis here needs none of it.
-    real, engines.liger_installed = engines.liger_installed, lambda: True
+    real, embedded_spec.liger_installed = embedded_spec.liger_installed, lambda: True
     try:
         return workflow_study(config, [config_file], root=ROOT)
     finally:
-        engines.liger_installed = real
+        embedded_spec.liger_installed = real
 
 
 def _write_json(path: Path, data: dict) -> None:

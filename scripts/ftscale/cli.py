@@ -14,7 +14,6 @@ found there.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ftscale.importing.checkpoint import import_model
 from ftscale.run.launch import run_job
 from ftscale.study.models import load_model
 from ftscale.study.paths import RunPaths
+from ftscale.study.run import Run, RunFileError
 from ftscale.study.schema import ConfigError
 from ftscale.study.sweep import load_config_file
 from ftscale.workflow import workflow_study
@@ -76,9 +76,9 @@ def _train(args: argparse.Namespace) -> int:
     if not args.run_json.is_file():
         raise ConfigError(f"{args.run_json}: no such run file (a run directory's run.json, written by the workflow)")
     try:
-        json.loads(args.run_json.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{args.run_json}:{err.lineno}: not valid JSON: {err.msg}") from None
+        Run.load(args.run_json)
+    except RunFileError as err:
+        raise ConfigError(str(err)) from None
     paths = RunPaths(args.run_json.parent)
     return run_job(args.run_json, args.log or paths.log, args.launch_record or paths.launch, cpus=args.cpus)
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             import_model(model, args.out or model.checkpoint, root=Path.cwd())
             return 0
         if args.command == "import-nemo":
-            from ftscale.importing.nemo import convert_to_nemo
+            from ftscale.engines.nemo.convert import convert_to_nemo
 
             model = load_model(args.model, Path.cwd())
             convert_to_nemo(model, args.hf or model.checkpoint, args.out or model.paths.nemo_checkpoint,

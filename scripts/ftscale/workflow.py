@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from ftscale.engines import engine
 from ftscale.estimate.plan import with_predicted_oom_skipped
 from ftscale.study import paths
 from ftscale.study.sweep import Study, load_study
@@ -25,18 +26,27 @@ def workflow_study(config: dict, configfiles: Iterable[str | Path], root: Path =
 
 
 def container_image(study: Study) -> str | None:
-    """The NeMo jobs' image for Snakemake's own container support (--sdm apptainer), else none: the
-    embedded engine needs none, and ``container: none`` means NeMo is installed on the nodes."""
+    """The jobs' image for Snakemake's own container support (--sdm apptainer), where an engine of the study
+    needs one, else none; ``container: none`` means the engines are installed on the nodes."""
     image = study.config["container"]
-    if set(study.engines) <= {"embedded"} or image in ("", "none"):
+    if not any(engine(name).needs_container for name in study.engines) or image in ("", "none"):
         return None
     return image if "://" in image else f"docker://{image}"
 
 
-def nemo_ftscale_command(study: Study) -> str:
-    """ftscale under the nemo engine's own Python when the config names one (``nemo.python``)."""
-    python = study.config["nemo"].get("python")
-    return f"{python} -m ftscale.cli" if python else "ftscale"
+def converting_engines(study: Study) -> dict[str, str]:
+    """The model-file roles the study's engines convert the import into, with their engine's name."""
+    return {role: name for name in study.engines for role in (engine(name).checkpoint_role,)
+            if role != "checkpoint"}
+
+
+def conversion_command(study: Study, role: str) -> str:
+    """The shell command of the rule that makes ``role`` (an engine's conversion of the import); a command that
+    fails saying so when no engine of the study makes it (the rule is then never asked for)."""
+    name = converting_engines(study).get(role)
+    if name is None:
+        return f"echo 'no engine of this study converts checkpoints into {role}' >&2; exit 1"
+    return engine(name).conversion_command(study.config.get(name) or {})
 
 
 def run_files(study: Study, role: str, track: str | None = None) -> list[str]:

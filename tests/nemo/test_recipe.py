@@ -2,7 +2,7 @@
 
     .ci/nemo-venv /path/to/venv && /path/to/venv/bin/python -m pytest tests/nemo -q
 
-Each run is built with ftscale.run.engine.nemo.build_recipe from the real ``llm.<recipe>.finetune_recipe``;
+Each run is built with ftscale.engines.nemo.train.build_recipe from the real ``llm.<recipe>.finetune_recipe``;
 the tests read the settings back (recipe_fields), build every part NeMo can build without a GPU
 (strategy, trainer on the CPU accelerator, data, optimizer, resume, logger, LoRA) and pass them to
 NeMo's own ``llm.api._validate_config``. The model itself cannot be built on CPU: its config needs
@@ -29,10 +29,11 @@ os.environ.setdefault("NEMO_HOME", os.path.join(tempfile.gettempdir(), "ftscale-
 llm = pytest.importorskip("nemo.collections.llm", reason="needs the NeMo venv (.ci/nemo-venv)")
 fdl = pytest.importorskip("fiddle")
 
-from ftscale.importing import nemo as nemo_import  # noqa: E402
-from ftscale.run.engine import nemo as engine  # noqa: E402
-from ftscale.run.engine import nemo_without_te  # noqa: E402
-from ftscale.study.engines import run_errors  # noqa: E402
+from ftscale.engines.nemo import convert as nemo_import  # noqa: E402
+from ftscale.engines.nemo import train as engine  # noqa: E402
+from ftscale.engines.nemo import without_te as nemo_without_te  # noqa: E402
+from ftscale.study.check import run_errors  # noqa: E402
+from ftscale.study.run import Run  # noqa: E402
 
 MODELS = {
     "llama31_8b": {
@@ -66,7 +67,7 @@ def make_run(track: str, model: str, tp: int, ep: int, dp: int, *, sp: bool = Fa
     """A run dict as ftscale.study.run.Run.to_dict writes it (gpus = tp x ep x dp)."""
     gpus = tp * ep * dp
     if track == "data_parallel":
-        name = f"nemo_gpus{gpus}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}_bf16"
+        name = f"nemo_gpus{gpus}{f'_ep{ep}' if ep > 1 else ''}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}_bf16"
     else:
         name = f"nemo_tp{tp}_ep{ep}_dp{dp}{'_sp' if sp else ''}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}_bf16"
     return {
@@ -127,8 +128,8 @@ def run_id(run: dict) -> str:
 @pytest.fixture(scope="module", params=RUNS, ids=run_id)
 def built(request):
     run = request.param
-    assert run_errors(run, MODELS[run["model"]]) == []
-    return run, engine.build_recipe(run, MODELS[run["model"]])
+    assert run_errors(Run.from_dict(run), MODELS[run["model"]]) == []
+    return run, engine.build_recipe(Run.from_dict(run), MODELS[run["model"]])
 
 
 def test_recipe_carries_the_run(built):
@@ -243,7 +244,7 @@ def test_recipe_defaults_that_build_recipe_overrides():
 def test_build_recipe_refuses_an_invalid_run():
     run = {**make_run("model_parallel", "mixtral_8x7b", 2, 4, 1, sp=True, global_batch=64), "ep": 3}
     with pytest.raises(ValueError, match=r"ep = 3"):
-        engine.build_recipe(run, MODELS["mixtral_8x7b"])
+        engine.build_recipe(Run.from_dict(run), MODELS["mixtral_8x7b"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,22 +297,31 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    """A real Hugging Face checkpoint directory of TINY (config and tokenizer; no weights needed)."""
+def tiny_root(tmp_path_factory):
+    """A workflow directory holding TINY's real Hugging Face checkpoint (config and tokenizer; no weights
+    needed) where its runs read it, models/tiny_llama/model."""
     from ftscale.importing.synthetic import hf_config, train_tokenizer
 
-    out = tmp_path_factory.mktemp("tiny_hf")
+    root = tmp_path_factory.mktemp("tiny_root")
+    out = root / "models" / "tiny_llama" / "model"
+    out.mkdir(parents=True)
     config = hf_config(TINY["architecture"])
     config.torch_dtype = "bfloat16"  # as save_pretrained of a bf16 model writes it (NeMo's importer reads it)
     config.save_pretrained(out)
     train_tokenizer(1024).save_pretrained(out)
-    return out
+    return root
 
 
-def tiny_run(tiny_hf, **changes) -> dict:
+@pytest.fixture
+def tiny_hf(tiny_root, monkeypatch):
+    """TINY's checkpoint, with the test in its workflow directory (a run's paths are relative to it)."""
+    monkeypatch.chdir(tiny_root)
+    return tiny_root / "models" / "tiny_llama" / "model"
+
+
+def tiny_run(tiny_hf, **changes) -> Run:
     run = make_run("data_parallel", "tiny_llama", 1, 1, 1, global_batch=4, seq_length=128, lora=LORA)
-    run.update(tokenizer=str(tiny_hf), **changes)
-    return run
+    return Run.from_dict({**run, **{k: v for k, v in changes.items() if k != "dataset_dir"}})
 
 
 def test_recipe_takes_the_models_shape_and_the_local_implementation(tiny_hf):

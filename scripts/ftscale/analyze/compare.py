@@ -33,8 +33,11 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ftscale.analyze.provenance import SCHEMA_VERSION  # noqa: E402
+from ftscale.analyze.provenance import LIBRARIES, SCHEMA_VERSION  # noqa: E402
 from ftscale.analyze.tables import fmt_number, markdown  # noqa: E402
+
+#: The training libraries whose versions the comparison shows (all but ftscale itself).
+TRAINING_LIBRARIES = [lib for lib in LIBRARIES if lib != "ftscale"]
 
 KEY = ["participant", "model", "track", "run"]
 REQUIRED_COLUMNS = [
@@ -123,8 +126,7 @@ def participants_table(rows: pd.DataFrame) -> str:
             "devices": values(mine["device_shown"]),
             "GPUs per node x nodes": values(mine["gpus_per_node"] + " x " + mine["nodes"]),
             "engine": values(mine["engine"]),
-            "torch / transformers / peft / nemo": " / ".join(values(mine[f"{lib}_version"]) for lib in
-                                                              ("torch", "transformers", "peft", "nemo")),
+            " / ".join(TRAINING_LIBRARIES): " / ".join(values(mine[f"{lib}_version"]) for lib in TRAINING_LIBRARIES),
             "container": values(mine["container"]), "git commit": values(mine["git_commit"]),
             "runs started": f"{dates[0]} .. {dates[-1]}" if dates else "-",
         })

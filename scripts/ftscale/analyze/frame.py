@@ -14,7 +14,7 @@ Derived per run:
 - speedup and efficiency (``add_scaling``, data-parallel track): against the 1-GPU run of the same
   engine, scaling mode and batch shape, speedup S(N) = tokens/s(N) / tokens/s(1), efficiency S(N) / N
   (weak scaling: T(1) / T(N); strong: T(1) / (N x T(N)));
-- ``engine_options``: the engine options that differ from the defaults (``engine_options_label``);
+- ``engine_options``: the engine options that differ from the defaults (``EngineSpec.options_label``);
 - ``oversubscribed``: the job had fewer CPUs than processes on a node (launch.json ``cpus``);
 - model parallel: parameters per GPU by formula and the analytic bytes each GPU sends per step
   (``ftscale.estimate.comm``);
@@ -38,8 +38,6 @@ from ftscale.analyze.references import ASPECTS, RefResult
 from ftscale.estimate import flops as flops_mod
 from ftscale.estimate.comm import comm_bytes_per_step, params_per_gpu
 from ftscale.estimate.plan import Target, error_pct, predict
-from ftscale.study.engines import EMBEDDED_OPTIONS, embedded_options_as_built, nemo_local_spec
-from ftscale.study.layout import Layout
 from ftscale.study.sweep import Study
 
 #: What the planner predicts for a run, the error of each against the run's measurement, and why an
@@ -79,30 +77,13 @@ class Extras:
     ref: RefResult = field(default_factory=lambda: RefResult(None))
     predicted: Mapping[str, object] = field(default_factory=dict)
     provenance: Mapping[str, object] = field(default_factory=dict)
-    options: str = ""  # engine_options_label: the engine options that differ from the defaults
+    options: str = ""  # EngineSpec.options_label: the engine options that differ from the defaults
 
 
-def engine_options_label(engine: str, layout: Mapping, run_json: Mapping) -> str:
-    """The engine options a run used, those that differ from the defaults, as the tables show them. The
-    embedded engine's: 'compile, fused_ce=chunked' ('defaults' when none differs), as built (the run's layout
-    line) where the line names them, else as configured (run.json ``engine_options``). NeMo's:
-    'transformer_impl=local' when it ran Megatron's local layer spec (no TE: unfused attention). Blank else."""
-    if engine == "nemo":
-        return "transformer_impl=local" if nemo_local_spec({**run_json, "engine": "nemo"}) else ""
-    if engine != "embedded":
-        return ""
-    opts = embedded_options_as_built(run_json, layout)
-    shown = [key if value is True else f"{key}={value}" for key, value in opts.items()
-             if value != EMBEDDED_OPTIONS[key][0]]
-    return ", ".join(shown) or "defaults"
-
-
-def model_perf(arch: Mapping, record: RunRecord, lora: Mapping | None) -> Perf:
-    """FLOPs/token, TFLOP/s/GPU and MFU of one record (formulas in the module docstring).
-
-    ``lora`` is the run's LoRA setting (run.json), ``None`` for full fine-tuning.
-    """
-    per_token = flops_mod.training_flops_per_token(arch, record.seq_length, lora).total
+def model_perf(arch: Mapping, record: RunRecord) -> Perf:
+    """FLOPs/token, TFLOP/s/GPU and MFU of one record (formulas in the module docstring); the run's LoRA
+    setting is None for full fine-tuning."""
+    per_token = flops_mod.training_flops_per_token(arch, record.run.seq_length, record.run.lora).total
     if record.status != "ok" or not record.tokens_per_s_per_gpu:
         return Perf(per_token, mfu_note=f"run {record.status}: no throughput")
     tflops = record.tokens_per_s_per_gpu * per_token / 1e12
@@ -123,8 +104,8 @@ def model_perf(arch: Mapping, record: RunRecord, lora: Mapping | None) -> Perf:
     return Perf(per_token, tflops, flops_mod.mfu(record.tokens_per_s_per_gpu, per_token, peak.flops), note)
 
 
-def prediction_columns(spec: Mapping, record: RunRecord, run_json: Mapping, target: Target) -> dict[str, object]:
-    """The planner's prediction for a run (``ftscale.estimate.plan.predict`` on its run.json, with the dtype
+def prediction_columns(spec: Mapping, record: RunRecord, target: Target) -> dict[str, object]:
+    """The planner's prediction for a run (``ftscale.estimate.plan.predict`` on its run, with the dtype
     and engine options its log's layout line read back) and its error against what the run measured,
     only where the two are like with like:
 
@@ -134,7 +115,7 @@ def prediction_columns(spec: Mapping, record: RunRecord, run_json: Mapping, targ
     - step time only on a GPU: the prediction is for the target GPU (``plan.matmul_tflops``).
 
     ``prediction_note`` says which errors are blank and why. ``spec``: the model.yaml dict."""
-    pred = predict(run_json, spec, target=target, built=record.layout or None)
+    pred = predict(record.run, spec, target=target, built=record.layout or None)
     out: dict[str, object] = {k: pred[k] for k in PREDICTION_COLUMNS if k in pred}
     if record.status != "ok":
         return {**out, "prediction_note": f"run {record.status}: nothing measured to compare"}
@@ -155,16 +136,16 @@ def prediction_columns(spec: Mapping, record: RunRecord, run_json: Mapping, targ
 def model_parallel_columns(study: Study, r: RunRecord) -> dict[str, object]:
     """Parameters per GPU (read back by the run, and by formula) and the analytic MiB each GPU sends
     per optimizer step, by kind, in the run's precision (``ftscale.estimate.comm``)."""
-    if r.track != "model_parallel":
+    run = r.run
+    if run.track != "model_parallel":
         return {}
-    arch = study.models[r.model].arch
-    run = next((x for x in study.runs if x.directory == r.run_dir), None)
-    nbytes = 2 if (r.layout.get("dtype") == "bfloat16" or (run is not None and run.precision == "bf16")) else 4
-    comm = comm_bytes_per_step(arch, Layout(tp=r.tp, ep=r.ep, dp=r.dp, sp=r.sp), micro_batch=r.micro_batch,
-                               seq_length=r.seq_length, grad_accum=r.global_batch // (r.micro_batch * r.ep * r.dp),
-                               act_bytes=nbytes, grad_bytes=nbytes, lora=None)
+    arch = study.models[run.model].arch
+    planned = next((x for x in study.runs if x.directory == r.run_dir), None)
+    nbytes = 2 if (r.layout.get("dtype") == "bfloat16" or (planned is not None and planned.precision == "bf16")) else 4
+    comm = comm_bytes_per_step(arch, run.layout, micro_batch=run.micro_batch, seq_length=run.seq_length,
+                               grad_accum=run.grad_accum, act_bytes=nbytes, grad_bytes=nbytes, lora=None)
     mib = 2.0**20
-    return {"params_per_gpu": r.layout.get("params_per_rank"), "params_per_gpu_formula": params_per_gpu(arch, r.tp, r.ep),
+    return {"params_per_gpu": r.layout.get("params_per_rank"), "params_per_gpu_formula": params_per_gpu(arch, run.tp, run.ep),
             "comm_tp_mib": (comm.tp_allreduce + comm.tp_allgather + comm.tp_reducescatter) / mib,
             "comm_ep_mib": comm.ep_alltoall / mib, "comm_dp_mib": comm.dp_allreduce / mib}
 

@@ -9,14 +9,16 @@ again) keeps the last attempt; a truncated log yields status ``incomplete``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftscale.run.logformat import PATTERNS, parse_steps
 from ftscale.study.paths import RunPaths
+from ftscale.study.run import Run
 
 # (status, reason, pattern): the first that matches names what went wrong. Triton's OutOfMemoryError "out of
 # resource" is a kernel configuration asking for more shared memory than the GPU has: Inductor's max-autotune
@@ -40,7 +42,7 @@ FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
 #: run's fault; the workflow neither fails nor redoes such a run.
 NOT_FAILED = ("ok", "skipped")
 
-# The run.json keys every record repeats (the run's identity and batch).
+#: The run's fields every row repeats (its identity, batch and schedule), after its name (column ``run``).
 RUN_KEYS = ("track", "model", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch", "seq_length",
             "steps", "warmup_steps")
 
@@ -51,22 +53,9 @@ class ParseError(ValueError):
 
 @dataclass
 class RunRecord:
-    """What one run measured; every number comes from the lines named in ``source``."""
+    """A run and what it measured; every number comes from the lines named in ``source``."""
 
-    run: str
-    track: str
-    model: str
-    engine: str
-    gpus: int
-    tp: int
-    ep: int
-    dp: int
-    sp: bool
-    micro_batch: int
-    global_batch: int
-    seq_length: int
-    steps: int
-    warmup_steps: int
+    run: Run
     status: str
     reason: str = ""
     steps_done: int = 0
@@ -83,11 +72,13 @@ class RunRecord:
     layout: dict = field(default_factory=dict)
     source: str = ""
     run_dir: str = ""
-    scaling: str | None = None
-    weights: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """One flat row: the run's name (``run``), its ``RUN_KEYS``, scaling mode and weights, then the
+        measurements."""
+        measured = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "run"}
+        return {"run": self.run.name, **{k: getattr(self.run, k) for k in RUN_KEYS},
+                "scaling": self.run.scaling, "weights": self.run.weights, **measured}
 
 
 def classify_failure(text: str) -> tuple[str, str] | None:
@@ -120,11 +111,7 @@ def slurm_logs(run_dir: Path, job_id: str | None, root: Path = Path(".")) -> lis
     return [p for p in found if p.is_file()]
 
 
-#: The pattern each engine's step time is read with (for error messages).
-STEP_PATTERN = {"embedded": "embedded_step", "nemo": "nemo_step_time", "automodel": "automodel_step"}
-
-
-def sanity(run: dict, steps: list[dict], done: bool, launch: dict, log_text: str, log: Path) -> tuple[str, str]:
+def sanity(run: Run, steps: list[dict], done: bool, launch: dict, log_text: str, log: Path) -> tuple[str, str]:
     """Did the run do what was asked? (status, reason), from the failure patterns, the launcher's exit
     code, the steps seen and the engine's end line; no metric is read here (ReFrame's sanity check).
     A run the plan skipped (``plan.skip_predicted_oom``) is ``skipped`` with the plan's reason."""
@@ -135,27 +122,27 @@ def sanity(run: dict, steps: list[dict], done: bool, launch: dict, log_text: str
     code = launch.get("returncode")
     if code not in (None, 0):
         return "failed", f"exit code {code}"
-    if code == 0 and len(steps) >= run["steps"] and (done or run["engine"] != "embedded"):
+    if code == 0 and len(steps) >= run.steps and (done or not run.spec.writes_done_line):
         return "ok", ""
     if done:
-        pattern = PATTERNS["embedded_step"].pattern
-        raise ParseError(f"{log}: the run says it finished {run['steps']} steps but only {len(steps)} lines "
+        pattern = PATTERNS[run.spec.step_pattern].pattern
+        raise ParseError(f"{log}: the run says it finished {run.steps} steps but only {len(steps)} lines "
                          f"matched the step pattern '{pattern[:60]}...': the metrics are missing from the log")
-    return "incomplete", (f"log ends after {len(steps)} of {run['steps']} steps with no error"
+    return "incomplete", (f"log ends after {len(steps)} of {run.steps} steps with no error"
                           + ("" if launch.get("end") else "; the launcher never finished (killed?)"))
 
 
-def performance(run: dict, steps: list[dict], log: Path, require_memory: bool) -> dict:
+def performance(run: Run, steps: list[dict], log: Path, require_memory: bool) -> dict:
     """What the run measured: the median step time after the warm-up and what follows from it, peak
     memory over every step, the first and last loss, and the log lines they come from."""
     out: dict = {}
-    timed = [s for s in steps if s["step"] > run["warmup_steps"]]
+    timed = [s for s in steps if s["step"] > run.warmup_steps]
     if timed:
-        name = STEP_PATTERN[run["engine"]]
+        name = run.spec.step_pattern
         times = [_require(s, "step_time_s", log, name) for s in timed]
         out["step_time_s"] = statistics.median(times)
-        out["tokens_per_s"] = run["global_batch"] * run["seq_length"] / out["step_time_s"]
-        out["tokens_per_s_per_gpu"] = out["tokens_per_s"] / run["gpus"]
+        out["tokens_per_s"] = run.tokens_per_step / out["step_time_s"]
+        out["tokens_per_s_per_gpu"] = out["tokens_per_s"] / run.gpus
         mems = [s["peak_mem_mib"] for s in steps if s.get("peak_mem_mib") is not None]
         if require_memory and not mems:
             raise ParseError(f"{log}: no peak memory in any step line (pattern '{name}'; "
@@ -179,10 +166,8 @@ def parse_run(run_dir: Path | str, extra_logs: list[Path] | None = None, root: P
     its ``performance``."""
     run_dir = Path(run_dir)
     paths = RunPaths(run_dir)
-    run = json.loads(paths.run.read_text())
-    base = {k: run[k] for k in RUN_KEYS}
-    record = RunRecord(run=run["name"], status="not_run", run_dir=str(run_dir), scaling=run.get("scaling"),
-                       weights=run.get("weights", ""), **base)
+    run = Run.load(paths.run)
+    record = RunRecord(run=run, status="not_run", run_dir=str(run_dir))
     log = paths.log
     if not log.is_file():
         record.reason = "no log: the job has not run"

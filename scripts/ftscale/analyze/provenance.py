@@ -22,18 +22,21 @@ import socket
 import subprocess
 from pathlib import Path
 
+from ftscale.engines import engine, names
 from ftscale.study.paths import CODE_ROOT
+from ftscale.study.run import Run
 
 SCHEMA_VERSION = 2  # 2: one reference verdict per aspect (ref_throughput, ref_memory)
 PARTICIPANT_ENV = "FTSCALE_PARTICIPANT"
 
-#: The libraries whose versions each row records (column ``<name>_version``), by distribution name.
+#: The libraries whose versions each row records (column ``<name>_version``), by distribution name: the
+#: embedded stack's, then each engine's own (``EngineSpec.packages``).
 LIBRARIES: dict[str, str] = {
     "ftscale": "ftscale",
     "torch": "torch",
     "transformers": "transformers",
     "peft": "peft",
-    "nemo": "nemo_toolkit",
+    **{column: dist for spec in map(engine, names()) for column, dist in spec.packages.items()},
 }
 
 #: Provenance columns of results/scaling.csv, in order (``schema_version`` and ``participant`` lead the row).
@@ -102,7 +105,7 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def run_provenance(layout: dict, run_json: dict, launch: dict, env: dict) -> dict[str, object]:
+def run_provenance(layout: dict, run: Run, launch: dict, env: dict) -> dict[str, object]:
     """The provenance columns of one row.
 
     ``device_model``: the GPU name; for a CPU run the CPU model when the run ran on this host
@@ -124,8 +127,8 @@ def run_provenance(layout: dict, run_json: dict, launch: dict, env: dict) -> dic
         "participant": env["participant"],
         "device": device,
         "device_model": model,
-        "gpus_per_node": run_json.get("gpus_per_node"),
-        "nodes": run_json.get("nodes"),
+        "gpus_per_node": run.gpus_per_node,
+        "nodes": run.nodes,
         "cpus": launch.get("cpus"),
         "host": launch.get("host", ""),
         "date": date,

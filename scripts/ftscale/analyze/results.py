@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ftscale.analyze.frame import Extras, build_frame, csv_frame, engine_options_label, model_perf, prediction_columns
-from ftscale.analyze.parse import NOT_FAILED, RUN_KEYS, RunRecord, parse_run
+from ftscale.analyze.frame import Extras, build_frame, csv_frame, model_perf, prediction_columns
+from ftscale.analyze.parse import NOT_FAILED, RunRecord, parse_run
 from ftscale.analyze.plots import write_plots
 from ftscale.analyze.provenance import device_name, environment, run_provenance
 from ftscale.analyze.references import Reference, check, load_references
@@ -25,6 +25,7 @@ from ftscale.analyze.tables import render_tables
 from ftscale.estimate.flops import peak_tflops_for
 from ftscale.estimate.plan import Target
 from ftscale.study.paths import RunPaths
+from ftscale.study.run import Run
 from ftscale.study.sweep import Study
 
 REFERENCES = Path("config/references.yaml")
@@ -43,28 +44,22 @@ def collect(study: Study, root: Path = Path(".")) -> list[RunRecord]:
     return records
 
 
-def _not_run(run) -> RunRecord:  # type: ignore[no-untyped-def]
-    d = run.to_dict()
-    fields = {k: d[k] for k in RUN_KEYS}
-    return RunRecord(run=run.name, status="not_run", reason="never configured", run_dir=run.directory,
-                     scaling=run.scaling, weights=run.weights, **fields)
+def _not_run(run: Run) -> RunRecord:
+    return RunRecord(run=run, status="not_run", reason="never configured", run_dir=run.directory)
 
 
-def run_files(study: Study, record: RunRecord, root: Path = Path(".")) -> tuple[dict, dict]:
-    """The run's run.json (the plan's run dict when it never started) and launch.json ({} when absent)."""
+def launch_record(record: RunRecord, root: Path = Path(".")) -> dict:
+    """The run's launch.json ({} when absent)."""
     paths = RunPaths(root / record.run_dir)
-    if paths.run.is_file():
-        run_json = json.loads(paths.run.read_text())
-    else:
-        run_json = study.run_by_dir(record.run_dir).to_dict()
-    launch = json.loads(paths.launch.read_text()) if paths.launch.is_file() else {}
-    return run_json, launch
+    return json.loads(paths.launch.read_text()) if paths.launch.is_file() else {}
 
 
 def reference_facts(record: RunRecord) -> dict:
     """The keys a reference entry's ``where`` can name, as this record has them."""
-    facts = {k: getattr(record, k) for k in ("model", "track", "run", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
-                                             "global_batch", "seq_length", "scaling", "engine")}
+    run = record.run
+    facts = {k: getattr(run, k) for k in ("model", "track", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
+                                          "global_batch", "seq_length", "scaling", "engine")}
+    facts["run"] = run.name
     facts["device"] = peak_tflops_for(device_name(record.layout)).key
     return facts
 
@@ -78,15 +73,15 @@ def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
     target = Target.from_config(study.config)
     out = {}
     for r in records:
-        run_json, launch = run_files(study, r, root)
-        perf = model_perf(study.models[r.model].arch, r, run_json.get("lora"))  # LoRA: None on the MP track
+        launch = launch_record(r, root)
+        perf = model_perf(study.models[r.run.model].arch, r)
         measured = {"step_time_s": r.step_time_s, "tokens_per_s_per_gpu": r.tokens_per_s_per_gpu,
                     "peak_mem_mib": r.peak_mem_mib, "tflops_per_gpu": perf.tflops_per_gpu}
         ref = check(references or [], reference_facts(r), measured)
-        predicted = prediction_columns(study.models[r.model].spec, r, run_json, target)
+        predicted = prediction_columns(study.models[r.run.model].spec, r, target)
         out[r.run_dir] = Extras(perf=perf, ref=ref, predicted=predicted,
-                                provenance=run_provenance(r.layout, run_json, launch, env),
-                                options=engine_options_label(r.engine, r.layout, run_json))
+                                provenance=run_provenance(r.layout, r.run, launch, env),
+                                options=r.run.spec.options_label(r.run, r.layout or None))
     return out
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ftscale.analyze.frame import scaling_rows
 from ftscale.analyze.parse import NOT_FAILED
+from ftscale.analyze.provenance import LIBRARIES
 from ftscale.analyze.references import ASPECTS
 from ftscale.estimate import flops as flops_mod
 from ftscale.study.sweep import Study
@@ -298,8 +299,7 @@ def provenance_section(frame: pd.DataFrame) -> list[str]:
         return ", ".join(f"`{v}`" for v in found) or "-"
 
     dates = sorted(d for d in frame["date"].dropna() if d)
-    versions = ", ".join(f"{lib} {values(f'{lib}_version')}" for lib in ("ftscale", "torch", "transformers",
-                                                                          "peft", "nemo"))
+    versions = ", ".join(f"{lib} {values(f'{lib}_version')}" for lib in LIBRARIES)
     rows = [["participant", values("participant")], ["devices (as the runs report them)", values("device")],
             ["device models", values("device_model")], ["hosts", values("host")],
             ["git commit", values("git_commit")], ["container", values("container")],

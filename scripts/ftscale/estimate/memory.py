@@ -1,6 +1,6 @@
 """Predicted memory per GPU of one training run, part by part, from its configuration alone.
 
-What is modelled is what the engines' code does (``ftscale.run.engine``), tensor by tensor; every
+What is modelled is what the engines' code does (``ftscale.engines``), tensor by tensor; every
 fitted number is a named constant below. Sizes are bytes; ``a`` is the bytes of the model's dtype
 (2 for bf16, 4 for fp32), ``t`` = tp, ``S`` = tp when sequence parallelism is on (else 1),
 h hidden, q = H·d (query width), kv = K·d, I intermediate, V vocab, E experts, k experts per token,
@@ -79,9 +79,11 @@ results/examples/2026-12-01-h200-llama31_8b-side-by-side): the TE-only model pre
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ftscale.engines.base import PlannerTerms
 from ftscale.estimate.comm import trainable_params_per_gpu
 from ftscale.estimate.flops import MLP_MODULES, ArchDims, LoraSpec, arch_dims, lora_spec
 from ftscale.study.layout import Layout
@@ -110,12 +112,10 @@ EAGER_LOGITS_BYTES_PER_VOCAB = 12
 #: of torch.where (16), fp32 routing weight, its slice and the renormalisation (12).
 MOE_ROUTING_BYTES_PER_CHOICE = 36
 
-LORA_ADAPTER_BYTES = {"embedded": 4, "nemo": 2, "automodel": 2}
-
-
 @dataclass(frozen=True)
 class MemorySetting:
-    """What the memory of a run depends on (all resolved: no ``auto`` left)."""
+    """What the memory of a run depends on (all resolved: no ``auto`` left); ``terms``: how its engine
+    holds it (``EngineSpec.planner_terms``)."""
 
     arch: ArchDims
     arch_dict: Mapping[str, Any]
@@ -124,21 +124,13 @@ class MemorySetting:
     micro_batch: int
     seq_length: int
     dtype_bytes: int
-    engine: str = "embedded"
+    terms: PlannerTerms
     track: str = "data_parallel"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    fused_ce: str = "off"
-    local_spec: bool = False  # NeMo with transformer_impl: local (Megatron's local layer spec, no TE)
-    lora_dtype: str = "float32"  # embedded engine: the adapters' dtype, float32 (peft's default) or the model's
-    compile_scope: str = "layers"  # embedded engine with compile: layers or model (the planner's step time only)
 
     @property
     def adapter_bytes(self) -> int:
         """Bytes per LoRA adapter parameter."""
-        if self.engine == "embedded" and self.lora_dtype == "model":
-            return self.dtype_bytes
-        return LORA_ADAPTER_BYTES[self.engine]
+        return self.terms.adapter_bytes
 
     @property
     def full(self) -> bool:
@@ -147,7 +139,24 @@ class MemorySetting:
 
     @property
     def megatron(self) -> bool:
-        return self.engine in ("nemo", "automodel")
+        """Megatron-style mixed precision: fp32 main weights, gradients and Adam moments."""
+        return self.terms.fp32_main_weights
+
+    @property
+    def compile(self) -> bool:
+        return self.terms.fused_kernels
+
+    @property
+    def fused_ce(self) -> str:
+        return self.terms.fused_ce
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.terms.activation_checkpointing
+
+    @property
+    def local_spec(self) -> bool:
+        return self.terms.unfused_attention
 
     def lora_dict(self) -> dict | None:
         if self.lora is None:
@@ -155,26 +164,23 @@ class MemorySetting:
         return {"rank": self.lora.rank, "alpha": self.lora.alpha, "targets": list(self.lora.targets)}
 
 
+#: The terms of a setting built without an engine's: the model's dtype throughout, fp32 adapters, eager.
+DEFAULT_TERMS = PlannerTerms(adapter_bytes=4)
+
+
 def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layout: Layout | Mapping[str, Any], *,
-                   micro_batch: int, seq_length: int, dtype_bytes: int, engine: str = "embedded",
-                   track: str = "data_parallel", activation_checkpointing: bool = False,
-                   compile: bool = False, fused_ce: str = "off", local_spec: bool = False,
-                   lora_dtype: str = "float32", compile_scope: str = "layers") -> MemorySetting:
+                   micro_batch: int, seq_length: int, dtype_bytes: int, track: str = "data_parallel",
+                   terms: PlannerTerms = DEFAULT_TERMS, **changes: Any) -> MemorySetting:
+    """The setting of a run; ``changes`` replace fields of ``terms`` (e.g. ``fused_ce="chunked"``)."""
     if "architecture" in arch:
         arch = arch["architecture"]
     if dtype_bytes not in (2, 4):
         raise ValueError(f"dtype_bytes must be 2 (bf16) or 4 (fp32), got {dtype_bytes}")
     if min(micro_batch, seq_length) < 1:
         raise ValueError(f"micro_batch and seq_length must be >= 1, got {micro_batch}, {seq_length}")
-    if engine not in LORA_ADAPTER_BYTES:
-        raise ValueError(f"unknown engine {engine!r}")
     return MemorySetting(arch=arch_dims(arch), arch_dict=dict(arch), lora=lora_spec(lora),
                          layout=Layout.coerce(layout), micro_batch=micro_batch, seq_length=seq_length,
-                         dtype_bytes=dtype_bytes, engine=engine, track=track,
-                         activation_checkpointing=activation_checkpointing, compile=compile,
-                         fused_ce=fused_ce if engine == "embedded" and track == "data_parallel" else "off",
-                         local_spec=local_spec and engine == "nemo", lora_dtype=lora_dtype,
-                         compile_scope=compile_scope)
+                         dtype_bytes=dtype_bytes, terms=dataclasses.replace(terms, **changes), track=track)
 
 
 # --------------------------------------------------------------------------- model state
@@ -213,7 +219,7 @@ def state_bytes(s: MemorySetting) -> StateBytes:
         adapters = train_dense + train_expert
     trainable = train_dense + train_expert
     if s.megatron:
-        weights = base * 2 + adapters * LORA_ADAPTER_BYTES[s.engine]
+        weights = base * 2 + adapters * s.adapter_bytes
         grads = trainable * 4
         optimizer = 12 * (train_dense / lay.data_parallel_size + train_expert / lay.dp)
         return StateBytes(weights, grads, optimizer, 0.0)
@@ -264,7 +270,7 @@ def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
         lora += sum(adapter * s.lora.rank * (routed if m in MLP_MODULES else 1) for m in s.lora.targets)
     if not d.is_moe:
         mlp = 3 * a * inter / t + a * h * full / gathered + a * inter * full / t
-    elif s.track == "model_parallel" and s.engine == "embedded":
+    elif s.terms.own_expert_layer:
         k = d.top_k
         mlp = a * h / S + k * a * h + k * 4 * a * inter / t + k * 4 * h / S + 4 * d.experts / S
     else:
@@ -287,7 +293,7 @@ def activation_bytes(s: MemorySetting) -> float:
 
 
 def fused_ce_chunk_tokens(kind: str, tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens whose logits exist at once under ``fused_ce``: the engine's chunk (ftscale.run.engine.fused_ce,
+    """Tokens whose logits exist at once under ``fused_ce``: the engine's chunk (ftscale.engines.embedded.fused_ce,
     2**26 logits entries), or liger-kernel's (tokens / ceil(V / h), rounded up to a power of two)."""
     if kind == "liger":
         return 1 << (max(1, -(-tokens // -(-vocab // hidden))) - 1).bit_length()

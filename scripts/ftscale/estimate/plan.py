@@ -15,10 +15,9 @@ Step time, from the model FLOPs of ``ftscale.estimate.flops`` (the MFU conventio
     GPU-hours = step_time_s x steps x GPUs / 3600                             (start-up not counted)
 
 R = (total + forward) / total with activation checkpointing (one more forward), else 1.
-``matmul_tflops`` (``plan.matmul_tflops``, default 798) is the dense bf16 matmul rate measured on
-the H100 and H200 lent to this project; ``STEP_EFFICIENCY`` is the fraction of it a whole training
-step reaches, by engine and by how the embedded engine runs the model (``step_efficiency``), each fitted
-on the GPU examples of results/examples (model TFLOP/s / 798).
+``matmul_tflops`` (``plan.matmul_tflops``, default 798) is the dense bf16 matmul rate of an H100 or
+H200; the efficiency is the fraction of it a whole training step reaches, which each engine gives
+(``PlannerTerms.step_efficiency``, fitted on the GPU examples of results/examples: model TFLOP/s / 798).
 Figures for the CPU are not predicted: the plan is for the target GPU.
 """
 
@@ -32,22 +31,8 @@ from typing import Any, Mapping
 from ftscale.estimate.comm import comm_bytes_per_step
 from ftscale.estimate.flops import training_flops_per_token
 from ftscale.estimate.memory import MemoryPrediction, MemorySetting, memory_setting, predict_memory
-from ftscale.study.engines import embedded_options_as_built, nemo_local_spec
-from ftscale.study.layout import Layout
 from ftscale.study.run import Run
 from ftscale.study.sweep import Study
-
-#: Fraction of ``matmul_tflops`` a whole step reaches (``step_efficiency`` picks one), fitted on the examples:
-STEP_EFFICIENCY = {
-    # embedded, fp32 adapters (peft's default): LLaMA 3.1 8B LoRA, H100, 0.31-0.36; Mixtral 8x7B, H200, 0.44
-    "eager": 0.37,
-    "compile_model": 0.46,  # the whole model in one graph, fp32 adapters: 0.46-0.47 (H100, H200)
-    "compile_layers": 0.56,  # each decoder layer compiled, fp32 adapters: 0.56 (LLaMA, H200)
-    # and lora_dtype: model: LLaMA 0.665-0.68, with the chunked loss compiled 0.705; Mixtral 0.58 (H200)
-    "compile_layers_bf16": 0.66,
-    "automodel": 0.67,  # NeMo AutoModel 0.7.0 (Liger, cuDNN attention, Triton LoRA): 0.655-0.675 (H200)
-    "nemo_local": 0.29,  # NeMo 2.7.3 on Megatron's local spec (no TE, unfused attention): 0.29 (H200)
-}
 
 #: Bytes per second one GPU sends in a collective (NCCL bus bandwidth within an NVLink node): assumed,
 #: not measured here; it only matters for the multi-GPU rows.
@@ -84,74 +69,33 @@ def fit_flag(peak_mib: float, target: Target) -> str:
     return FITS
 
 
-def _as_dict(run: Run | Mapping[str, Any]) -> Mapping[str, Any]:
-    return run.to_dict() if isinstance(run, Run) else run
-
-
-def _options(run: Mapping[str, Any], built: Mapping[str, Any] | None) -> dict:
-    """The embedded options as built (the log's layout line) when known, else as configured
-    (``engine_options``; ``extra`` in run.json files written before it was renamed)."""
-    return embedded_options_as_built({**run, "engine_options": run.get("engine_options") or run.get("extra") or {}},
-                                     built)
-
-
-def step_efficiency(setting: MemorySetting) -> float:
-    """The ``STEP_EFFICIENCY`` of a run: by engine (NeMo with Transformer Engine is not measured here: the
-    eager figure), and for the embedded engine by compile scope and adapter dtype (bf16 adapters without
-    compile are not measured: the eager figure)."""
-    if setting.engine == "automodel":
-        return STEP_EFFICIENCY["automodel"]
-    if setting.engine == "nemo":
-        return STEP_EFFICIENCY["nemo_local" if setting.local_spec else "eager"]
-    if not setting.compile:
-        return STEP_EFFICIENCY["eager"]
-    if setting.compile_scope == "model":
-        return STEP_EFFICIENCY["compile_model"]
-    bf16 = setting.lora is not None and setting.adapter_bytes == setting.dtype_bytes == 2
-    return STEP_EFFICIENCY["compile_layers_bf16" if bf16 else "compile_layers"]
-
-
-def dtype_bytes(run: Mapping[str, Any], built: Mapping[str, Any] | None = None) -> int:
+def dtype_bytes(run: Run, built: Mapping[str, Any] | None = None) -> int:
     """Bytes of the model's dtype: as built when known, else the precision (``auto`` is bf16 unless the
     run is pinned to the CPU, where the engine uses fp32)."""
     if built and built.get("dtype") in ("bfloat16", "float32"):
         return 2 if built["dtype"] == "bfloat16" else 4
-    precision = run.get("precision", "auto")
-    if precision == "auto":
-        return 4 if run.get("device") == "cpu" else 2
-    return {"bf16": 2, "fp32": 4}[precision]
+    if run.precision == "auto":
+        return 4 if run.device == "cpu" else 2
+    return {"bf16": 2, "fp32": 4}[run.precision]
 
 
-def setting_for(run: Run | Mapping[str, Any], arch: Mapping[str, Any],
-                built: Mapping[str, Any] | None = None) -> MemorySetting:
-    """The memory setting of a run (a ``Run`` or its run.json dict); ``built`` is the layout line read back
-    from its log, when it ran (dtype and engine options as they really were)."""
-    r = _as_dict(run)
-    opts = _options(r, built)
-    # liger-kernel's fused RMSNorm/SwiGLU/RoPE keep what compile's fusions keep and run about as fast as the
-    # layer-compiled model: one H200 run (liger without compile, bf16 adapters) against these terms, memory
-    # +1%, step time +2%.
-    fused = bool(opts["compile"] or opts["liger_kernels"])
-    scope = str(opts["compile_scope"]) if opts["compile"] else "layers"
-    return memory_setting(arch, r.get("lora"), Layout.coerce(r), micro_batch=int(r["micro_batch"]),
-                          seq_length=int(r["seq_length"]), dtype_bytes=dtype_bytes(r, built),
-                          engine=r.get("engine", "embedded"), track=r["track"],
-                          activation_checkpointing=bool(opts["activation_checkpointing"]),
-                          compile=fused, fused_ce=str(opts["fused_ce"] or "off"),
-                          lora_dtype=str(opts["lora_dtype"]), compile_scope=scope,
-                          local_spec=nemo_local_spec(r))
+def setting_for(run: Run, arch: Mapping[str, Any], built: Mapping[str, Any] | None = None) -> MemorySetting:
+    """The memory setting of a run; ``built`` is the layout line read back from its log, when it ran (dtype
+    and engine options as they really were)."""
+    nbytes = dtype_bytes(run, built)
+    return memory_setting(arch, run.lora, run.layout, micro_batch=run.micro_batch, seq_length=run.seq_length,
+                          dtype_bytes=nbytes, track=run.track, terms=run.spec.planner_terms(run, nbytes, built))
 
 
-def step_time_s(run: Run | Mapping[str, Any], setting: MemorySetting, target: Target) -> float:
+def step_time_s(run: Run, setting: MemorySetting, target: Target) -> float:
     """Predicted wall time of one optimizer step (formula in the module docstring)."""
-    r = _as_dict(run)
     flops = training_flops_per_token(setting.arch_dict, setting.seq_length, setting.lora_dict())
     recompute = (flops.total + flops.forward) / flops.total if setting.activation_checkpointing else 1.0
-    tokens = int(r["global_batch"]) * setting.seq_length
-    efficiency = step_efficiency(setting)
-    compute = flops.total * tokens / int(r["gpus"]) * recompute / (target.matmul_tflops * 1e12 * efficiency)
+    tokens = run.global_batch * setting.seq_length
+    efficiency = setting.terms.step_efficiency
+    compute = flops.total * tokens / run.gpus * recompute / (target.matmul_tflops * 1e12 * efficiency)
     lay = setting.layout
-    grad_accum = int(r["global_batch"]) // (setting.micro_batch * lay.data_parallel_size)
+    grad_accum = run.global_batch // (setting.micro_batch * lay.data_parallel_size)
     comm = comm_bytes_per_step(setting.arch_dict, lay, micro_batch=setting.micro_batch,
                                seq_length=setting.seq_length, grad_accum=max(grad_accum, 1),
                                act_bytes=setting.dtype_bytes, grad_bytes=4 if setting.lora else setting.dtype_bytes,
@@ -159,17 +103,16 @@ def step_time_s(run: Run | Mapping[str, Any], setting: MemorySetting, target: Ta
     return compute + comm.total / (BUS_GB_S * 1e9)
 
 
-def predict(run: Run | Mapping[str, Any], model_spec: Mapping[str, Any], *, target: Target = Target(),
+def predict(run: Run, model_spec: Mapping[str, Any], *, target: Target = Target(),
             built: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every predicted column of one run: memory parts per GPU (MiB), the peak and its flag against the
     target, step time, tokens/s/GPU and GPU-hours. ``model_spec`` is a model.yaml dict (or its
     ``architecture``); ``built``: the layout line of the run's log (``RunRecord.layout``), if it ran.
     Pure: the analysis calls it per record, the plan per planned run."""
-    r = _as_dict(run)
-    setting = setting_for(r, model_spec, built)
+    setting = setting_for(run, model_spec, built)
     mem: MemoryPrediction = predict_memory(setting)
-    step = step_time_s(r, setting, target)
-    gpus = int(r["gpus"])
+    step = step_time_s(run, setting, target)
+    gpus = run.gpus
     return {
         "predicted_weights_mib": mem.weights_mib,
         "predicted_gradients_mib": mem.gradients_mib,
@@ -184,8 +127,8 @@ def predict(run: Run | Mapping[str, Any], model_spec: Mapping[str, Any], *, targ
         "memory_fraction": mem.peak_mib / target.gpu_memory_mib,
         "fit": fit_flag(mem.peak_mib, target),
         "predicted_step_time_s": step,
-        "predicted_tokens_per_s_per_gpu": int(r["global_batch"]) * int(r["seq_length"]) / step / gpus,
-        "predicted_gpu_hours": step * int(r["steps"]) * gpus / 3600,
+        "predicted_tokens_per_s_per_gpu": run.global_batch * run.seq_length / step / gpus,
+        "predicted_gpu_hours": step * run.steps * gpus / 3600,
     }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ftscale.study.paths import CORPUS
+from ftscale.study.run import Run
 
 
 def corpus_tokens(tokenizer, corpus: Path = CORPUS) -> torch.Tensor:
@@ -149,19 +150,19 @@ def prepare_dataset(data: dict, out_dir: Path, root: Path = Path(".")) -> Path:
     return out_dir
 
 
-def dataset_tokens(run: dict, tokenizer, vocab_size: int) -> torch.Tensor:
+def dataset_tokens(run: Run, tokenizer, vocab_size: int) -> torch.Tensor:
     """The token stream the embedded engine samples its batches from, for the run's data kind:
     the corpus, the prepared records (input and output joined, one record per line), or, for mock
     data, seeded random tokens (as NeMo's and AutoModel's mock datasets)."""
-    kind = (run.get("data") or {}).get("kind", "corpus")
+    kind = (run.data or {}).get("kind", "corpus")
     if kind == "corpus":
         return corpus_tokens(tokenizer)
     if kind == "mock":
-        length = max(run["global_batch"] * run["seq_length"] * 4, 1 << 16)
-        return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(run["seed"]))
+        length = max(run.global_batch * run.seq_length * 4, 1 << 16)
+        return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(run.seed))
     from ftscale.study.paths import DATA_FILES
 
-    records = read_records(Path(run["dataset_dir"]) / DATA_FILES["training"])
+    records = read_records(Path(run.dataset_dir) / DATA_FILES["training"])
     text = "\n".join(f"{r['input']} {r['output']}" for r in records)
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 

@@ -21,24 +21,22 @@ from typing import IO
 
 from ftscale.run.logformat import parse_steps, skipped_line
 from ftscale.study.paths import RunPaths
-
-ENGINE_MODULES = {"embedded": "ftscale.run.engine.embedded", "nemo": "ftscale.run.engine.nemo",
-                  "automodel": "ftscale.run.engine.automodel"}
+from ftscale.study.run import Run
 
 
-def launch_command(run: dict, run_json: str, python: str | None = None) -> list[str]:
+def launch_command(run: Run, run_json: str, python: str | None = None) -> list[str]:
     """torchrun on one node; on several nodes, srun starts one torchrun per node (c10d rendezvous).
     The interpreter is the engine's ``python`` option when set (an engine in its own environment),
     else this one."""
-    module = ENGINE_MODULES[run["engine"]]
-    python = python or (run.get("engine_options") or {}).get("python") or sys.executable
-    per_node = run["gpus"] // run.get("nodes", 1)
+    module = run.spec.entry_module
+    python = python or run.spec.python(run.engine_options) or sys.executable
+    per_node = run.gpus_per_node
     torchrun = [python, "-m", "torch.distributed.run"]
-    if run.get("nodes", 1) == 1:
+    if run.nodes == 1:
         return [*torchrun, "--standalone", f"--nproc-per-node={per_node}", "-m", module, run_json]
     return [
-        "srun", f"--nodes={run['nodes']}", "--ntasks-per-node=1", *torchrun,
-        f"--nnodes={run['nodes']}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
+        "srun", f"--nodes={run.nodes}", "--ntasks-per-node=1", *torchrun,
+        f"--nnodes={run.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
         "--rdzv-endpoint=${MASTER_ADDR}:29500", "-m", module, run_json,
     ]
 
@@ -77,43 +75,43 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def skip_job(run: dict, log: Path, launch_record: Path, metrics: Path) -> int:
+def skip_job(run: Run, log: Path, launch_record: Path, metrics: Path) -> int:
     """A run the plan skipped (predicted OOM): the run's files, written without training, so that it keeps
     its row (status ``skipped``, the plan's reason): a log line, a launch record, an empty metrics.jsonl."""
     now = time.time()
-    _write(launch_record, {"run": run["name"], "command": None, "host": socket.gethostname(), "start": now,
-                           "end": now, "wall_s": 0.0, "returncode": 0, "signal": None, "skipped": run["skip_reason"]})
+    _write(launch_record, {"run": run.name, "command": None, "host": socket.gethostname(), "start": now,
+                           "end": now, "wall_s": 0.0, "returncode": 0, "signal": None, "skipped": run.skip_reason})
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(skipped_line(run["skip_reason"]) + "\n")
+    log.write_text(skipped_line(run.skip_reason) + "\n")
     metrics.write_text("")
-    print(f"[ftscale] {run['name']}: skipped ({run['skip_reason']})", flush=True)
+    print(f"[ftscale] {run.name}: skipped ({run.skip_reason})", flush=True)
     return 0
 
 
 def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = None) -> int:
     """Run the job of ``run_json`` on ``cpus`` CPUs (default: all available) and return its exit code
     (128 + signal when it was stopped). Each rank gets an equal share of the CPUs, at least one."""
-    run = json.loads(Path(run_json).read_text())
-    if run.get("skip_reason"):
+    run = Run.load(run_json)
+    if run.skip_reason:
         return skip_job(run, log, launch_record, RunPaths(Path(run_json).parent).metrics)
     command = launch_command(run, str(run_json))
     env = dict(os.environ)
     cpus = cpus or available_cpus()
-    per_rank = max(1, cpus // (run["gpus"] // run.get("nodes", 1)))
+    per_rank = max(1, cpus // run.gpus_per_node)
     env.update(FTSCALE_THREADS_PER_RANK=str(per_rank), OMP_NUM_THREADS=str(per_rank))
-    if run.get("nodes", 1) > 1 and "MASTER_ADDR" not in env:
+    if run.nodes > 1 and "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_JOB_NODELIST", "localhost")
         env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                                             text=True).stdout.split()[0]
     record = {
-        "run": run["name"], "command": shlex.join(command), "host": socket.gethostname(), "cpus": cpus,
+        "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "cpus": cpus,
         "threads_per_rank": per_rank,
         "slurm_job_id": env.get("SLURM_JOB_ID"), "start": time.time(), "end": None, "wall_s": None,
         "returncode": None, "signal": None,
     }
     _write(launch_record, record)
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[ftscale] {run['name']}: {record['command']}  (log: {log})", flush=True)
+    print(f"[ftscale] {run.name}: {record['command']}  (log: {log})", flush=True)
     received: list[int] = []
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -125,7 +123,7 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, forward)
-        copy_with_progress(proc.stdout, out, run["name"])
+        copy_with_progress(proc.stdout, out, run.name)
         code = proc.wait()
         if received:
             name = signal.Signals(received[0]).name
@@ -137,7 +135,7 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     if code == 0 and not metrics.exists():
         write_metrics_from_log(log, metrics)
     status = "ok" if code == 0 else f"FAILED (exit {code})"
-    print(f"[ftscale] {run['name']}: {status} after {record['wall_s']:.1f} s", flush=True)
+    print(f"[ftscale] {run.name}: {status} after {record['wall_s']:.1f} s", flush=True)
     if received:
         return 128 + received[0]
     return code

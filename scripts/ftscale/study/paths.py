@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftscale.engines import engine, names
+
 #: The checkout the package is installed from (``pip install -e .``): schemas live in its config/.
 CODE_ROOT = Path(__file__).resolve().parents[3]
 SCHEMAS = CODE_ROOT / "config"
@@ -34,12 +36,12 @@ RUN_FILES = {
 MODEL_FILES = {
     "spec": "model.yaml",
     "checkpoint": "model",        # the imported Hugging Face checkpoint, read-only
-    "nemo_checkpoint": "nemo",    # NeMo's conversion of it (llm.import_ckpt), read-only
-    "nemo_import_log": "nemo-import.log",
     "import_log": "import.log",
     "import_benchmark": "import.benchmark.tsv",
     "import_sbatch": "import.sbatch",
     "render_log": "render.log",
+    # and each engine's own (an engine's conversion of the checkpoint): EngineSpec.model_files
+    **{role: name for spec in map(engine, names()) for role, name in spec.model_files.items()},
 }
 
 #: A prepared dataset (ftscale.run.data.prepare_dataset), one directory per dataset, read by every run

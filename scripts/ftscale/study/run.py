@@ -11,22 +11,34 @@ The precision is part of the name unless it is ``auto`` (bf16 on a GPU, fp32 on 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ftscale.engines import engine
+from ftscale.engines.base import EngineSpec
 from ftscale.study.data import dataset_name
 from ftscale.study.layout import Layout
 from ftscale.study.paths import RunPaths, data_dir, model_paths, run_dir
 
 TRACKS = ("data_parallel", "model_parallel")
-ENGINES = ("embedded", "nemo", "automodel")
 
 #: What makes two runs the same configuration (the participant comparison keys on these).
 IDENTITY_KEYS = ("track", "model", "engine", "precision", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
                  "global_batch", "seq_length")
 
-#: Where each engine reads the imported model: the Hugging Face checkpoint, or NeMo's conversion of it.
-CHECKPOINT_ROLE = {"embedded": "checkpoint", "automodel": "checkpoint", "nemo": "nemo_checkpoint"}
+#: What run.json holds besides the fields of ``Run``: derived from them, written for the engines' and the
+#: reader's convenience, never read back.
+DERIVED_KEYS = ("name", "run_dir", "checkpoint", "tokenizer", "dataset_dir", "grad_accum", "data_parallel_size",
+                "gpus_per_node")
+#: Keys of run.json files written under an earlier name: old name -> field.
+RENAMED_KEYS = {"extra": "engine_options"}
+
+
+class RunFileError(ValueError):
+    """A run.json that cannot be read as a run: names the file, the key and the value."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,51 @@ class Run:
     # Set by the plan when it predicts an OOM and the config's plan.skip_predicted_oom is on: the job then
     # writes its files with status "skipped" instead of training (ftscale.run.launch).
     skip_reason: str = ""
+
+    @classmethod
+    def load(cls, path: Path | str) -> Run:
+        """The run of a run.json file: the one reader of that file. Derived keys are skipped, keys of an
+        earlier version are read under their current name; an unknown or missing key is a RunFileError."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunFileError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+        except OSError as err:
+            raise RunFileError(f"{path}: cannot be read: {err.strerror}") from None
+        if not isinstance(data, dict):
+            raise RunFileError(f"{path}: a run file holds a mapping of keys, not a {type(data).__name__}")
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "run") -> Run:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        given = {RENAMED_KEYS.get(k, k): v for k, v in data.items() if k not in DERIVED_KEYS}
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise RunFileError(f"{source}: key {unknown[0]!r} = {given[unknown[0]]!r}: not a run field "
+                               f"(the fields are {sorted(fields)})")
+        missing = [name for name, f in fields.items() if name not in given
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise RunFileError(f"{source}: key {missing[0]!r} is missing")
+        if given.get("engine_options") is None:
+            given["engine_options"] = {}
+        return cls(**given)
+
+    @property
+    def spec(self) -> EngineSpec:
+        """The run's engine (``ftscale.engines``)."""
+        return engine(self.engine)
+
+    @property
+    def options(self) -> Any:
+        """The engine's options for this run, typed (its ``Options`` dataclass)."""
+        return self.spec.options(self)
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus // self.nodes
 
     @property
     def layout(self) -> Layout:
@@ -101,13 +158,18 @@ class Run:
 
     @property
     def checkpoint(self) -> str:
-        return str(getattr(model_paths(self.model), CHECKPOINT_ROLE[self.engine]))
+        return str(getattr(model_paths(self.model), self.spec.checkpoint_role))
+
+    @property
+    def tokenizer(self) -> str:
+        """The tokenizer's directory: the Hugging Face import holds it."""
+        return str(model_paths(self.model).checkpoint)
 
     @property
     def dataset_dir(self) -> str | None:
         """The prepared dataset the run reads (None for mock data, made inside the job, and for the
         corpus on the embedded engine, which reads the shipped text itself)."""
-        if self.engine == "embedded" and self.data.get("kind", "corpus") == "corpus":
+        if self.spec.reads_corpus_itself and self.data.get("kind", "corpus") == "corpus":
             return None
         name = dataset_name(self.data)
         return data_dir(name) if name else None
@@ -119,10 +181,10 @@ class Run:
             name=self.name,
             run_dir=self.directory,
             checkpoint=self.checkpoint,
-            tokenizer=str(model_paths(self.model).checkpoint),  # the Hugging Face import holds it
+            tokenizer=self.tokenizer,
             dataset_dir=self.dataset_dir,
             grad_accum=self.grad_accum,
             data_parallel_size=self.data_parallel_size,
-            gpus_per_node=self.gpus // self.nodes,
+            gpus_per_node=self.gpus_per_node,
         )
         return out

@@ -11,8 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftscale.engines import DEFAULT_ENGINE, engine, names
+from ftscale.study.check import run_errors
 from ftscale.study.data import data_errors
-from ftscale.study.engines import run_errors
 from ftscale.study.layout import Layout
 from ftscale.study.models import Model, load_model
 from ftscale.study.run import TRACKS, Run
@@ -21,8 +22,8 @@ from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, load_yaml, validate
 
 def engines_of(config: dict) -> list[str]:
     """The config's ``engine``: one name or a list."""
-    engine = config.get("engine", "embedded")
-    return list(engine) if isinstance(engine, list) else [engine]
+    chosen = config.get("engine", DEFAULT_ENGINE)
+    return list(chosen) if isinstance(chosen, list) else [chosen]
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,15 @@ class Study:
         variants = batch_variants(self.config, "data_parallel")
         runs = [r for r in self.runs_of("data_parallel") if r.model == model]
         groups = {}
-        for engine in self.engines:
+        for engine_name in self.engines:
             for mode in dp_cfg["scaling"]:
                 for batch in variants:
-                    parts = [engine] if len(self.engines) > 1 else []
+                    parts = [engine_name] if len(self.engines) > 1 else []
                     parts.append(mode)
                     if len(variants) > 1:
                         parts.append(f"micro batch {batch['micro_batch']}, sequence {batch['seq_length']}")
                     groups[", ".join(parts)] = sorted(
-                        (r for r in runs if r.engine == engine and r.micro_batch == batch["micro_batch"]
+                        (r for r in runs if r.engine == engine_name and r.micro_batch == batch["micro_batch"]
                          and r.seq_length == batch["seq_length"]
                          and r.global_batch == batch["global_batch"] * (r.gpus if mode == "weak" else 1)),
                         key=lambda r: r.gpus)
@@ -87,14 +88,19 @@ def batch_variants(config: dict, track: str) -> list[dict]:
 
 
 def _check_engines(cfg: dict, models: dict[str, Model], source: str) -> None:
-    engines = engines_of(cfg)
-    if "nemo" in engines:
+    chosen = engines_of(cfg)
+    for i, name in enumerate(chosen):
+        if name not in names():
+            key = "engine" if isinstance(cfg.get("engine"), str) else f"engine[{i}]"
+            raise ConfigError(f"{source}: key '{key}' = {json.dumps(name)}: must be one of {names()}")
+    for spec in map(engine, chosen):
+        section = spec.model_section
         for model in models.values():
-            if "nemo" not in model.spec:
+            if section and section not in model.spec:
                 raise ConfigError(
-                    f"{model.yaml_path}: key 'nemo' is missing: engine 'nemo' (from {source}) needs "
-                    "the NeMo recipe, model_class and config_class of this model")
-    needs = [e for e in engines if e in ("nemo", "automodel")]
+                    f"{model.yaml_path}: key '{section}' is missing: engine '{spec.name}' (from {source}) needs "
+                    f"this model's '{section}' section (see models/template/model.yaml)")
+    needs = [spec.name for spec in map(engine, chosen) if spec.needs_container]
     if needs and not cfg["container"]:
         raise ConfigError(
             f"{source}: key 'container' = \"\": engine '{needs[0]}' needs the NeMo container image "
@@ -120,7 +126,13 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
     """
     if not config:
         raise ConfigError(f"{source}: the configuration is empty")
-    cfg = validate(config, CONFIG_SCHEMA, source)
+    sections = {name: config[name] for name in names() if name in config}
+    cfg = validate({k: v for k, v in config.items() if k not in sections}, CONFIG_SCHEMA, source)
+    for name, section in sections.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{source}: key '{name}' = {json.dumps(section)[:120]}: the {name} engine's options "
+                              "are a mapping of option: value")
+        cfg[name] = dict(section or {})
     tracks = cfg["tracks"]
     models = {name: load_model(name, root) for name in cfg["models"]}
     _check_engines(cfg, models, source)
@@ -138,15 +150,15 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
                               f"gpus_per_node = {per_node}")
                 return
             run = dataclasses.replace(run, nodes=run.gpus // per_node)
-        errors.extend(f"{source}: {e}" for e in run_errors(run.to_dict(), models[run.model].spec))
+        errors.extend(f"{source}: {e}" for e in run_errors(run, models[run.model].spec))
         runs.setdefault(run.directory, run)
 
-    def add_track_runs(track: str, batch: dict, engine: str) -> None:
+    def add_track_runs(track: str, batch: dict, engine_name: str) -> None:
         common = dict(
-            engine=engine, micro_batch=batch["micro_batch"], seq_length=batch["seq_length"],
+            engine=engine_name, micro_batch=batch["micro_batch"], seq_length=batch["seq_length"],
             steps=batch["steps"], warmup_steps=batch["warmup_steps"], learning_rate=batch["learning_rate"],
             seed=cfg["seed"], precision=cfg["precision"], device=cfg["device"],
-            engine_options=dict(cfg.get(engine) or {}), data=dict(cfg["data"]),
+            engine_options=dict(cfg.get(engine_name) or {}), data=dict(cfg["data"]),
         )
         if track == "data_parallel":
             dp_cfg = tracks[track]
@@ -195,9 +207,9 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
             errors.append(f"{source}: key 'batch' (with tracks.{track}.batch): warmup_steps = "
                           f"{first['warmup_steps']} must be less than steps = {first['steps']}")
             continue
-        for engine in engines_of(cfg):
+        for engine_name in engines_of(cfg):
             for batch in batch_variants(cfg, track):
-                add_track_runs(track, batch, engine)
+                add_track_runs(track, batch, engine_name)
 
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(errors)))

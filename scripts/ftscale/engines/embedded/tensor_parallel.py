@@ -14,7 +14,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from ftscale.run.engine.moe import ExpertParallelMoE
+from ftscale.engines.embedded.moe import ExpertParallelMoE
 
 
 class _ReplicateParallel(ParallelStyle):

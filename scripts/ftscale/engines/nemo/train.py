@@ -2,17 +2,17 @@
 
 Written against nemo_toolkit 2.7.3, the last release with ``nemo.collections.llm`` (the Llama 3.1 8B
 and Mixtral 8x7B recipes), with nemo_run 0.11.1 (see .ci/nemo-venv for the pins). Nothing here
-imports NeMo at module level (the pure checks are ``ftscale.study.engines``): the functions import
+imports NeMo at module level (the pure checks are ``ftscale.engines.nemo.spec``): the functions import
 ``nemo``/``nemo_run`` inside, so ``ftscale`` stays importable without NeMo.
 
-Layout vocabulary (the run dict, see ftscale.study.run.Run): ``gpus = tp x ep x dp`` with pipeline
+Layout vocabulary (``ftscale.study.run.Run``): ``gpus = tp x ep x dp`` with pipeline
 parallelism 1. Megatron carves expert parallelism out of the data-parallel ranks (expert tensor
 parallelism = tp, as NeMo leaves it), so the dense/attention layers see a data-parallel size of
 ``ep x dp`` (= gpus / tp, what NeMo divides the global batch by) and the experts one of ``dp``.
 
 Entry point (started by ftscale.run.launch)::
 
-    torchrun --nproc-per-node=N -m ftscale.run.engine.nemo RUN_DIR/run.json
+    torchrun --nproc-per-node=N -m ftscale.engines.nemo.train RUN_DIR/run.json
 
 It cannot train on a CPU-only machine (no Transformer Engine); tests/nemo builds real recipes only.
 """
@@ -22,16 +22,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import os
 import sys
 from pathlib import Path
 
-from ftscale.importing.nemo import arch_fields, local_overrides
-from ftscale.run.engine.nemo_without_te import te_free_training
-from ftscale.run.engine.outcome import refused, reported
+from ftscale.engines.nemo.convert import arch_fields, local_overrides
+from ftscale.engines.nemo.spec import NemoSpec, nemo_lora_targets
+from ftscale.engines.nemo.without_te import te_free_training
 from ftscale.run.logformat import kv_line
-from ftscale.study.engines import nemo_local_spec, nemo_lora_targets, run_errors
+from ftscale.run.outcome import refused, reported
+from ftscale.study.check import run_errors
+from ftscale.study.run import Run
 
 # ----------------------------------------------------------------------------------------------
 # Recipe (needs nemo)
@@ -43,7 +44,7 @@ def _abs(path: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(path))
 
 
-def build_recipe(run: dict, model: dict):
+def build_recipe(run: Run, model: dict):
     """The ``run.Partial(llm.finetune, ...)`` for ``run``, every layout and batch setting explicit.
 
     Starts from ``llm.<model.nemo.recipe>.finetune_recipe`` and then sets, whatever the recipe's
@@ -74,7 +75,7 @@ def build_recipe(run: dict, model: dict):
         log.log_dir / name                                   = abspath(run_dir)/nemo / run name
 
     Validation, checkpointing and the learning rate (when the run has none) keep the recipe's values.
-    Raises ValueError with ftscale.study.engines.run_errors messages when the run is not valid.
+    Raises ValueError with ftscale.study.check.run_errors messages when the run is not valid.
     """
     errors = run_errors(run, model)
     if errors:
@@ -85,32 +86,32 @@ def build_recipe(run: dict, model: dict):
 
     factory = getattr(llm, model["nemo"]["recipe"]).finetune_recipe
     kwargs = dict(
-        dir=os.path.join(_abs(run["run_dir"]), "nemo"),
-        name=run["name"],
-        num_nodes=run["nodes"],
-        num_gpus_per_node=run["gpus_per_node"],
-        peft_scheme="lora" if run["lora"] else "none",
+        dir=os.path.join(_abs(run.directory), "nemo"),
+        name=run.name,
+        num_nodes=run.nodes,
+        num_gpus_per_node=run.gpus_per_node,
+        peft_scheme="lora" if run.lora else "none",
     )
     if "seq_length" in inspect.signature(factory).parameters:  # llama31_8b yes, mixtral_8x7b no
-        kwargs["seq_length"] = run["seq_length"]
+        kwargs["seq_length"] = run.seq_length
     recipe = factory(**kwargs)
 
     strategy = recipe.trainer.strategy
-    strategy.tensor_model_parallel_size = run["tp"]
+    strategy.tensor_model_parallel_size = run.tp
     strategy.pipeline_model_parallel_size = 1
     strategy.virtual_pipeline_model_parallel_size = None
     strategy.pipeline_dtype = None
-    strategy.expert_model_parallel_size = run["ep"]
+    strategy.expert_model_parallel_size = run.ep
     strategy.expert_tensor_parallel_size = None
     strategy.context_parallel_size = 1
-    strategy.sequence_parallel = bool(run["sp"])
+    strategy.sequence_parallel = bool(run.sp)
     strategy.replace_progress_bar = True
     strategy.progress_interval = 1
 
     trainer = recipe.trainer
-    trainer.devices = run["gpus_per_node"]
-    trainer.num_nodes = run["nodes"]
-    trainer.max_steps = run["steps"]
+    trainer.devices = run.gpus_per_node
+    trainer.num_nodes = run.nodes
+    trainer.max_steps = run.steps
     trainer.log_every_n_steps = 1
     callbacks = list(trainer.callbacks or [])
     if not any(getattr(cb, "__fn_or_cls__", None) is TimingCallback for cb in callbacks):
@@ -121,27 +122,27 @@ def build_recipe(run: dict, model: dict):
     config = recipe.model.config
     for key, value in arch_fields(model.get("architecture") or {}).items():
         setattr(config, key, value)
-    config.seq_length = run["seq_length"]
-    if nemo_local_spec(run):
+    config.seq_length = run.seq_length
+    if NemoSpec().local_spec(run):
         for key, value in local_overrides(config.__fn_or_cls__).items():
             setattr(config, key, value)
 
-    recipe.optim.lr_scheduler.warmup_steps = run["warmup_steps"]
-    recipe.optim.lr_scheduler.max_steps = run["steps"]
-    if run.get("learning_rate") is not None:
-        recipe.optim.config.lr = run["learning_rate"]
+    recipe.optim.lr_scheduler.warmup_steps = run.warmup_steps
+    recipe.optim.lr_scheduler.max_steps = run.steps
+    if run.learning_rate is not None:
+        recipe.optim.config.lr = run.learning_rate
 
-    recipe.resume.restore_config.path = _abs(run["checkpoint"])
+    recipe.resume.restore_config.path = _abs(run.checkpoint)
     recipe.resume.resume_if_exists = False
 
-    if run["lora"]:
-        recipe.peft.dim = run["lora"]["rank"]
-        recipe.peft.alpha = run["lora"]["alpha"]
-        recipe.peft.target_modules = nemo_lora_targets(run["lora"]["targets"])
+    if run.lora:
+        recipe.peft.dim = run.lora["rank"]
+        recipe.peft.alpha = run.lora["alpha"]
+        recipe.peft.target_modules = nemo_lora_targets(run.lora["targets"])
     return recipe
 
 
-def data_module(run: dict):
+def data_module(run: Run):
     """The recipe's data (never the recipe's SQuAD default, which downloads inside the job):
 
     - ``mock``: ``llm.MockDataModule`` (random tokens), with the imported model's tokenizer and one global
@@ -154,14 +155,14 @@ def data_module(run: dict):
     import nemo_run as nr
     from nemo.collections import llm
 
-    common = dict(seq_length=run["seq_length"], micro_batch_size=run["micro_batch"],
-                  global_batch_size=run["global_batch"], num_workers=2)
-    if (run.get("data") or {}).get("kind") == "mock":
+    common = dict(seq_length=run.seq_length, micro_batch_size=run.micro_batch,
+                  global_batch_size=run.global_batch, num_workers=2)
+    if (run.data or {}).get("kind") == "mock":
         from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
-        return nr.Config(llm.MockDataModule, **common, num_val_samples=run["global_batch"],
-                         num_test_samples=run["global_batch"], tokenizer=nr.Config(AutoTokenizer, pretrained_model_name=_abs(run["tokenizer"])))
-    return nr.Config(llm.FineTuningDataModule, dataset_root=_abs(run["dataset_dir"]), seed=run["seed"],
+        return nr.Config(llm.MockDataModule, **common, num_val_samples=run.global_batch,
+                         num_test_samples=run.global_batch, tokenizer=nr.Config(AutoTokenizer, pretrained_model_name=_abs(run.tokenizer)))
+    return nr.Config(llm.FineTuningDataModule, dataset_root=_abs(run.dataset_dir), seed=run.seed,
                      dataset_kwargs={"pad_to_max_length": True}, **common)
 
 
@@ -222,21 +223,21 @@ def recipe_fields(recipe) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_model(run: dict, model_yaml: str | None) -> dict:
+def _load_model(run: Run, model_yaml: str | None) -> dict:
     import yaml
 
-    path = Path(model_yaml or Path("models") / run["model"] / "model.yaml")
+    path = Path(model_yaml or Path("models") / run.model / "model.yaml")
     return yaml.safe_load(path.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m ftscale.run.engine.nemo RUN_JSON [--model-yaml PATH]``: build the recipe, run it here.
+    """``torchrun ... -m ftscale.engines.nemo.train RUN_JSON [--model-yaml PATH]``: build the recipe, run it here.
 
     Runs the recipe in this (already torchrun-launched) process with ``nemo_run.run(recipe,
     direct=True)``, which is ``fiddle.build(recipe)()`` = ``llm.finetune(...)``: Lightning picks up
     the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE), no executor or second launcher.
     """
-    parser = argparse.ArgumentParser(prog="python -m ftscale.run.engine.nemo")
+    parser = argparse.ArgumentParser(prog="python -m ftscale.engines.nemo.train")
     parser.add_argument("run_json")
     parser.add_argument("--model-yaml", default=None, help="default: models/<run.model>/model.yaml")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
 
-    run = json.loads(Path(args.run_json).read_text())
+    run = Run.load(args.run_json)
     model = _load_model(run, args.model_yaml)
     rank = int(os.environ.get("RANK", 0))
     if (code := refused(run, model, os.environ)) is not None:
@@ -262,20 +263,20 @@ def main(argv: list[str] | None = None) -> int:
 
         # Sets PL_GLOBAL_SEED: MegatronStrategy.setup_distributed's reset_seed() re-applies it after
         # NeMo seeds Megatron's model-parallel RNG with its fixed 1234 (not settable in 2.7.3).
-        pl.seed_everything(run["seed"], workers=True)
+        pl.seed_everything(run.seed, workers=True)
         recipe = build_recipe(run, model)
         if rank == 0:
             f = recipe_fields(recipe)
-            print(kv_line("layout", world=f["gpus"], tp=f["tp"], ep=f["ep"], dp=run["dp"], pp=f["pp"], cp=f["cp"],
+            print(kv_line("layout", world=f["gpus"], tp=f["tp"], ep=f["ep"], dp=run.dp, pp=f["pp"], cp=f["cp"],
                           sp=int(f["sp"]), micro_batch=f["micro_batch"], global_batch=f["global_batch"],
                           seq_length=f["seq_length"], peft=f["peft"] or "none", lora_rank=f["lora_rank"],
                           restore=f["checkpoint"], device="cuda",
                           device_name=torch.cuda.get_device_name().replace(" ", "_"), torch=torch.__version__,
                           nemo=nemo.__version__), flush=True)
-        with te_free_training() if nemo_local_spec(run) else contextlib.nullcontext():
+        with te_free_training() if NemoSpec().local_spec(run) else contextlib.nullcontext():
             nr.run(recipe, direct=True)
 
-    return reported(job, rank, run)
+    return reported(job, rank, run.steps)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ checkpoint (``models/<m>/nemo``), once, through ``llm.import_ckpt``; read-only a
 
 NeMo is imported inside the functions: this module imports without it. The conversion needs a GPU
 node in NeMo's container (Transformer Engine) or, without TE, ``transformer_impl: local`` (see
-``ftscale.run.engine.nemo.model_config``).
+``ftscale.engines.nemo.train.model_config``).
 """
 
 from __future__ import annotations

@@ -1,35 +1,38 @@
 """The embedded engine's speed options (config ``embedded:``), applied to a model as the engine builds it.
 
-Which options exist, their defaults and which need a GPU: ``ftscale.study.engines.EMBEDDED_OPTIONS``,
-checked there before any job (``embedded_option_errors``) and again here with the device the job got.
+Which options exist, their defaults and which need a GPU: ``ftscale.engines.embedded.spec``, checked there
+before any job (``EmbeddedSpec.option_errors``) and again here with the device the job got.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import ContextManager
 
 import torch
 
-from ftscale.study.engines import embedded_option_errors, embedded_options
+from ftscale.engines.embedded.spec import EmbeddedOptions, EmbeddedSpec
+from ftscale.study.run import Run
 
 #: The ``attention`` option -> torch.nn.attention.SDPBackend member name (auto: PyTorch chooses).
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
 
 
-def resolve(run: dict, device: torch.device) -> dict:
+def resolve(run: Run, device: torch.device) -> EmbeddedOptions:
     """The run's options as the engine applies them, every one present; raises ValueError when ``device``
     cannot honour one. ``fused_ce`` applies to the data_parallel track only (the model_parallel track
     splits the LM head with tensor parallelism): there it is off, said on stdout and on the layout line."""
-    errors = embedded_option_errors(run, device.type)
+    spec = EmbeddedSpec()
+    errors = spec.option_errors(run, device.type)
     if errors:
         raise ValueError("; ".join(errors))
-    options = embedded_options(run)
-    if options["fused_ce"] != "off" and run.get("track") != "data_parallel":
-        print(f"[ftscale] note embedded.fused_ce={options['fused_ce']} not applied on the {run.get('track')} track "
+    options = spec.options(run)
+    if options.fused_ce != "off" and run.track != "data_parallel":
+        print(f"[ftscale] note embedded.fused_ce={options.fused_ce} not applied on the {run.track} track "
               "(its LM head is split by tensor parallelism): fused_ce=off", flush=True)
-        options["fused_ce"] = "off"
+        options = dataclasses.replace(options, fused_ce="off")
     return options
 
 
@@ -88,6 +91,7 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> in
     return len(modules)
 
 
-def layout_fields(options: dict) -> dict:
+def layout_fields(options: EmbeddedOptions) -> dict:
     """The options as the log's layout line names them (booleans as 0/1)."""
-    return {key: int(value) if isinstance(value, bool) else value for key, value in options.items()}
+    return {key: int(value) if isinstance(value, bool) else value
+            for key, value in dataclasses.asdict(options).items()}

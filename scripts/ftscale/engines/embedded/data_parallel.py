@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ftscale.run.engine.training import TrainSetup, count_params
+from ftscale.engines.embedded.training import TrainSetup, count_params
+from ftscale.study.run import Run
 
 
-def prepare_data_parallel(model: torch.nn.Module, run: dict, device: torch.device,
+def prepare_data_parallel(model: torch.nn.Module, run: Run, device: torch.device,
                           lora_dtype: str = "float32") -> TrainSetup:
     """LoRA adapters on ``model`` (``lora_dtype``: ``float32``, peft's default, upcasts bf16/fp16 adapters
     and with them each target's input, so the adapters' matrix multiplies run in fp32; ``model``: adapters
@@ -16,7 +17,7 @@ def prepare_data_parallel(model: torch.nn.Module, run: dict, device: torch.devic
     from peft import LoraConfig, get_peft_model
     from torch.nn.parallel import DistributedDataParallel
 
-    lora = run["lora"]
+    lora = run.lora
     config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0),
                         target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, config, autocast_adapter_dtype=lora_dtype == "float32").to(device)

@@ -14,9 +14,10 @@ from typing import Callable, ContextManager
 import torch
 import torch.distributed as dist
 
+from ftscale.engines.embedded.fused_ce import FusedHead
 from ftscale.run.data import global_batch, micro_batches
-from ftscale.run.engine.fused_ce import FusedHead
 from ftscale.run.logformat import step_line
+from ftscale.study.run import Run
 
 
 @dataclass
@@ -43,16 +44,16 @@ class TrainSetup:
         return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
-def device_for(run: dict, local_rank: int) -> torch.device:
-    want = run.get("device", "auto")
+def device_for(run: Run, local_rank: int) -> torch.device:
+    want = run.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def dtype_for(run: dict, device: torch.device) -> torch.dtype:
-    precision = run.get("precision", "auto")
+def dtype_for(run: Run, device: torch.device) -> torch.dtype:
+    precision = run.precision
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
@@ -99,16 +100,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_optimizer(model: torch.nn.Module, run: dict, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, run: Run, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=run["learning_rate"], fused=device.type == "cuda" or None)
+    return torch.optim.AdamW(params, lr=run.learning_rate, fused=device.type == "cuda" or None)
 
 
-def step_batches(run: dict, prepared: TrainSetup, tokens: torch.Tensor, step: int) -> list[torch.Tensor]:
+def step_batches(run: Run, prepared: TrainSetup, tokens: torch.Tensor, step: int) -> list[torch.Tensor]:
     """This rank's micro-batches of optimizer step ``step`` (1-based)."""
-    batch = global_batch(tokens, step, run["global_batch"], run["seq_length"], run["seed"])
-    micros = micro_batches(batch, run["micro_batch"], prepared.dp_rank, prepared.dp_size)
-    assert len(micros) == run["grad_accum"], (len(micros), run["grad_accum"])
+    batch = global_batch(tokens, step, run.global_batch, run.seq_length, run.seed)
+    micros = micro_batches(batch, run.micro_batch, prepared.dp_rank, prepared.dp_size)
+    assert len(micros) == run.grad_accum, (len(micros), run.grad_accum)
     return micros
 
 
@@ -129,13 +130,13 @@ def train_step(prepared: TrainSetup, optimizer: torch.optim.Optimizer, micros: l
     return loss_sum
 
 
-def train(run: dict, prepared: TrainSetup, tokens: torch.Tensor, device: torch.device, out: Path) -> None:
+def train(run: Run, prepared: TrainSetup, tokens: torch.Tensor, device: torch.device, out: Path) -> None:
     rank = dist.get_rank()
     model = prepared.model
     optimizer = make_optimizer(model, run, device)
-    accum = run["grad_accum"]
+    accum = run.grad_accum
     metrics = out.open("w") if rank == 0 else None
-    for step in range(1, run["steps"] + 1):
+    for step in range(1, run.steps + 1):
         micros = step_batches(run, prepared, tokens, step)
         _sync(device)
         dist.barrier()
@@ -152,8 +153,8 @@ def train(run: dict, prepared: TrainSetup, tokens: torch.Tensor, device: torch.d
         mean_loss = loss_sum.item() / (accum * dist.get_world_size())
         if rank == 0:
             elapsed, peak, reserved, state = stats.tolist()
-            tokens_step = run["global_batch"] * run["seq_length"]
-            print(step_line(step, run["steps"], mean_loss, elapsed, tokens_step, peak, reserved, kind, state),
+            tokens_step = run.global_batch * run.seq_length
+            print(step_line(step, run.steps, mean_loss, elapsed, tokens_step, peak, reserved, kind, state),
                   flush=True)
             metrics.write(json.dumps({"step": step, "loss": mean_loss, "step_time_s": elapsed, "tokens": tokens_step,
                                       "tokens_per_s": tokens_step / elapsed, "peak_mem_mib": peak,

@@ -1,7 +1,7 @@
 """Workarounds that let NeMo 2.7.3 train without Transformer Engine (``nemo: {transformer_impl: local}``),
 each found on the lent H200 (benchmarks/gpu/NOTES.md) and tested on the CPU in tests/nemo. Each one changes
 a NeMo module only for the duration of ``te_free_training()`` and only when TE is missing; the NeMo container,
-which has TE, runs NeMo unchanged. The conversion's workaround is ``ftscale.importing.nemo.te_free_importer``.
+which has TE, runs NeMo unchanged. The conversion's workaround is ``ftscale.engines.nemo.convert.te_free_importer``.
 """
 
 from __future__ import annotations

@@ -37,11 +37,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import parallelize_module
 
-from ftscale.run.engine.grad_sync import GradSync
-from ftscale.run.engine.moe import ExpertParallelMoE, ParallelGroups
-from ftscale.run.engine.tensor_parallel import tp_plan
-from ftscale.run.engine.training import TrainSetup, count_params
+from ftscale.engines.embedded.grad_sync import GradSync
+from ftscale.engines.embedded.moe import ExpertParallelMoE, ParallelGroups
+from ftscale.engines.embedded.tensor_parallel import tp_plan
+from ftscale.engines.embedded.training import TrainSetup, count_params
 from ftscale.study.layout import Layout
+from ftscale.study.run import Run
 
 
 @dataclass
@@ -161,11 +162,11 @@ def check_model(model: nn.Module, layout: Layout, world: int, seq_length: int) -
         raise ValueError("model-parallel layout: " + "; ".join(errs))
 
 
-def prepare_model_parallel(model: nn.Module, run: dict, device: torch.device) -> ModelParallelSetup:
-    layout = Layout.coerce(run)
+def prepare_model_parallel(model: nn.Module, run: Run, device: torch.device) -> ModelParallelSetup:
+    layout = run.layout
     tp, ep, dp, sp = layout.tp, layout.ep, layout.dp, layout.sp
     world = dist.get_world_size()
-    check_model(model, layout, world, int(run["seq_length"]))
+    check_model(model, layout, world, int(run.seq_length))
     model = model.to(device)
     model.train()
     for p in model.parameters():
@@ -192,6 +193,6 @@ def prepare_model_parallel(model: nn.Module, run: dict, device: torch.device) ->
 
     params = [p for p in model.parameters() if p.requires_grad]
     sync = GradSync(params, expert_ids, dense_group, ep * dp, mesh.get_group("dp"), dp)
-    built = read_layout(model, sync, int(run["seq_length"]), device)
+    built = read_layout(model, sync, int(run.seq_length), device)
     return ModelParallelSetup(model=model, dp_rank=d * ep + e, dp_size=dp * ep, layout=built,
                               no_sync=sync.no_sync, sync=sync)

@@ -1,6 +1,6 @@
 """Expert parallelism: a Mixtral sparse-MoE block split over the ranks of an EP group (and TP).
 
-See ``ftscale.run.engine.model_parallel`` for the whole layout.
+See ``ftscale.engines.embedded.model_parallel`` for the whole layout.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from ftscale.run.engine.collectives import (
+from ftscale.engines.embedded.collectives import (
     _all_gather,
     _AllGatherRows,
     _AllToAll,

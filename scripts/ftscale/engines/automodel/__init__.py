@@ -1,0 +1,1 @@
+"""The automodel engine: its spec (light, any stage may import it) and its training code."""

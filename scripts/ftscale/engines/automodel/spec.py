@@ -1,0 +1,50 @@
+"""The automodel engine as every stage sees it: NVIDIA NeMo AutoModel (FSDP2 over Hugging Face models) on
+CUDA GPUs, LoRA on the data_parallel track. Its training code is ``ftscale.engines.automodel.train``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ftscale.engines.base import EngineSpec, Errors, PlannerTerms, text
+from ftscale.engines.nemo.spec import hf_lora_targets
+
+if TYPE_CHECKING:
+    from ftscale.study.run import Run
+
+#: Fraction of the dense matmul rate a whole step reaches (Liger kernels, cuDNN attention, Triton LoRA),
+#: fitted on the GPU examples.
+STEP_EFFICIENCY = 0.67
+
+
+@dataclass(frozen=True)
+class AutoModelOptions:
+    """The config's ``automodel:`` section (docs/engines.md)."""
+
+    python: str | None = text("the interpreter of the engine's jobs")
+
+
+class AutoModelSpec(EngineSpec):
+    name = "automodel"
+    entry_module = "ftscale.engines.automodel.train"
+    Options = AutoModelOptions
+    step_pattern = "automodel_step"
+    needs_container = True
+
+    def lora_targets(self, targets: list[str]) -> list[str]:
+        return hf_lora_targets(targets)
+
+    def errors(self, run: Run, model: Mapping[str, Any]) -> list[str]:
+        errs = Errors(run.name)
+        errs.extend(super().errors(run, model))
+        self.cuda_only_errors(run, errs, "NeMo AutoModel")
+        if run.track != "data_parallel":
+            errs.add("track", run.track, "the automodel engine runs the data_parallel track (LoRA) only here")
+        if model.get("synthetic_at_load"):
+            errs.add("model.synthetic_at_load", True, "AutoModel loads weights from files: needs synthetic_at_load: false")
+        self.lora_errors(run, errs)
+        return errs
+
+    def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:
+        return PlannerTerms(adapter_bytes=2, fp32_main_weights=True, step_efficiency=STEP_EFFICIENCY)

@@ -1,0 +1,162 @@
+"""What every engine declares (``EngineSpec``) and the pieces its checks share.
+
+Light on purpose: no torch, no engine code, no other ftscale package. Every stage may import it; a
+run arrives as ``ftscale.study.run.Run`` (typed, read once from run.json), a model as its model.yaml
+mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+if TYPE_CHECKING:
+    from ftscale.study.run import Run
+
+#: Hugging Face names of the linear layers a LoRA adapter may target, by where they sit in a block.
+HF_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+HF_MLP = ("gate_proj", "up_proj", "down_proj")
+HF_LINEAR = HF_ATTENTION + HF_MLP
+
+
+class Errors(list):
+    """Reasons a run cannot run, each naming the run, the key and the value."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name or "<unnamed run>"
+
+    def add(self, key: str, value: Any, why: str) -> None:
+        self.append(f"run {self.name}: {key} = {value!r}: {why}")
+
+
+def choice(*values: object, doc: str = "") -> Any:
+    """An option field whose value must be one of ``values``; the first is its default."""
+    return dataclasses.field(default=values[0], metadata={"choices": values, "doc": doc})
+
+
+def text(doc: str = "") -> Any:
+    """An optional free-text option field (None: not set)."""
+    return dataclasses.field(default=None, metadata={"choices": None, "doc": doc})
+
+
+def option_errors(cls: type, given: Mapping[str, Any], section: str, errs: Errors) -> None:
+    """Unknown keys and values outside a field's choices (or of another type) of ``given``, an engine's
+    options section, added to ``errs`` as ``<section>.<key>``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in given.items():
+        field = fields.get(key)
+        if field is None:
+            errs.add(f"{section}.{key}", value, f"unknown option: the {section} engine has {list(fields)}")
+            continue
+        choices = field.metadata["choices"]
+        if choices is None:
+            if value is not None and (not isinstance(value, str) or not value):
+                errs.add(f"{section}.{key}", value, "must be a non-empty string")
+        elif value not in choices or type(value) is not type(choices[0]):
+            errs.add(f"{section}.{key}", value, f"must be one of {list(choices)}")
+
+
+def options_from(cls: type, given: Mapping[str, Any]) -> Any:
+    """``cls`` (an options dataclass) from a checked options section; keys it lacks keep their default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in given.items() if k in names})
+
+
+@dataclass(frozen=True)
+class PlannerTerms:
+    """How an engine holds a run in memory and how fast it steps, for ``ftscale.estimate``."""
+
+    #: Bytes per LoRA adapter parameter.
+    adapter_bytes: int
+    #: Mixed precision as Megatron (and FSDP2's mixed precision) keep it: fp32 main weights beside the
+    #: bf16 ones, fp32 gradients and Adam moments; else the model's dtype throughout (the embedded engine).
+    fp32_main_weights: bool = False
+    #: Compiled or fused kernels (norms, activations) that keep fewer intermediates.
+    fused_kernels: bool = False
+    #: The fused LM head + loss: off, chunked or liger.
+    fused_ce: str = "off"
+    activation_checkpointing: bool = False
+    #: Unfused attention that keeps each head's s x s probabilities (Megatron's local layer spec).
+    unfused_attention: bool = False
+    #: The engine's own expert-parallel MoE layer (all-to-all dispatch), not Hugging Face's routing loop.
+    own_expert_layer: bool = False
+    #: Fraction of the dense matmul rate a whole step reaches (fitted on the GPU examples).
+    step_efficiency: float = 0.37
+
+
+class EngineSpec:
+    """One engine, as every stage sees it. An engine package subclasses this in its ``spec`` module and
+    registers one instance (``ftscale.engines.register``)."""
+
+    #: The name in the config's ``engine:`` and in every run's name.
+    name: ClassVar[str]
+    #: What runs one job: ``torchrun ... -m <entry_module> RUN_DIR/run.json``.
+    entry_module: ClassVar[str]
+    #: The options dataclass of the config section named after the engine.
+    Options: ClassVar[type]
+    #: Which file of the imported model the engine reads (``ftscale.study.paths.MODEL_FILES``).
+    checkpoint_role: ClassVar[str] = "checkpoint"
+    #: The key of ``ftscale.run.logformat.PATTERNS`` its step lines match.
+    step_pattern: ClassVar[str]
+    #: Whether a complete run ends with the engine's own ``[ftscale] done`` line (else: exit code 0 and
+    #: every step seen).
+    writes_done_line: ClassVar[bool] = False
+    #: Whether it reads the shipped corpus itself (no prepared dataset directory).
+    reads_corpus_itself: ClassVar[bool] = False
+    #: Whether its jobs need the configured container image (``container:``).
+    needs_container: ClassVar[bool] = False
+    #: A section each model.yaml must have for this engine (e.g. the recipe names), or None.
+    model_section: ClassVar[str | None] = None
+    #: Files the engine adds to each model directory (role -> name), e.g. its conversion of the checkpoint.
+    model_files: ClassVar[dict[str, str]] = {}
+    #: Python distributions whose versions the provenance reports (column name -> distribution).
+    packages: ClassVar[dict[str, str]] = {}
+
+    def options(self, run: Run) -> Any:
+        """The run's options, typed, every one present (defaults where the config leaves one out)."""
+        return options_from(self.Options, run.engine_options)
+
+    def errors(self, run: Run, model: Mapping[str, Any]) -> list[str]:
+        """Reasons the engine cannot run ``run`` for ``model`` (a model.yaml mapping), beyond the
+        checks every engine shares (``ftscale.study.check``)."""
+        errs = Errors(run.name)
+        option_errors(self.Options, run.engine_options, self.name, errs)
+        return errs
+
+    def lora_targets(self, targets: list[str]) -> list[str]:
+        """The engine's module names for the run's LoRA targets; ValueError for a name it cannot adapt."""
+        unknown = [t for t in targets if t not in HF_LINEAR]
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {unknown}: use Hugging Face names {list(HF_LINEAR)}")
+        return list(dict.fromkeys(targets))
+
+    def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:
+        """What the planner needs of the engine for ``run`` (``built``: the log's layout line, if it ran)."""
+        raise NotImplementedError
+
+    def options_label(self, run: Run, built: Mapping[str, Any] | None = None) -> str:
+        """The options the tables name in their options column ("" when all are defaults)."""
+        return ""
+
+    def python(self, section: Mapping[str, Any]) -> str | None:
+        """The interpreter of the engine's jobs when its config section names one (``<engine>.python``)."""
+        return section.get("python")
+
+    def conversion_command(self, section: Mapping[str, Any]) -> str:
+        """The shell command that makes the engine's own checkpoint role from the Hugging Face import (wildcard
+        ``model``, input the import, output the converted directory), for an engine with such a role."""
+        raise NotImplementedError(f"engine {self.name!r} reads the Hugging Face checkpoint itself")
+
+    def lora_errors(self, run: Run, errs: Errors) -> None:
+        """The run's LoRA targets must map to the engine's module names."""
+        if run.lora and isinstance(run.lora.get("targets"), list) and run.lora["targets"]:
+            try:
+                self.lora_targets(run.lora["targets"])
+            except ValueError as e:
+                errs.add("lora.targets", run.lora["targets"], str(e))
+
+    def cuda_only_errors(self, run: Run, errs: Errors, engine_title: str) -> None:
+        if run.device not in ("auto", "cuda"):
+            errs.add("device", run.device, f"{engine_title} trains on CUDA GPUs only")

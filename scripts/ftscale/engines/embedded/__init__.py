@@ -1,0 +1,1 @@
+"""The embedded engine: its spec (light, any stage may import it) and its training code."""

@@ -1,0 +1,151 @@
+"""The nemo engine as every stage sees it: NVIDIA NeMo 2 (Megatron-core) on CUDA GPUs, both tracks.
+
+Its training code is ``ftscale.engines.nemo.train``; its checkpoint is NeMo's conversion of the Hugging Face
+import (``ftscale.engines.nemo.convert``, the workflow's ``import_nemo`` rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ftscale.engines.base import HF_LINEAR, EngineSpec, Errors, PlannerTerms, choice, text
+
+if TYPE_CHECKING:
+    from ftscale.study.run import Run
+
+#: The names NeMo's LoRA (nemo.collections.llm.peft.LoRA.target_modules) knows for Megatron layers.
+NEMO_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+#: Hugging Face module names -> the fused Megatron layer NeMo adapts. A fused layer is adapted as
+#: a whole, so its HF names must come together (q_proj alone cannot be expressed with linear_qkv).
+HF_LORA_GROUPS: dict[str, tuple[str, ...]] = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+
+#: Fraction of the dense matmul rate a whole step reaches: Megatron's local layer spec (no TE, unfused
+#: attention), fitted on the GPU examples; with Transformer Engine not measured, the embedded eager figure.
+STEP_EFFICIENCY = {"local": 0.29, "transformer_engine": 0.37}
+
+
+@dataclass(frozen=True)
+class NemoOptions:
+    """The config's ``nemo:`` section (docs/engines.md)."""
+
+    transformer_impl: str = choice("transformer_engine", "local",
+                                   doc="Megatron's Transformer Engine layers, or its local spec (no TE)")
+    python: str | None = text("the interpreter of the engine's jobs and of the conversion")
+
+
+def nemo_lora_targets(targets: list[str]) -> list[str]:
+    """NeMo LoRA ``target_modules`` for the run's targets (NeMo or Hugging Face names).
+
+    NeMo names (``linear_qkv`` ...) and wildcard patterns pass through; Hugging Face names are
+    mapped through ``HF_LORA_GROUPS``. Raises ValueError for an unknown name or a partial fused group.
+    """
+    out: list[str] = []
+    hf = set()
+    for t in targets:
+        if t in NEMO_LORA_TARGETS or any(c in t for c in "*.?["):
+            if t not in out:
+                out.append(t)
+        elif t in HF_LINEAR:
+            hf.add(t)
+        else:
+            raise ValueError(f"unknown LoRA target {t!r}: use NeMo names {list(NEMO_LORA_TARGETS)} or Hugging Face "
+                             f"names {sorted(HF_LINEAR)}")
+    for nemo_name, group in HF_LORA_GROUPS.items():
+        present = [n for n in group if n in hf]
+        if present and len(present) != len(group):
+            missing = [n for n in group if n not in hf]
+            raise ValueError(f"LoRA targets {present} without {missing}: NeMo fuses {list(group)} into {nemo_name} "
+                             "and adapts it as a whole; list all of them or none")
+        if present and nemo_name not in out:
+            out.append(nemo_name)
+    return out
+
+
+def hf_lora_targets(targets: list[str]) -> list[str]:
+    """Hugging Face module names for the run's targets (NeMo fused names expand to their group)."""
+    out: list[str] = []
+    for t in targets:
+        for n in HF_LORA_GROUPS.get(t, (t,)):
+            if n not in HF_LINEAR:
+                raise ValueError(f"unknown LoRA target {t!r}: use Hugging Face names {list(HF_LINEAR)} "
+                                 f"or NeMo names {list(NEMO_LORA_TARGETS)}")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+class NemoSpec(EngineSpec):
+    name = "nemo"
+    entry_module = "ftscale.engines.nemo.train"
+    Options = NemoOptions
+    checkpoint_role = "nemo_checkpoint"
+    step_pattern = "nemo_step_time"
+    needs_container = True
+    model_section = "nemo"
+    model_files = {"nemo_checkpoint": "nemo", "nemo_import_log": "nemo-import.log"}
+    packages = {"nemo": "nemo_toolkit"}
+
+    def conversion_command(self, section: Mapping[str, Any]) -> str:
+        """``ftscale import-nemo`` (``llm.import_ckpt``) under the engine's Python when the config names one."""
+        python = self.python(section)
+        ftscale = f"{python} -m ftscale.cli" if python else "ftscale"
+        impl = NemoOptions(**{k: v for k, v in section.items() if k == "transformer_impl"}).transformer_impl
+        return (f"{ftscale} import-nemo {{wildcards.model}} --hf {{input}} --out {{output}} "
+                f"--transformer-impl {impl}")
+
+    def local_spec(self, run: Run) -> bool:
+        """Whether the run uses Megatron's local layer spec (no Transformer Engine, unfused attention)."""
+        return self.options(run).transformer_impl == "local"
+
+    def lora_targets(self, targets: list[str]) -> list[str]:
+        return nemo_lora_targets(targets)
+
+    def errors(self, run: Run, model: Mapping[str, Any]) -> list[str]:
+        """NeMo 2.7.3 / Megatron-core rules on top of the common ones."""
+        errs = Errors(run.name)
+        errs.extend(super().errors(run, model))
+        if run.precision != "bf16":
+            errs.add("precision", run.precision, "the NeMo recipes train in bf16-mixed only ('bf16')")
+        self.cuda_only_errors(run, errs, "NeMo")
+        nemo = model.get("nemo")
+        if not isinstance(nemo, dict):
+            errs.add("model.nemo", nemo, f"model {model.get('name')!r} has no 'nemo' section "
+                                         "{recipe, model_class, config_class} (see models/llama31_8b/model.yaml)")
+        else:
+            for key in ("recipe", "model_class", "config_class"):
+                if not isinstance(nemo.get(key), str) or not nemo.get(key):
+                    errs.add(f"model.nemo.{key}", nemo.get(key), "must be a non-empty string (a name in nemo.collections.llm)")
+        source = model.get("source")
+        if not isinstance(source, str) or not source.strip():
+            errs.add("model.source", source, "no weights source: 'synthetic', 'hf://org/name' or a local directory")
+        elif source.startswith("hf://") and source.count("/") < 3:
+            errs.add("model.source", source, "hub sources are 'hf://org/name'")
+        elif "://" in source and not source.startswith("hf://"):
+            errs.add("model.source", source, "only 'hf://' sources or local directories are supported")
+        elif source == "synthetic" and model.get("synthetic_at_load"):
+            errs.add("model.synthetic_at_load", True, "NeMo converts weights from files: a synthetic model for NeMo "
+                                                      "needs synthetic_at_load: false")
+        tp, ep, gpus = run.tp, run.ep, run.gpus
+        if tp * ep and gpus % (tp * ep):
+            errs.add("ep", ep, f"tp x ep = {tp * ep} must divide gpus = {gpus} (Megatron's expert grid, pp = 1)")
+        if tp > 1 and ep > 1 and run.sp is False:
+            errs.add("sp", False, f"Megatron requires sequence parallelism when tp ({tp}) and ep ({ep}) are both > 1")
+        if not isinstance(run.seed, int) or run.seed <= 0:
+            errs.add("seed", run.seed, "must be a positive integer (Megatron rejects seed <= 0)")
+        self.lora_errors(run, errs)
+        return errs
+
+    def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:
+        local = self.local_spec(run)
+        return PlannerTerms(adapter_bytes=2, fp32_main_weights=True, unfused_attention=local,
+                            step_efficiency=STEP_EFFICIENCY["local" if local else "transformer_engine"])
+
+    def options_label(self, run: Run, built: Mapping[str, Any] | None = None) -> str:
+        return "transformer_impl=local" if self.local_spec(run) else ""
