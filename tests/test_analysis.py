@@ -296,11 +296,27 @@ def test_on_the_cpu_only_the_model_state_is_compared_with_the_prediction():
     assert failed.get("state_error_pct") is None and failed["prediction_note"] == "run oom: nothing measured to compare"
 
 
-def _example_runs() -> list[Path]:
-    return sorted(p.parent for p in (REPO / "results" / "examples").glob("*/experiments/*/*/*/run.json"))
+#: Example runs the plan is known to get wrong (tests/test_plan.py KNOWN_MISSES): xfail, strict, with the figures.
+KNOWN_MISSES = {
+    "2026-12-07-h100-llama31_8b-nemo-oom/nemo_gpus1_mbs1_gbs8_seq4096_bf16":
+        "NeMo 2.7.3 at seq 4096 ran out of memory on the H100 80GB (74.86 GiB allocated, 1.96 GiB more asked, "
+        "79.18 GiB usable); the plan predicts 74,649 MiB, under the 80 GiB of Target()",
+}
 
 
-@pytest.mark.parametrize("run_dir", _example_runs(), ids=lambda p: f"{p.parents[4].name}/{p.name}")
+def _example_runs() -> list:
+    runs = sorted(p.parent for p in (REPO / "results" / "examples").glob("*/experiments/*/*/*/run.json"))
+    params = []
+    for run_dir in runs:
+        key = f"{run_dir.parents[3].name}/{run_dir.name}"
+        marks = ([pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_MISSES[key])]
+                 if key in KNOWN_MISSES else [])
+        params.append(pytest.param(run_dir, marks=marks, id=key))
+    assert set(KNOWN_MISSES) <= {p.id for p in params}
+    return params
+
+
+@pytest.mark.parametrize("run_dir", _example_runs())
 def test_the_gpu_examples_get_predicted_columns_with_their_errors(run_dir):
     """What the analysis adds to each committed GPU example: CUDA peak and step time compared (the plan's
     calibration, tests/test_plan.py), state compared where the log has state_mib, else blank with the reason."""

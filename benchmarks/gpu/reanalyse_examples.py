@@ -3,8 +3,9 @@ tables.md and plots/ rewritten from the committed logs, as the workflow's tables
 
     PYTHONPATH=scripts python3 benchmarks/gpu/reanalyse_examples.py [EXAMPLE ...]   # default: every example
 
-Each example is analysed as the study of the config it ran (``EXAMPLES``), from inside its directory,
-so that the CSV's ``source`` column names the log lines as ``experiments/...``. Before that, a run
+Each example is analysed as the study of the config it ran (``EXAMPLES``; with Snakemake's --config
+overrides where the call had them; several calls with different configs as one study of their runs), from
+inside its directory, so that the CSV's ``source`` column names the log lines as ``experiments/...``. Before that, a run
 directory under an older name is renamed to the name the study now gives the same run (the engine and
 the precision joined the name), with ``name`` and ``run_dir`` in its run.json and ``run`` in its
 launch.json to match; the logs and every other field stay as the run wrote them (launch.json's
@@ -17,6 +18,7 @@ provenance.txt (benchmarks/gpu/run_device.sh), not this machine's: the runs did 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,15 +29,17 @@ from ftscale.analyze.provenance import LIBRARIES, environment
 from ftscale.analyze.results import write_results
 from ftscale.engines.embedded import spec as embedded_spec
 from ftscale.study.paths import RunPaths
-from ftscale.study.run import IDENTITY_KEYS
-from ftscale.study.sweep import Study, load_config_file
+from ftscale.study.run import ENGINES, IDENTITY_KEYS
+from ftscale.study.sweep import Study, batch_variants, load_config_file
 from ftscale.workflow import workflow_study
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = ROOT / "results" / "examples"
 
-#: example directory -> the config its runs were made with (relative to the repository).
-EXAMPLES = {
+#: example directory -> the config its runs were made with (relative to the repository); a run made with
+#: Snakemake's --config on top of the file names both, (file, {key: value}); an example made by several device
+#: calls with different configs lists them, [file or (file, {key: value}), ...]: its study is theirs together.
+EXAMPLES: dict[str, str | tuple[str, dict] | list] = {
     "2026-11-24-h100-llama31_8b-lora": "benchmarks/gpu/llama8b_lora.yaml",
     "2026-11-24-h100-llama31_8b-lora-compile": "benchmarks/gpu/llama8b_lora_compile.yaml",
     "2026-11-24-h100-llama31_8b-lora-compile-ckpt": "benchmarks/gpu/llama8b_lora_compile_ckpt.yaml",
@@ -52,12 +56,54 @@ EXAMPLES = {
     "2026-12-01-h200-llama31_8b-lora-liger-eager": "benchmarks/gpu/llama8b_lora_liger_eager.yaml",
     "2026-12-01-h200-llama31_8b-head-to-head-mbs2": "benchmarks/gpu/head_to_head_8b_mbs2.yaml",
     "2026-12-02-h200-llama31_8b-lora-autotune": "benchmarks/gpu/llama8b_lora_autotune.yaml",
+    "2026-12-07-h100-llama31_8b-head-to-head-mbs2": "benchmarks/gpu/head_to_head_8b_mbs2.yaml",
+    "2026-12-07-h100-llama31_8b-nemo-oom": ("benchmarks/gpu/side_by_side_8b.yaml", {"engine": ["nemo"]}),
+    "2026-12-07-h100-llama31_8b-three-engines-seq2048": ["benchmarks/gpu/nemo_8b_seq2048.yaml",
+                                                         "benchmarks/gpu/h2h_seq2048.yaml"],
 }
 
 
-def example_study(config_file: str) -> Study:
-    """The study as the workflow plans it, with the repository's references (the example has no config/)."""
-    config = load_config_file(ROOT / config_file)
+def example_calls(entry: str | tuple[str, dict] | list) -> list[tuple[str, dict]]:
+    """An ``EXAMPLES`` entry as (config file, --config overrides) per device call."""
+    if isinstance(entry, str):
+        return [(entry, {})]
+    if isinstance(entry, tuple):
+        return [entry]
+    return [call for item in entry for call in example_calls(item)]
+
+
+def example_study(entry: str | tuple[str, dict] | list) -> Study:
+    """The study of an ``EXAMPLES`` entry: one config's as the workflow plans it, or several calls' together."""
+    studies = [config_study(config_file, overrides) for config_file, overrides in example_calls(entry)]
+    return studies[0] if len(studies) == 1 else joint_study(studies)
+
+
+def joint_study(studies: list[Study]) -> Study:
+    """The runs of several device calls as one study: their engines in the study's order (each engine's section
+    of the config from the call that ran it), the runs by engine, the config files named one after the other.
+    The tables group the runs by the config's tracks and batch shape: the calls must agree on them."""
+    first = studies[0]
+    shape = [(s.config["tracks"], [{k: b[k] for k in ("micro_batch", "global_batch", "seq_length")}
+                                   for b in batch_variants(s.config, "data_parallel")]) for s in studies]
+    if any(x != shape[0] for x in shape[1:]):
+        raise SystemExit(f"{', '.join(s.source for s in studies)}: the calls differ in tracks or batch shape")
+    names = [e for e in ENGINES if any(e in s.engines for s in studies)]
+    config = {**first.config, "engine": names}
+    for engine in names:
+        ran = next(s for s in studies if engine in s.engines)
+        if engine in ran.config:
+            config[engine] = ran.config[engine]
+    runs = sorted((run for s in studies for run in s.runs), key=lambda run: names.index(run.engine))
+    if len({run.identity for run in runs}) != len(runs):
+        raise SystemExit(f"{', '.join(s.source for s in studies)}: two calls plan the same run")
+    return dataclasses.replace(first, config=config, runs=tuple(runs), source=", ".join(s.source for s in studies),
+                               models={name: m for s in studies for name, m in s.models.items()})
+
+
+def config_study(config_file: str, overrides: dict) -> Study:
+    """The study as the workflow plans it (``overrides`` as Snakemake's --config), with the repository's
+    references (the example has no config/)."""
+    config = {**load_config_file(ROOT / config_file), **overrides}
     config["references"] = str(ROOT / "config" / "references.yaml")
     # The runs ran on the GPU machine, which had liger-kernel; the analysis here needs none of it.
     real, embedded_spec.liger_installed = embedded_spec.liger_installed, lambda: True
