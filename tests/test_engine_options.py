@@ -2,7 +2,7 @@
 against the unfused loss, the options' validation, and one real CPU run of the engine with them on.
 
 The GPU-only options (liger, flash/cudnn/efficient attention) are checked here for being refused on a CPU
-and for what they call; their speed is measured on a GPU (benchmarks/gpu/NOTES.md)."""
+and for what they call; their speed is measured on a GPU (docs/journal/gpu-sessions.md)."""
 
 from __future__ import annotations
 
@@ -349,7 +349,7 @@ def test_tables_say_which_options_a_run_used():
 
 @pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
 def test_gpu_benchmark_configs_are_valid(path, monkeypatch):
-    """Every GPU benchmark config (benchmarks/gpu/NOTES.md) loads here, liger-kernel taken as installed: a
+    """Every GPU benchmark config (docs/journal/gpu-sessions.md) loads here, liger-kernel taken as installed: a
     device call never spends its time on a config the workflow refuses."""
     from ftscale.engines.embedded import spec
     from ftscale.study.sweep import load_config_file, load_study

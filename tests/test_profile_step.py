@@ -1,5 +1,5 @@
 """benchmarks/gpu/profile_step.py: kernel names sorted into families, and one real profiled step of a
-tiny model on the CPU (the GPU run is in benchmarks/gpu/NOTES.md)."""
+tiny model on the CPU (the GPU run is in docs/journal/gpu-sessions.md)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 # one directory per set, each only what the machine's image lacks (device KINDS.md lists the image):
 #   .whl/base       ftscale's own needs: snakemake and its dependencies, peft, tabulate, ... (image's transformers 5.17),
 #                   and liger-kernel 0.8.5 (the [gpu] extra: pure Python, 0.9 MB; needs torch and triton, in the image)
-#   .whl/hf         transformers 5.23 + tokenizers + huggingface_hub 2.x, for runs measured with them (older NOTES rows)
+#   .whl/hf         transformers 5.23 + tokenizers + huggingface_hub 2.x, for runs measured with them (older rows of docs/journal/gpu-sessions.md)
 #   .whl/nemo       NeMo 2.7.3 and what its import chain and llm.finetune ask for, found import by import
-#                   (NOTES.md, "NeMo on the lent GPU"); pydantic comes from base, leptonai and pulp from stubs.py
+#                   (docs/journal/gpu-sessions.md, "NeMo 2.7.3 on the lent H200"); pydantic comes from base, leptonai and pulp from stubs.py
 #   .whl/automodel  NeMo AutoModel 0.7.0
 # A call carries at most 64 MiB: base + nemo (53 MiB) together, automodel (27 MiB) in a later call of a warm machine.
 # Run from the repo root.
