@@ -84,6 +84,9 @@ class PlannerTerms:
     own_expert_layer: bool = False
     #: Fraction of the dense matmul rate a whole step reaches (fitted on the GPU examples).
     step_efficiency: float = 0.37
+    #: Bytes held beside each parameter of the decoder layers' linear modules (not the experts'): float8
+    #: copies of frozen weights.
+    fp8_copy_bytes: int = 0
 
 
 class EngineSpec:

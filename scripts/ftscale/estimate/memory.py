@@ -85,7 +85,7 @@ from typing import Any, Mapping
 
 from ftscale.engines.base import PlannerTerms
 from ftscale.estimate.comm import trainable_params_per_gpu
-from ftscale.estimate.flops import MLP_MODULES, ArchDims, LoraSpec, arch_dims, lora_spec
+from ftscale.estimate.flops import ATTENTION_MODULES, MLP_MODULES, ArchDims, LoraSpec, arch_dims, lora_spec
 from ftscale.study.layout import Layout
 
 MIB = 2**20
@@ -207,6 +207,14 @@ def _params_per_gpu(s: MemorySetting) -> tuple[int, int]:
     return trainable_params_per_gpu(s.arch_dict, s.layout.tp, s.layout.ep, None)
 
 
+def _linear_params_per_gpu(s: MemorySetting) -> int:
+    """Parameters of the decoder layers' linear modules (attention, and the dense MLP; not the experts) one
+    GPU holds."""
+    shapes = s.arch.linear_shapes()
+    names = ATTENTION_MODULES + (() if s.arch.is_moe else MLP_MODULES)
+    return s.arch.layers * sum(shapes[n][0] * shapes[n][1] for n in names) // s.layout.tp
+
+
 def state_bytes(s: MemorySetting) -> StateBytes:
     lay, a = s.layout, s.dtype_bytes
     dense, expert = _params_per_gpu(s)
@@ -224,7 +232,7 @@ def state_bytes(s: MemorySetting) -> StateBytes:
         optimizer = 12 * (train_dense / lay.data_parallel_size + train_expert / lay.dp)
         return StateBytes(weights, grads, optimizer, 0.0)
     g = a if s.full else s.adapter_bytes
-    weights = base * a + adapters * s.adapter_bytes
+    weights = base * a + adapters * s.adapter_bytes + s.terms.fp8_copy_bytes * _linear_params_per_gpu(s)
     grads = trainable * g
     optimizer = 2 * trainable * g
     sync = 0.0

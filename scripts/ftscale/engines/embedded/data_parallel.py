@@ -10,10 +10,11 @@ from ftscale.study.run import Run
 
 
 def prepare_data_parallel(model: torch.nn.Module, run: Run, device: torch.device,
-                          lora_dtype: str = "float32") -> TrainSetup:
+                          lora_dtype: str = "float32", broadcast_buffers: bool = True) -> TrainSetup:
     """LoRA adapters on ``model`` (``lora_dtype``: ``float32``, peft's default, upcasts bf16/fp16 adapters
     and with them each target's input, so the adapters' matrix multiplies run in fp32; ``model``: adapters
-    in the model's dtype, on the tensor cores), wrapped in DDP."""
+    in the model's dtype, on the tensor cores), wrapped in DDP. ``broadcast_buffers`` off: DDP does not send
+    rank 0's buffers at every forward (the frozen weights' float8 copies are buffers, the same on every rank)."""
     from peft import LoraConfig, get_peft_model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -22,7 +23,8 @@ def prepare_data_parallel(model: torch.nn.Module, run: Run, device: torch.device
                         target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, config, autocast_adapter_dtype=lora_dtype == "float32").to(device)
     held, trainable = count_params(model)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=broadcast_buffers)
     world, rank = dist.get_world_size(), dist.get_rank()
     layout = {"world": world, "tp": 1, "ep": 1, "dp": world, "sp": 0, "lora_rank": lora["rank"],
               "params_per_rank": held, "trainable_per_rank": trainable}

@@ -28,6 +28,7 @@ class EmbeddedOptions:
     liger_kernels: bool = choice(False, True, doc="liger-kernel's RMSNorm, SwiGLU and RoPE (CUDA only)")
     attention: str = choice("auto", "flash", "cudnn", "efficient", "math", doc="the SDPA backend")
     lora_dtype: str = choice("float32", "model", doc="the adapters' dtype: peft's float32 or the model's")
+    fp8: str = choice("off", "tensorwise", "rowwise", doc="the frozen linear layers' matrix multiplies in float8")
 
     def differing(self) -> dict[str, Any]:
         """The options that differ from their defaults."""
@@ -40,7 +41,10 @@ CUDA_ONLY: dict[str, tuple[tuple, str]] = {
     "fused_ce": (("liger",), "use 'chunked' on the CPU"),
     "liger_kernels": ((True,), ""),
     "attention": (("flash", "cudnn", "efficient"), "use 'math' or 'auto' on the CPU"),
+    "fp8": (("tensorwise", "rowwise"), "float8 matrix multiplies need a Hopper GPU or newer"),
 }
+#: What the ``fp8`` option keeps beside each frozen weight: its float8 copy and that of its transpose.
+FP8_COPY_BYTES = 2
 #: Option values that need liger-kernel (``pip install -e '.[gpu]'``).
 NEEDS_LIGER: dict[str, tuple] = {"fused_ce": ("liger",), "liger_kernels": (True,)}
 #: torch.compile modes that capture CUDA graphs.
@@ -127,6 +131,9 @@ class EmbeddedSpec(EngineSpec):
             errs.add("embedded.compile_mode", opts.compile_mode, CUDA_GRAPHS_WITH_LAYERS)
         if opts.liger_kernels and opts.compile:
             errs.add("embedded.liger_kernels", True, LIGER_WITH_COMPILE)
+        if opts.fp8 != "off" and (run.track != "data_parallel" or not run.lora):
+            errs.add("embedded.fp8", opts.fp8, "applies to the frozen linear layers under LoRA (the data_parallel "
+                                               "track); full fine-tuning keeps the model's dtype")
         for key, (values, instead) in CUDA_ONLY.items():
             if getattr(opts, key) in values and device == "cpu":
                 errs.add(f"embedded.{key}", getattr(opts, key), "needs a CUDA GPU and this run's device is cpu"
@@ -161,7 +168,8 @@ class EmbeddedSpec(EngineSpec):
             adapter_bytes=adapter_bytes, fused_kernels=fused,
             fused_ce=opts.fused_ce if run.track == "data_parallel" else "off",
             activation_checkpointing=opts.activation_checkpointing,
-            own_expert_layer=run.track == "model_parallel", step_efficiency=efficiency)
+            own_expert_layer=run.track == "model_parallel", step_efficiency=efficiency,
+            fp8_copy_bytes=FP8_COPY_BYTES if opts.fp8 != "off" else 0)
 
     def options_label(self, run: Run, built: Mapping[str, Any] | None = None) -> str:
         """'compile, fused_ce=chunked' ('defaults' when none differs), as built where the layout line names them."""

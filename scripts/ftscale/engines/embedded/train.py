@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ftscale.engines.base import HF_LINEAR
 from ftscale.engines.embedded.data_parallel import prepare_data_parallel
+from ftscale.engines.embedded.fp8 import convert_frozen_linears
 from ftscale.engines.embedded.fused_ce import install as install_fused_head
 from ftscale.engines.embedded.model_parallel import prepare_model_parallel
 from ftscale.engines.embedded.options import (
@@ -53,13 +55,15 @@ def build(run: Run, device: torch.device) -> tuple[TrainSetup, torch.Tensor, Emb
     model = load_for_training(run.checkpoint, dtype, where)
     if options.liger_kernels:
         apply_liger_kernels(model)
+    if options.fp8 != "off":
+        convert_frozen_linears(model, options.fp8, HF_LINEAR)
     if options.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = (install_fused_head(model, options.fused_ce, compiled=options.compile)
             if options.fused_ce != "off" else None)
     tokens = dataset_tokens(run, AutoTokenizer.from_pretrained(run.checkpoint), model.config.vocab_size)
     if run.track == "data_parallel":
-        prepared = prepare_data_parallel(model, run, device, options.lora_dtype)
+        prepared = prepare_data_parallel(model, run, device, options.lora_dtype, broadcast_buffers=options.fp8 == "off")
     else:
         prepared = prepare_model_parallel(model, run, device)
     prepared.head = head
