@@ -5,7 +5,8 @@
 - ``launch``: start a job from its run.json (torchrun, srun) and record what happened;
 - ``logformat``: the one per-step line format, and reading step lines back (ours and NeMo's);
 - ``data``: the training batches;
-- ``engine/``: the engines, started by ``launch`` under torchrun.
+- ``outcome``: how every engine's job ends in its log (done line, error line).
 
-Imports only ``ftscale.study`` and ``ftscale.importing``.
+The engines' training code (``ftscale.engines.<name>.train``, started by ``launch`` under torchrun) belongs to
+this stage. Imports only the engines' specs, ``ftscale.study`` and ``ftscale.importing``.
 """

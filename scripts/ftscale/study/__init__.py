@@ -5,8 +5,8 @@
 - ``layout``: ``Layout`` (tp x ep x dp, sp) and the one place its rules are written;
 - ``run``: ``Run``, one training job, whose identity is its name and its directory;
 - ``paths``: every file a run or a model has, relative to the workflow's root directory;
-- ``engines``: what each engine accepts (pure checks, no engine imported);
+- ``check``: the checks every engine shares, then the run's own engine's (``ftscale.engines``);
 - ``sweep``: the configuration expanded into runs (``load_study``).
 
-Nothing here imports a later stage (importing, run, analyze).
+Nothing here imports a later stage (estimate, importing, run, analyze); the engines' specs come before it.
 """
