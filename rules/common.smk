@@ -5,7 +5,16 @@ from ftscale.run.data import prepare_dataset_logged
 from ftscale.run.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
 from ftscale.study import paths
 from ftscale.study.schema import ConfigError
-from ftscale.workflow import container_image, conversion_command, model_files, run_files, workflow_study
+from ftscale.workflow import (
+    container_image,
+    conversion_command,
+    import_command,
+    job_image,
+    model_files,
+    run_files,
+    train_command,
+    workflow_study,
+)
 
 
 def clear_errors(call, *args):
@@ -41,7 +50,7 @@ def run_params(wildcards):
 
 
 def run_sbatch(wildcards):
-    return render_run_sbatch(run_of(wildcards), STUDY.config, Path.cwd(), STUDY.config["container"])
+    return render_run_sbatch(run_of(wildcards), STUDY.config, Path.cwd(), job_image(STUDY))
 
 
 def run_checkpoint(wildcards):
@@ -59,7 +68,7 @@ def run_dataset(wildcards):
 
 def import_sbatch(wildcards):
     model = STUDY.models[wildcards.model]
-    return render_import_sbatch(model, STUDY.config, Path.cwd(), STUDY.config["container"])
+    return render_import_sbatch(model, STUDY.config, Path.cwd(), job_image(STUDY))
 
 
 def train_job(wildcards, attempt=1):

@@ -42,7 +42,7 @@ rule train:
         mem_mb=train_mem_mb,
         runtime=train_runtime,
     shell:
-        "ftscale train {input.run} --cpus {threads} --log {log.train} --launch-record {log.launch}"
+        train_command(STUDY)
 
 
 rule train_data_parallel:

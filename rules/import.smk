@@ -39,7 +39,7 @@ rule import_model:
         mem_mb=import_mem_mb,
         runtime=import_runtime,
     shell:
-        "ftscale import {wildcards.model} --out {output} > {log} 2>&1"
+        import_command(STUDY)
 
 
 rule import_nemo:

@@ -188,6 +188,6 @@ def test_the_nemo_jobs_image_and_command(repo, container, image):
     cfg.update(container=container, nemo={"python": "/opt/nemo/bin/python"})
     s = workflow_study(cfg, ["config/workshop.yaml"], root=repo)
     assert container_image(s) == image
-    assert conversion_command(s, "nemo_checkpoint") == (
-        "/opt/nemo/bin/python -m ftscale.cli import-nemo {wildcards.model} --hf {input} --out {output} "
-        "--transformer-impl transformer_engine")
+    assert conversion_command(s, "nemo_checkpoint") == (  # the engine's Python on the project's sources
+        'PYTHONPATH="$PWD/scripts${{PYTHONPATH:+:$PYTHONPATH}}" /opt/nemo/bin/python -m ftscale.cli import-nemo '
+        "{wildcards.model} --hf {input} --out {output} --transformer-impl transformer_engine")

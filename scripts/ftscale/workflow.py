@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ftscale.engines import engine
 from ftscale.estimate.plan import with_predicted_oom_skipped
+from ftscale.run.command import ftscale_cli
 from ftscale.study import paths
 from ftscale.study.sweep import Study, load_study
 
@@ -25,13 +26,40 @@ def workflow_study(config: dict, configfiles: Iterable[str | Path], root: Path =
     return with_predicted_oom_skipped(load_study(config, source=config_source(configfiles), root=root))
 
 
-def container_image(study: Study) -> str | None:
-    """The jobs' image for Snakemake's own container support (--sdm apptainer), where an engine of the study
-    needs one, else none; ``container: none`` means the engines are installed on the nodes."""
+def job_image(study: Study) -> str:
+    """The configured image of the jobs where an engine of the study needs one, else ""; ``container: none``
+    means the engines are installed on the nodes. The rendered sbatch scripts (pyxis) name it as configured."""
     image = study.config["container"]
     if not any(engine(name).needs_container for name in study.engines) or image in ("", "none"):
+        return ""
+    return image
+
+
+def container_image(study: Study) -> str | None:
+    """The jobs' image for Snakemake's own container support (--sdm apptainer), or None. Snakemake runs the
+    job with the working directory as its home (``apptainer exec --home $PWD``): the project is inside at
+    its own path, which is the working directory there too."""
+    image = job_image(study)
+    if not image:
         return None
     return image if "://" in image else f"docker://{image}"
+
+
+def _literal(shell: str) -> str:
+    """``shell`` inside a rule's shell command, which Snakemake formats: its braces doubled."""
+    return shell.replace("{", "{{").replace("}", "}}")
+
+
+def train_command(study: Study) -> str:
+    """The train rule's shell command (``ftscale.run.command``: the project's sources inside a container)."""
+    cli = _literal(ftscale_cli(bool(job_image(study))))
+    return f"{cli} train {{input.run}} --cpus {{threads}} --log {{log.train}} --launch-record {{log.launch}}"
+
+
+def import_command(study: Study) -> str:
+    """The import rule's shell command, output and error into its log."""
+    cli = _literal(ftscale_cli(bool(job_image(study))))
+    return f"{cli} import {{wildcards.model}} --out {{output}} > {{log}} 2>&1"
 
 
 def converting_engines(study: Study) -> dict[str, str]:
@@ -46,7 +74,9 @@ def conversion_command(study: Study, role: str) -> str:
     name = converting_engines(study).get(role)
     if name is None:
         return f"echo 'no engine of this study converts checkpoints into {role}' >&2; exit 1"
-    return engine(name).conversion_command(study.config.get(name) or {})
+    section = study.config.get(name) or {}
+    spec = engine(name)
+    return spec.conversion_command(section, _literal(ftscale_cli(bool(job_image(study)), spec.python(section))))
 
 
 def run_files(study: Study, role: str, track: str | None = None) -> list[str]:

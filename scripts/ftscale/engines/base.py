@@ -147,9 +147,10 @@ class EngineSpec:
         """The interpreter of the engine's jobs when its config section names one (``<engine>.python``)."""
         return section.get("python")
 
-    def conversion_command(self, section: Mapping[str, Any]) -> str:
+    def conversion_command(self, section: Mapping[str, Any], ftscale: str) -> str:
         """The shell command that makes the engine's own checkpoint role from the Hugging Face import (wildcard
-        ``model``, input the import, output the converted directory), for an engine with such a role."""
+        ``model``, input the import, output the converted directory), for an engine with such a role;
+        ``ftscale`` is the words that start ftscale's command line in the job (``ftscale.run.command``)."""
         raise NotImplementedError(f"engine {self.name!r} reads the Hugging Face checkpoint itself")
 
     def lora_errors(self, run: Run, errs: Errors) -> None:

@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftscale.run.command import ftscale_cli
 from ftscale.study.models import Model
 from ftscale.study.run import Run
 
@@ -37,31 +38,40 @@ def import_resources(config: dict, attempt: int = 1) -> Resources:
     return Resources(gpus=res["gpus"], cpus=res["cpus"], mem_mb=res["mem_mb"], runtime_min=res["runtime_min"] * attempt)
 
 
-def _header(job_name: str, res: Resources, output: str, container: str) -> list[str]:
+def _header(job_name: str, res: Resources, output: str, container: str, repo: Path) -> list[str]:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={res.nodes}"]
     if res.gpus:
         lines.append(f"#SBATCH --gpus={res.gpus}")
     lines += [f"#SBATCH --cpus-per-task={res.cpus}", f"#SBATCH --mem={res.mem_mb}M",
               f"#SBATCH --time={res.runtime_min}", f"#SBATCH --output={output}"]
     if container:
-        lines.append(f"#SBATCH --container-image={container}  # pyxis; remove if your cluster has no pyxis")
-        lines.append("#SBATCH --container-mounts=.:/workspace --container-workdir=/workspace")
+        lines += container_lines(container, repo)
     return lines
+
+
+def container_lines(image: str, repo: Path) -> list[str]:
+    """pyxis's options: the job inside ``image``, with the project mounted at its own path and as the working
+    directory, so that the script's paths are the same inside and out (#SBATCH lines expand no variables:
+    the path is written out)."""
+    return ["# Inside the container image (pyxis), the project at the same path; without pyxis, remove these:",
+            f"#SBATCH --container-image={image}",
+            f"#SBATCH --container-mounts={repo}:{repo}",
+            f"#SBATCH --container-workdir={repo}"]
 
 
 def render_run_sbatch(run: Run, config: dict, repo: Path, container: str = "") -> str:
     res = train_resources(run, config)
     d, p = run.directory, run.paths
-    cmd = ["ftscale", "train", str(p.run), "--log", str(p.log), "--launch-record", str(p.launch)]
+    cmd = ["train", str(p.run), "--log", str(p.log), "--launch-record", str(p.launch)]
     return "\n".join([
-        *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{repo}/{d}/slurm-%j.out", container),
+        *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{repo}/{d}/slurm-%j.out", container, repo),
         "#",
         f"# The {run.track.replace('_', '-')} run {run.name} of {run.model}, standalone: the same command as the",
         "# workflow's train job. Submit from anywhere: sbatch [-p PARTITION -A ACCOUNT] " + f"{d}/run.sbatch",
         "# Afterwards, `snakemake results/tables.md` picks up its output. Rendered by the workflow: edits are lost.",
         "set -euo pipefail",
         f"cd {shlex.quote(str(repo))}",
-        shlex.join(cmd),
+        f"{ftscale_cli(bool(container))} {shlex.join(cmd)}",
         "",
     ])
 
@@ -70,12 +80,12 @@ def render_import_sbatch(model: Model, config: dict, repo: Path, container: str 
     res = import_resources(config)
     out = str(model.checkpoint)
     return "\n".join([
-        *_header(f"ftscale-import-{model.name}", res, f"{repo}/{model.directory}/import-%j.out", container),
+        *_header(f"ftscale-import-{model.name}", res, f"{repo}/{model.directory}/import-%j.out", container, repo),
         "#",
         f"# Import {model.name} ({model.spec['source']}) once into {out}, standalone: the workflow's import job.",
         "# A gated hub model needs HF_TOKEN in the environment (never written to a file).",
         "set -euo pipefail",
         f"cd {shlex.quote(str(repo))}",
-        shlex.join(["ftscale", "import", model.name, "--out", out]),
+        f"{ftscale_cli(bool(container))} {shlex.join(['import', model.name, '--out', out])}",
         "",
     ])

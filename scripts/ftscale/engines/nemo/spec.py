@@ -92,10 +92,8 @@ class NemoSpec(EngineSpec):
     model_files = {"nemo_checkpoint": "nemo", "nemo_import_log": "nemo-import.log"}
     packages = {"nemo": "nemo_toolkit"}
 
-    def conversion_command(self, section: Mapping[str, Any]) -> str:
-        """``ftscale import-nemo`` (``llm.import_ckpt``) under the engine's Python when the config names one."""
-        python = self.python(section)
-        ftscale = f"{python} -m ftscale.cli" if python else "ftscale"
+    def conversion_command(self, section: Mapping[str, Any], ftscale: str) -> str:
+        """``ftscale import-nemo`` (``llm.import_ckpt``)."""
         impl = NemoOptions(**{k: v for k, v in section.items() if k == "transformer_impl"}).transformer_impl
         return (f"{ftscale} import-nemo {{wildcards.model}} --hf {{input}} --out {{output}} "
                 f"--transformer-impl {impl}")
