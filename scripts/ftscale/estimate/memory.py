@@ -231,7 +231,7 @@ def state_bytes(s: MemorySetting) -> StateBytes:
     if s.track == "model_parallel":
         buckets = [train_dense * g if lay.data_parallel_size > 1 else 0, train_expert * g if lay.dp > 1 else 0]
         sync = float(max(buckets))
-    ddp = float(grads) if s.track == "data_parallel" else 0.0
+    ddp = float(grads) if s.track == "data_parallel" and s.terms.gradient_buckets else 0.0
     return StateBytes(weights, grads, optimizer, sync, ddp)
 
 
@@ -247,29 +247,46 @@ def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
     full = 1 if s.full else 0
     # Megatron (NeMo) keeps the SP shard of a column-parallel input and re-gathers it in backward.
     gathered = S if s.megatron else 1
-    norm = (a * h / S) if s.megatron and not s.local_spec else (4 * h + a * h * full) / S
-    # The SDPA output, transposed back, is already contiguous: it is o_proj's input, no copy.
-    attention = a * h * full / gathered + (2 * a * q + 2 * a * kv + 4 * d.heads) / t
-    if s.local_spec:  # unfused attention: each head's s x s probabilities (bf16 softmax), kept once
-        attention += a * d.heads * s.seq_length / t
+    if s.terms.norm_keeps == "input":  # a fused kernel: its input and an fp32 rstd
+        norm = (a * h + 4) / S
+    else:  # Hugging Face's RMSNorm: the fp32 upcast of its input (+ the normalised input if its weight trains)
+        norm = (4 * h + a * h * full) / S
+    if s.local_spec:
+        # Megatron's unfused attention: q, and k and v repeated to every head (GQA), kept by the two batched
+        # matmuls; the context (linear_proj's input); each head's s x s probabilities (bf16 softmax), kept once
+        # for the softmax's and the PV product's backward; RoPE's cos and sin, made in every layer for q and
+        # k, kept by its multiplications ([s, 1, 1, d] each: per position, shared by the micro-batch).
+        attention = (a * h * full / gathered + 4 * a * q / t + a * d.heads * s.seq_length / t
+                     + 4 * a * d.head_dim / s.micro_batch)
+    else:
+        # The SDPA output, transposed back, is already contiguous: it is o_proj's input, no copy.
+        attention = a * h * full / gathered + (2 * a * q + 2 * a * kv + 4 * d.heads) / t
+    fused_mlp = (s.terms.fused_lora_mlp and not d.is_moe and s.lora is not None
+                 and set(MLP_MODULES) <= set(s.lora.targets))
     lora = 0.0
     if s.lora is not None:
         adapter = s.adapter_bytes
         shapes = d.linear_shapes()
         routed = d.top_k if d.is_moe else 1
+        # the fused LoRA MLP keeps its own input (counted with the MLP) and recomputes its LoRA activations
+        targets = [m for m in s.lora.targets if not (fused_mlp and m in MLP_MODULES)]
         if adapter != a:  # one cast copy per target
-            for m in s.lora.targets:
+            for m in targets:
                 din = shapes[m][0] / (t if m in ("o_proj", "down_proj") else gathered)
                 lora += adapter * din * (routed if m in MLP_MODULES else 1)
         else:  # the input itself, once per distinct input (o_proj's is the SDPA output, counted above)
-            inputs = {"attn_in": h / gathered if {"q_proj", "k_proj", "v_proj"} & set(s.lora.targets) else 0,
-                      "mlp_in": routed * h / gathered if {"gate_proj", "up_proj"} & set(s.lora.targets) else 0,
-                      "down_in": routed * inter / t if "down_proj" in s.lora.targets else 0}
+            inputs = {"attn_in": h / gathered if {"q_proj", "k_proj", "v_proj"} & set(targets) else 0,
+                      "mlp_in": routed * h / gathered if {"gate_proj", "up_proj"} & set(targets) else 0,
+                      "down_in": routed * inter / t if "down_proj" in targets else 0}
             lora = a * sum(inputs.values())
-        # lora_A's output (rank r, adapter dtype), kept for lora_B's weight gradient
-        lora += sum(adapter * s.lora.rank * (routed if m in MLP_MODULES else 1) for m in s.lora.targets)
-    if not d.is_moe:
+        if s.terms.lora_keeps_rank_output:  # lora_A's output (rank r, adapter dtype), for lora_B's weight gradient
+            lora += sum(adapter * s.lora.rank * (routed if m in MLP_MODULES else 1) for m in targets)
+    if fused_mlp:  # its input, the gate and up outputs
+        mlp = a * h / gathered + 2 * a * inter / t
+    elif not d.is_moe:
         mlp = 3 * a * inter / t + a * h * full / gathered + a * inter * full / t
+        if s.terms.unfused_glu:  # x_linear + glu_linear_offset, kept by the product
+            mlp += a * inter / t
     elif s.terms.own_expert_layer:
         k = d.top_k
         mlp = a * h / S + k * a * h + k * 4 * a * inter / t + k * 4 * h / S + 4 * d.experts / S
@@ -290,6 +307,20 @@ def activation_bytes(s: MemorySetting) -> float:
         S = s.layout.tp if s.layout.sp else 1
         return tokens * (s.arch.layers * s.dtype_bytes * s.arch.hidden / S + per_layer)
     return tokens * s.arch.layers * per_layer
+
+
+def attention_workspace_bytes(s: MemorySetting) -> float:
+    """Megatron's unfused attention computes the scores of a micro-batch, [b·H/t, s, s] in the model dtype,
+    with a buffer it allocates once and keeps (``get_global_memory_buffer``); 0 for fused attention."""
+    if not s.local_spec:
+        return 0.0
+    return s.dtype_bytes * s.micro_batch * s.arch.heads * s.seq_length ** 2 / s.layout.tp
+
+
+def attention_backward_bytes(s: MemorySetting) -> float:
+    """What the backward of one unfused attention layer adds for a moment: the gradients of the
+    probabilities and of the scores, each [b·H/t, s, s] (a candidate for the peak beside the logits)."""
+    return 2 * attention_workspace_bytes(s)
 
 
 def fused_ce_chunk_tokens(kind: str, tokens: int, vocab: int, hidden: int) -> int:
@@ -328,6 +359,7 @@ class MemoryPrediction:
     overhead_mib: float
     sync_buffer_mib: float
     ddp_buckets_mib: float = 0.0
+    attention_backward_mib: float = 0.0
 
     @property
     def state_mib(self) -> float:
@@ -336,7 +368,7 @@ class MemoryPrediction:
 
     @property
     def peak_mib(self) -> float:
-        compute = self.activations_mib + self.logits_mib
+        compute = self.activations_mib + max(self.logits_mib, self.attention_backward_mib)
         return self.state_mib + self.ddp_buckets_mib + max(compute, self.sync_buffer_mib) + self.overhead_mib
 
 
@@ -344,6 +376,6 @@ def predict_memory(s: MemorySetting) -> MemoryPrediction:
     state = state_bytes(s)
     return MemoryPrediction(
         weights_mib=state.weights / MIB, gradients_mib=state.gradients / MIB, optimizer_mib=state.optimizer / MIB,
-        activations_mib=activation_bytes(s) / MIB, logits_mib=logits_bytes(s) / MIB,
+        activations_mib=(activation_bytes(s) + attention_workspace_bytes(s)) / MIB, logits_mib=logits_bytes(s) / MIB,
         overhead_mib=ALLOCATOR_OVERHEAD_MIB, sync_buffer_mib=state.sync_buffer / MIB,
-        ddp_buckets_mib=state.ddp_buckets / MIB)
+        ddp_buckets_mib=state.ddp_buckets / MIB, attention_backward_mib=attention_backward_bytes(s) / MIB)
