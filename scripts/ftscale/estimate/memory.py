@@ -67,14 +67,20 @@ flattens the gradients of a bucket into one buffer at the end of backward (activ
 then), a second candidate: state + largest bucket·a + overhead. The prediction is the larger.
 
 NeMo is modelled with the same per-tensor terms, with Megatron's differences: SP divides every term
-by tp (inputs are re-gathered in backward), TE norms keep a·h, LoRA adapters are bf16. With
-``transformer_impl: local`` (Megatron's local layer spec, no TE; ``local_spec``) attention is unfused:
-DotProductAttention's softmax runs in the model dtype (NeMo's GPT configs set attention_softmax_in_fp32
-False) and its output, the s x s probabilities of every head, is kept once for both the softmax's and the
-PV product's backward: a·H·s/t per token and layer; its norms are torch norms (4h each, as the embedded
-engine's). Checked against one GPU run (NeMo 2.7.3, LLaMA 3.1 8B shapes, seq 4096, micro batch 1, H200,
-results/examples/2026-12-01-h200-llama31_8b-side-by-side): the TE-only model predicted 39,832 MiB of
-78,848 measured (-49.5%); with these two terms -5% (the remaining ~4 GiB not attributed).
+by tp (inputs are re-gathered in backward), its norms are fused kernels (TE's, or torch's RMSNorm, which on
+CUDA keeps its input and an fp32 rstd: a·h + 4), LoRA adapters are bf16, its DDP keeps no second gradient copy.
+With ``transformer_impl: local`` (Megatron's local layer spec, no TE; ``local_spec``) attention is unfused: q,
+and k and v repeated to every head (4·a·q/t with the context), each head's s x s probabilities in the model
+dtype (a·H·s/t per token), RoPE's cos and sin made in every layer (4·a·d per position), a persistent scores
+buffer (a·b·H·s²/t) and, in backward, two s x s gradients for a moment (a peak candidate beside the logits);
+with bias_activation_fusion off its SwiGLU keeps the offset sum ``x_linear + glu_linear_offset`` (a·I/t more).
+
+AutoModel (FSDP2 over the bf16 model) keeps adapters, their gradients and AdamW's moments in bf16, has no DDP
+buckets, normalises with Liger's RMSNorm (a·h + 4), recomputes lora_A's output (its Triton LoRA) and runs the
+MLP as one fused LoRA SwiGLU function that keeps its input, the gate and the up output (a·h + 2·a·I/t); its
+loss is Hugging Face's on full logits (12·V).
+
+docs/planner.md gives each term's check against the GPU examples.
 """
 
 from __future__ import annotations
