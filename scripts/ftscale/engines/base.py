@@ -82,6 +82,30 @@ class PlannerTerms:
     unfused_attention: bool = False
     #: The engine's own expert-parallel MoE layer (all-to-all dispatch), not Hugging Face's routing loop.
     own_expert_layer: bool = False
+    #: What an RMSNorm keeps for backward: "fp32_copy" (Hugging Face's LlamaRMSNorm, written out in
+    #: PyTorch: the fp32 upcast of its input) or "input" (a fused kernel: torch's RMSNorm on CUDA, Liger's,
+    #: Transformer Engine's: the input in the model dtype and an fp32 rstd per token).
+    norm_keeps: str = "fp32_copy"
+    #: The LoRA function keeps lora_A's output for lora_B's weight gradient (peft); False: recomputes it
+    #: (AutoModel's Triton LoRA).
+    lora_keeps_rank_output: bool = True
+    #: gate, up, SwiGLU and down (with their LoRA) in one autograd function that keeps only its input and the
+    #: gate and up outputs, recomputing the rest in backward (AutoModel's fused LoRA MLP).
+    fused_lora_mlp: bool = False
+    #: Megatron's SwiGLU without bias_activation_fusion, ``silu(x_glu) * (x_linear + glu_linear_offset)``:
+    #: keeps the whole fc1 output, SiLU's output and the offset sum (a copy, even at offset 0).
+    unfused_glu: bool = False
+    #: DDP's flat gradient buckets, a second copy of the gradients on the data-parallel track (torch DDP);
+    #: False under FSDP2 and Megatron's own DDP (whose fp32 grad buffer is the gradients themselves).
+    gradient_buckets: bool = True
+    #: GPU memory the engine's process holds outside PyTorch's allocator (CUDA context, kernel modules,
+    #: cuBLAS/NCCL workspaces), MiB: read from the engine's out-of-memory message ("this process has X in use"
+    #: less what PyTorch allocated and reserved); the largest measured where an engine has none.
+    cuda_context_mib: float = 2022.0
+    #: Memory PyTorch keeps reserved but cannot hand out when an allocation fails (free pieces of segments
+    #: still in use, after the allocator has released its cached blocks), as a fraction of the allocated
+    #: memory: read from the same message; the largest measured where an engine has none.
+    reserve_fraction: float = 0.013
     #: Fraction of the dense matmul rate a whole step reaches (fitted on the GPU examples).
     step_efficiency: float = 0.37
     #: Bytes held beside each parameter of the decoder layers' linear modules (not the experts'): float8

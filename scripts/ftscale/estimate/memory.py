@@ -67,14 +67,20 @@ flattens the gradients of a bucket into one buffer at the end of backward (activ
 then), a second candidate: state + largest bucket·a + overhead. The prediction is the larger.
 
 NeMo is modelled with the same per-tensor terms, with Megatron's differences: SP divides every term
-by tp (inputs are re-gathered in backward), TE norms keep a·h, LoRA adapters are bf16. With
-``transformer_impl: local`` (Megatron's local layer spec, no TE; ``local_spec``) attention is unfused:
-DotProductAttention's softmax runs in the model dtype (NeMo's GPT configs set attention_softmax_in_fp32
-False) and its output, the s x s probabilities of every head, is kept once for both the softmax's and the
-PV product's backward: a·H·s/t per token and layer; its norms are torch norms (4h each, as the embedded
-engine's). Checked against one GPU run (NeMo 2.7.3, LLaMA 3.1 8B shapes, seq 4096, micro batch 1, H200,
-results/examples/2026-12-01-h200-llama31_8b-side-by-side): the TE-only model predicted 39,832 MiB of
-78,848 measured (-49.5%); with these two terms -5% (the remaining ~4 GiB not attributed).
+by tp (inputs are re-gathered in backward), its norms are fused kernels (TE's, or torch's RMSNorm, which on
+CUDA keeps its input and an fp32 rstd: a·h + 4), LoRA adapters are bf16, its DDP keeps no second gradient copy.
+With ``transformer_impl: local`` (Megatron's local layer spec, no TE; ``local_spec``) attention is unfused: q,
+and k and v repeated to every head (4·a·q/t with the context), each head's s x s probabilities in the model
+dtype (a·H·s/t per token), RoPE's cos and sin made in every layer (4·a·d per position), a persistent scores
+buffer (a·b·H·s²/t) and, in backward, two s x s gradients for a moment (a peak candidate beside the logits);
+with bias_activation_fusion off its SwiGLU keeps the offset sum ``x_linear + glu_linear_offset`` (a·I/t more).
+
+AutoModel (FSDP2 over the bf16 model) keeps adapters, their gradients and AdamW's moments in bf16, has no DDP
+buckets, normalises with Liger's RMSNorm (a·h + 4), recomputes lora_A's output (its Triton LoRA) and runs the
+MLP as one fused LoRA SwiGLU function that keeps its input, the gate and the up output (a·h + 2·a·I/t); its
+loss is Hugging Face's on full logits (12·V).
+
+docs/planner.md gives each term's check against the GPU examples.
 """
 
 from __future__ import annotations
@@ -239,7 +245,7 @@ def state_bytes(s: MemorySetting) -> StateBytes:
     if s.track == "model_parallel":
         buckets = [train_dense * g if lay.data_parallel_size > 1 else 0, train_expert * g if lay.dp > 1 else 0]
         sync = float(max(buckets))
-    ddp = float(grads) if s.track == "data_parallel" else 0.0
+    ddp = float(grads) if s.track == "data_parallel" and s.terms.gradient_buckets else 0.0
     return StateBytes(weights, grads, optimizer, sync, ddp)
 
 
@@ -255,29 +261,46 @@ def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
     full = 1 if s.full else 0
     # Megatron (NeMo) keeps the SP shard of a column-parallel input and re-gathers it in backward.
     gathered = S if s.megatron else 1
-    norm = (a * h / S) if s.megatron and not s.local_spec else (4 * h + a * h * full) / S
-    # The SDPA output, transposed back, is already contiguous: it is o_proj's input, no copy.
-    attention = a * h * full / gathered + (2 * a * q + 2 * a * kv + 4 * d.heads) / t
-    if s.local_spec:  # unfused attention: each head's s x s probabilities (bf16 softmax), kept once
-        attention += a * d.heads * s.seq_length / t
+    if s.terms.norm_keeps == "input":  # a fused kernel: its input and an fp32 rstd
+        norm = (a * h + 4) / S
+    else:  # Hugging Face's RMSNorm: the fp32 upcast of its input (+ the normalised input if its weight trains)
+        norm = (4 * h + a * h * full) / S
+    if s.local_spec:
+        # Megatron's unfused attention: q, and k and v repeated to every head (GQA), kept by the two batched
+        # matmuls; the context (linear_proj's input); each head's s x s probabilities (bf16 softmax), kept once
+        # for the softmax's and the PV product's backward; RoPE's cos and sin, made in every layer for q and
+        # k, kept by its multiplications ([s, 1, 1, d] each: per position, shared by the micro-batch).
+        attention = (a * h * full / gathered + 4 * a * q / t + a * d.heads * s.seq_length / t
+                     + 4 * a * d.head_dim / s.micro_batch)
+    else:
+        # The SDPA output, transposed back, is already contiguous: it is o_proj's input, no copy.
+        attention = a * h * full / gathered + (2 * a * q + 2 * a * kv + 4 * d.heads) / t
+    fused_mlp = (s.terms.fused_lora_mlp and not d.is_moe and s.lora is not None
+                 and set(MLP_MODULES) <= set(s.lora.targets))
     lora = 0.0
     if s.lora is not None:
         adapter = s.adapter_bytes
         shapes = d.linear_shapes()
         routed = d.top_k if d.is_moe else 1
+        # the fused LoRA MLP keeps its own input (counted with the MLP) and recomputes its LoRA activations
+        targets = [m for m in s.lora.targets if not (fused_mlp and m in MLP_MODULES)]
         if adapter != a:  # one cast copy per target
-            for m in s.lora.targets:
+            for m in targets:
                 din = shapes[m][0] / (t if m in ("o_proj", "down_proj") else gathered)
                 lora += adapter * din * (routed if m in MLP_MODULES else 1)
         else:  # the input itself, once per distinct input (o_proj's is the SDPA output, counted above)
-            inputs = {"attn_in": h / gathered if {"q_proj", "k_proj", "v_proj"} & set(s.lora.targets) else 0,
-                      "mlp_in": routed * h / gathered if {"gate_proj", "up_proj"} & set(s.lora.targets) else 0,
-                      "down_in": routed * inter / t if "down_proj" in s.lora.targets else 0}
+            inputs = {"attn_in": h / gathered if {"q_proj", "k_proj", "v_proj"} & set(targets) else 0,
+                      "mlp_in": routed * h / gathered if {"gate_proj", "up_proj"} & set(targets) else 0,
+                      "down_in": routed * inter / t if "down_proj" in targets else 0}
             lora = a * sum(inputs.values())
-        # lora_A's output (rank r, adapter dtype), kept for lora_B's weight gradient
-        lora += sum(adapter * s.lora.rank * (routed if m in MLP_MODULES else 1) for m in s.lora.targets)
-    if not d.is_moe:
+        if s.terms.lora_keeps_rank_output:  # lora_A's output (rank r, adapter dtype), for lora_B's weight gradient
+            lora += sum(adapter * s.lora.rank * (routed if m in MLP_MODULES else 1) for m in targets)
+    if fused_mlp:  # its input, the gate and up outputs
+        mlp = a * h / gathered + 2 * a * inter / t
+    elif not d.is_moe:
         mlp = 3 * a * inter / t + a * h * full / gathered + a * inter * full / t
+        if s.terms.unfused_glu:  # x_linear + glu_linear_offset, kept by the product
+            mlp += a * inter / t
     elif s.terms.own_expert_layer:
         k = d.top_k
         mlp = a * h / S + k * a * h + k * 4 * a * inter / t + k * 4 * h / S + 4 * d.experts / S
@@ -298,6 +321,20 @@ def activation_bytes(s: MemorySetting) -> float:
         S = s.layout.tp if s.layout.sp else 1
         return tokens * (s.arch.layers * s.dtype_bytes * s.arch.hidden / S + per_layer)
     return tokens * s.arch.layers * per_layer
+
+
+def attention_workspace_bytes(s: MemorySetting) -> float:
+    """Megatron's unfused attention computes the scores of a micro-batch, [b·H/t, s, s] in the model dtype,
+    with a buffer it allocates once and keeps (``get_global_memory_buffer``); 0 for fused attention."""
+    if not s.local_spec:
+        return 0.0
+    return s.dtype_bytes * s.micro_batch * s.arch.heads * s.seq_length ** 2 / s.layout.tp
+
+
+def attention_backward_bytes(s: MemorySetting) -> float:
+    """What the backward of one unfused attention layer adds for a moment: the gradients of the
+    probabilities and of the scores, each [b·H/t, s, s] (a candidate for the peak beside the logits)."""
+    return 2 * attention_workspace_bytes(s)
 
 
 def fused_ce_chunk_tokens(kind: str, tokens: int, vocab: int, hidden: int) -> int:
@@ -336,6 +373,7 @@ class MemoryPrediction:
     overhead_mib: float
     sync_buffer_mib: float
     ddp_buckets_mib: float = 0.0
+    attention_backward_mib: float = 0.0
 
     @property
     def state_mib(self) -> float:
@@ -344,7 +382,7 @@ class MemoryPrediction:
 
     @property
     def peak_mib(self) -> float:
-        compute = self.activations_mib + self.logits_mib
+        compute = self.activations_mib + max(self.logits_mib, self.attention_backward_mib)
         return self.state_mib + self.ddp_buckets_mib + max(compute, self.sync_buffer_mib) + self.overhead_mib
 
 
@@ -352,6 +390,6 @@ def predict_memory(s: MemorySetting) -> MemoryPrediction:
     state = state_bytes(s)
     return MemoryPrediction(
         weights_mib=state.weights / MIB, gradients_mib=state.gradients / MIB, optimizer_mib=state.optimizer / MIB,
-        activations_mib=activation_bytes(s) / MIB, logits_mib=logits_bytes(s) / MIB,
+        activations_mib=(activation_bytes(s) + attention_workspace_bytes(s)) / MIB, logits_mib=logits_bytes(s) / MIB,
         overhead_mib=ALLOCATOR_OVERHEAD_MIB, sync_buffer_mib=state.sync_buffer / MIB,
-        ddp_buckets_mib=state.ddp_buckets / MIB)
+        ddp_buckets_mib=state.ddp_buckets / MIB, attention_backward_mib=attention_backward_bytes(s) / MIB)

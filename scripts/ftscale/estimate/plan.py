@@ -1,11 +1,17 @@
 """The plan: every run's predicted memory per GPU and step time, before any job is submitted.
 
 Memory: ``ftscale.estimate.memory`` (weights, gradients, optimizer state, DDP's gradient buckets,
-activations, logits and loss, each a column). The peak is flagged against the target GPU's memory (``plan.gpu_memory_gib``)::
+activations, logits and loss, each a column); ``peak`` is what CUDA's max allocated would show. What the run
+needs of the GPU adds what its engine holds beside PyTorch's allocations (``PlannerTerms``)::
 
-    fits            peak <= TIGHT_FRACTION x GPU memory
-    tight           TIGHT_FRACTION x GPU memory < peak <= GPU memory
-    predicted OOM   peak > GPU memory
+    needed = peak x (1 + reserve_fraction) + cuda_context_mib
+
+and is flagged against the memory CUDA reports usable on the target GPU (``plan.gpu``, a model of ``GPUS``, or
+``plan.gpu_memory_gib``; neither: the H100 80GB)::
+
+    fits            needed <= TIGHT_FRACTION x usable
+    tight           TIGHT_FRACTION x usable < needed <= usable
+    predicted OOM   needed > usable
 
 Step time, from the model FLOPs of ``ftscale.estimate.flops`` (the MFU convention)::
 
@@ -44,16 +50,66 @@ SKIPPED_REASON = "predicted OOM"
 
 
 @dataclasses.dataclass(frozen=True)
-class Target:
-    """The device the study is planned for (the config's ``plan`` section)."""
+class GpuModel:
+    """A GPU model as CUDA sees it: ``usable_gib`` is ``torch.cuda.get_device_properties().total_memory``,
+    what its out-of-memory message calls the total capacity (less than nvidia-smi's total, which counts the
+    driver's own reserve); ``cuda_names``: the device names CUDA reports for it."""
 
-    gpu_memory_gib: float = 80.0
+    usable_gib: float
+    cuda_names: tuple[str, ...]
+
+
+#: The GPUs ``plan.gpu`` may name. H100 80GB: "GPU 0 has a total capacity of 79.18 GiB" in both out-of-memory
+#: messages of results/examples (nvidia-smi: 81,559 MiB). H200 141GB: 139.8 GiB as torch reports it (nvidia-smi:
+#: 143,771 MiB); no committed example ran out of memory on it (docs/planner.md).
+GPUS: dict[str, GpuModel] = {
+    "H100-80GB": GpuModel(79.18, ("NVIDIA H100 80GB HBM3",)),
+    "H200-141GB": GpuModel(139.8, ("NVIDIA H200",)),
+}
+DEFAULT_GPU = "H100-80GB"
+
+
+def gpu_for_device(device_name: str) -> str:
+    """The ``GPUS`` key of a CUDA device name (as provenance.txt and scaling.csv's device_model give it)."""
+    for key, model in GPUS.items():
+        if device_name in model.cuda_names:
+            return key
+    raise KeyError(f"device_model = {device_name!r}: not a GPU of ftscale.estimate.plan.GPUS {list(GPUS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The device the study is planned for (the config's ``plan`` section): ``gpu`` names a model of ``GPUS``;
+    ``gpu_memory_gib`` gives its usable memory instead (one of the two; neither: ``DEFAULT_GPU``)."""
+
+    gpu: str | None = None
+    gpu_memory_gib: float | None = None
     matmul_tflops: float = 798.0
     skip_predicted_oom: bool = False
 
+    def __post_init__(self) -> None:
+        if self.gpu is not None and self.gpu_memory_gib is not None:
+            raise ValueError(f"plan.gpu = {self.gpu!r} and plan.gpu_memory_gib = {self.gpu_memory_gib!r}: give one")
+        if self.gpu is not None and self.gpu not in GPUS:
+            raise ValueError(f"plan.gpu = {self.gpu!r}: must be one of {list(GPUS)}")
+
+    @property
+    def usable_gib(self) -> float:
+        """Memory of one GPU as CUDA reports it usable."""
+        if self.gpu_memory_gib is not None:
+            return self.gpu_memory_gib
+        return GPUS[self.gpu or DEFAULT_GPU].usable_gib
+
     @property
     def gpu_memory_mib(self) -> float:
-        return self.gpu_memory_gib * 1024
+        return self.usable_gib * 1024
+
+    @property
+    def label(self) -> str:
+        """How the plan names the target: the model (``plan.gpu``) or ``plan.gpu_memory_gib = X``."""
+        if self.gpu_memory_gib is not None:
+            return f"plan.gpu_memory_gib = {self.gpu_memory_gib:g}"
+        return f"plan.gpu = {self.gpu or DEFAULT_GPU}" + ("" if self.gpu else " (the default)")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Target:
@@ -61,10 +117,17 @@ class Target:
         return cls(**{f.name: plan[f.name] for f in dataclasses.fields(cls) if f.name in plan})
 
 
-def fit_flag(peak_mib: float, target: Target) -> str:
-    if peak_mib > target.gpu_memory_mib:
+def needed_mib(peak_mib: float, setting: MemorySetting) -> float:
+    """What a run needs of the GPU: its allocated peak, the reserve the allocator cannot hand out and what
+    the engine holds outside PyTorch (formula in the module docstring)."""
+    return peak_mib * (1 + setting.terms.reserve_fraction) + setting.terms.cuda_context_mib
+
+
+def fit_flag(needed: float, target: Target) -> str:
+    """The verdict on ``needed`` MiB (``needed_mib``) against the target's usable memory."""
+    if needed > target.gpu_memory_mib:
         return PREDICTED_OOM
-    if peak_mib > TIGHT_FRACTION * target.gpu_memory_mib:
+    if needed > TIGHT_FRACTION * target.gpu_memory_mib:
         return TIGHT
     return FITS
 
@@ -111,6 +174,7 @@ def predict(run: Run, model_spec: Mapping[str, Any], *, target: Target = Target(
     Pure: the analysis calls it per record, the plan per planned run."""
     setting = setting_for(run, model_spec, built)
     mem: MemoryPrediction = predict_memory(setting)
+    needed = needed_mib(mem.peak_mib, setting)
     step = step_time_s(run, setting, target)
     gpus = run.gpus
     return {
@@ -123,9 +187,10 @@ def predict(run: Run, model_spec: Mapping[str, Any], *, target: Target = Target(
         "predicted_overhead_mib": mem.overhead_mib,
         "predicted_state_mib": mem.state_mib,
         "predicted_peak_mem_mib": mem.peak_mib,
+        "predicted_needed_mib": needed,
         "gpu_memory_mib": target.gpu_memory_mib,
-        "memory_fraction": mem.peak_mib / target.gpu_memory_mib,
-        "fit": fit_flag(mem.peak_mib, target),
+        "memory_fraction": needed / target.gpu_memory_mib,
+        "fit": fit_flag(needed, target),
         "predicted_step_time_s": step,
         "predicted_tokens_per_s_per_gpu": run.global_batch * run.seq_length / step / gpus,
         "predicted_gpu_hours": step * run.steps * gpus / 3600,
@@ -145,7 +210,8 @@ PLAN_COLUMNS = ("run_dir", "model", "track", "engine", "gpus", "tp", "ep", "dp",
                 "seq_length", "steps", "lora", "precision_bytes", "activation_checkpointing", "compile",
                 "predicted_weights_mib", "predicted_gradients_mib", "predicted_optimizer_mib",
                 "predicted_ddp_buckets_mib", "predicted_activations_mib", "predicted_logits_mib", "predicted_overhead_mib",
-                "predicted_state_mib", "predicted_peak_mem_mib", "gpu_memory_mib", "memory_fraction", "fit",
+                "predicted_state_mib", "predicted_peak_mem_mib", "predicted_needed_mib", "gpu_memory_mib",
+                "memory_fraction", "fit",
                 "predicted_step_time_s", "predicted_tokens_per_s_per_gpu", "predicted_gpu_hours", "status")
 
 
@@ -177,8 +243,9 @@ def with_predicted_oom_skipped(study: Study, target: Target | None = None) -> St
     for run in study.runs:
         pred = predict(run, study.models[run.model].spec, target=target)
         if pred["fit"] == PREDICTED_OOM:
-            reason = (f"{SKIPPED_REASON}: {pred['predicted_peak_mem_mib']:,.0f} MiB > "
-                      f"{target.gpu_memory_mib:,.0f} MiB (plan.gpu_memory_gib = {target.gpu_memory_gib:g})")
+            reason = (f"{SKIPPED_REASON}: needs {pred['predicted_needed_mib']:,.0f} MiB (peak "
+                      f"{pred['predicted_peak_mem_mib']:,.0f}) > {target.gpu_memory_mib:,.0f} MiB usable "
+                      f"({target.label})")
             run = dataclasses.replace(run, skip_reason=reason)
         runs.append(run)
     return dataclasses.replace(study, runs=tuple(runs))
@@ -197,9 +264,10 @@ def render_plan(rows: list[dict[str, Any]], target: Target, source: str) -> str:
     lines = [
         "# Plan: predicted memory and step time of every run",
         "",
-        f"Configuration: {source}. Target GPU: {target.gpu_memory_gib:g} GiB ({target.gpu_memory_mib:,.0f} MiB), "
-        f"{target.matmul_tflops:g} TFLOP/s dense bf16 matmul. Nothing here was measured: formulas in "
-        "`scripts/ftscale/estimate/memory.py` and `plan.py`, calibration in `benchmarks/gpu/NOTES.md`.",
+        f"Configuration: {source}. Target GPU: {target.label}, {target.usable_gib:g} GiB usable "
+        f"({target.gpu_memory_mib:,.0f} MiB), {target.matmul_tflops:g} TFLOP/s dense bf16 matmul. Nothing here "
+        "was measured: formulas in `scripts/ftscale/estimate/memory.py` and `plan.py`, calibration in "
+        "`docs/planner.md`. *needed* = peak + what the allocator cannot hand out + the engine's CUDA context.",
         "",
         f"**{len(rows)} runs: {counts[FITS]} fit, {counts[TIGHT]} tight (> {TIGHT_FRACTION:.0%}), "
         f"{counts[PREDICTED_OOM]} predicted OOM. GPU-hours of the whole sweep: {hours:,.2f} "
@@ -208,15 +276,15 @@ def render_plan(rows: list[dict[str, Any]], target: Target, source: str) -> str:
         "Memory per GPU in MiB.",
         "",
         "| run | GPUs | tp | ep | dp | sp | mbs | seq | weights | grads | optimizer | DDP buckets | activations "
-        "| logits | peak | % of GPU | fit | step (s) | tokens/s/GPU | GPU-h | status |",
-        "|---|" + "---|" * 20,
+        "| logits | peak | needed | % of GPU | fit | step (s) | tokens/s/GPU | GPU-h | status |",
+        "|---|" + "---|" * 21,
     ]
     for r in rows:
         cells = [r["run_dir"], r["gpus"], r["tp"], r["ep"], r["dp"], "yes" if r["sp"] else "", r["micro_batch"],
                  r["seq_length"], r["predicted_weights_mib"], r["predicted_gradients_mib"],
                  r["predicted_optimizer_mib"], r["predicted_ddp_buckets_mib"], r["predicted_activations_mib"],
                  r["predicted_logits_mib"],
-                 r["predicted_peak_mem_mib"], f"{r['memory_fraction']:.0%}", r["fit"],
+                 r["predicted_peak_mem_mib"], r["predicted_needed_mib"], f"{r['memory_fraction']:.0%}", r["fit"],
                  f"{r['predicted_step_time_s']:.3g}", r["predicted_tokens_per_s_per_gpu"],
                  f"{r['predicted_gpu_hours']:.3g}", r["status"]]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")

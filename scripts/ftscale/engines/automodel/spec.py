@@ -47,4 +47,8 @@ class AutoModelSpec(EngineSpec):
         return errs
 
     def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:
-        return PlannerTerms(adapter_bytes=2, fp32_main_weights=True, step_efficiency=STEP_EFFICIENCY)
+        # FSDP2 over a bf16 model: LoRA adapters, their gradients and AdamW's moments in the model dtype (no
+        # fp32 master copy, no DDP buckets); Liger's RMSNorm, its Triton LoRA (lora_A's output recomputed), its
+        # fused LoRA SwiGLU MLP; the Hugging Face loss on full logits (MaskedCrossEntropy).
+        return PlannerTerms(adapter_bytes=dtype_bytes, norm_keeps="input", lora_keeps_rank_output=False,
+                            fused_lora_mlp=True, gradient_buckets=False, step_efficiency=STEP_EFFICIENCY)

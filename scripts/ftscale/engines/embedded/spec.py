@@ -168,8 +168,8 @@ class EmbeddedSpec(EngineSpec):
             adapter_bytes=adapter_bytes, fused_kernels=fused,
             fused_ce=opts.fused_ce if run.track == "data_parallel" else "off",
             activation_checkpointing=opts.activation_checkpointing,
-            own_expert_layer=run.track == "model_parallel", step_efficiency=efficiency,
-            fp8_copy_bytes=FP8_COPY_BYTES if opts.fp8 != "off" else 0)
+            own_expert_layer=run.track == "model_parallel", cuda_context_mib=1245.0, reserve_fraction=0.0037,
+            step_efficiency=efficiency, fp8_copy_bytes=FP8_COPY_BYTES if opts.fp8 != "off" else 0)
 
     def options_label(self, run: Run, built: Mapping[str, Any] | None = None) -> str:
         """'compile, fused_ce=chunked' ('defaults' when none differs), as built where the layout line names them."""

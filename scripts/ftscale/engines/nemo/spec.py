@@ -142,7 +142,13 @@ class NemoSpec(EngineSpec):
 
     def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:
         local = self.local_spec(run)
-        return PlannerTerms(adapter_bytes=2, fp32_main_weights=True, unfused_attention=local,
+        # Both layer specs normalise with a fused kernel (torch's RMSNorm on CUDA, or TE's). The local spec runs
+        # with bias_activation_fusion off (ftscale.engines.nemo.convert.TE_FUSIONS): Megatron's unfused SwiGLU.
+        # Megatron's DDP holds the gradients in its fp32 buffer: no second copy. Context and reserve: read from
+        # the NeMo run that ran out of memory on the H100 (docs/planner.md).
+        return PlannerTerms(adapter_bytes=2, fp32_main_weights=True, unfused_attention=local, norm_keeps="input",
+                            unfused_glu=local, gradient_buckets=False, cuda_context_mib=2022.0,
+                            reserve_fraction=0.013,
                             step_efficiency=STEP_EFFICIENCY["local" if local else "transformer_engine"])
 
     def options_label(self, run: Run, built: Mapping[str, Any] | None = None) -> str:
