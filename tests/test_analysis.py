@@ -296,21 +296,9 @@ def test_on_the_cpu_only_the_model_state_is_compared_with_the_prediction():
     assert failed.get("state_error_pct") is None and failed["prediction_note"] == "run oom: nothing measured to compare"
 
 
-#: Example runs the plan is known to get wrong (tests/test_plan.py KNOWN_MISSES): xfail, strict, with the figures.
-#: None now.
-KNOWN_MISSES: dict[str, str] = {}
-
-
 def _example_runs() -> list:
     runs = sorted(p.parent for p in (REPO / "results" / "examples").glob("*/experiments/*/*/*/run.json"))
-    params = []
-    for run_dir in runs:
-        key = f"{run_dir.parents[3].name}/{run_dir.name}"
-        marks = ([pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_MISSES[key])]
-                 if key in KNOWN_MISSES else [])
-        params.append(pytest.param(run_dir, marks=marks, id=key))
-    assert set(KNOWN_MISSES) <= {p.id for p in params}
-    return params
+    return [pytest.param(run_dir, id=f"{run_dir.parents[3].name}/{run_dir.name}") for run_dir in runs]
 
 
 @pytest.mark.parametrize("run_dir", _example_runs())

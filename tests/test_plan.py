@@ -41,10 +41,6 @@ def _calibration():
     return module.calibration_rows()
 
 
-#: Runs of the examples the plan is known to get wrong, with the figures: each is left out of the test over every
-#: example and is an xfail of its own (strict: once the plan gets it right, its entry here must go). None now.
-KNOWN_MISSES: dict[tuple[str, str], str] = {}
-
 #: Memory: every engine's allocated peak within 5% (the embedded engine's are -2.9..+2.2%, NeMo's and AutoModel's
 #: within 0.3%). Step time: within 20% (STEP_EFFICIENCY, one per engine and compile scope; the eager H100 rows of
 #: seq 2048 are -16%, Mixtral's eager +18%, AutoModel at seq 2048 -15%: a fixed cost per step that FLOPs do not see).
@@ -75,21 +71,8 @@ def test_every_gpu_example_is_predicted_within_5_percent_and_the_oom_as_oom():
     assert len(rows) == len(run_dirs) >= 36
     assert {r["example"] for r in rows} == {p.parents[4].name for p in run_dirs}
     assert {r["run"].split("_")[0] for r in rows} == {"embedded", "nemo", "automodel"}
-    assert set(KNOWN_MISSES) <= {(r["example"], r["run"]) for r in rows}
     for r in rows:
-        if (r["example"], r["run"]) not in KNOWN_MISSES:
-            _check_calibration_row(r)
-
-
-def _known_miss(key: tuple[str, str], reason: str):
-    return pytest.param(*key, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason),
-                        id=f"{key[0]}/{key[1]}")
-
-
-@pytest.mark.parametrize("example, run", [_known_miss(key, reason) for key, reason in KNOWN_MISSES.items()])
-def test_a_known_miss_of_the_plan(example, run):
-    """The same check as above on a run the plan is known to get wrong (``KNOWN_MISSES``: the figures)."""
-    _check_calibration_row(next(r for r in _calibration() if (r["example"], r["run"]) == (example, run)))
+        _check_calibration_row(r)
 
 
 def test_nemo_at_seq_4096_is_out_of_memory_on_the_h100_and_fits_the_h200():
