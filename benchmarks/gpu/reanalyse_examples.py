@@ -27,9 +27,10 @@ from pathlib import Path
 
 from ftscale.analyze.provenance import LIBRARIES, environment
 from ftscale.analyze.results import write_results
+from ftscale.engines import names as engine_names
 from ftscale.engines.embedded import spec as embedded_spec
 from ftscale.study.paths import RunPaths
-from ftscale.study.run import ENGINES, IDENTITY_KEYS
+from ftscale.study.run import IDENTITY_KEYS
 from ftscale.study.sweep import Study, batch_variants, load_config_file
 from ftscale.workflow import workflow_study
 
@@ -87,7 +88,7 @@ def joint_study(studies: list[Study]) -> Study:
                                    for b in batch_variants(s.config, "data_parallel")]) for s in studies]
     if any(x != shape[0] for x in shape[1:]):
         raise SystemExit(f"{', '.join(s.source for s in studies)}: the calls differ in tracks or batch shape")
-    names = [e for e in ENGINES if any(e in s.engines for s in studies)]
+    names = [e for e in engine_names() if any(e in s.engines for s in studies)]
     config = {**first.config, "engine": names}
     for engine in names:
         ran = next(s for s in studies if engine in s.engines)
