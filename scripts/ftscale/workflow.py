@@ -46,7 +46,7 @@ def conversion_command(study: Study, role: str) -> str:
     name = converting_engines(study).get(role)
     if name is None:
         return f"echo 'no engine of this study converts checkpoints into {role}' >&2; exit 1"
-    return engine(name).conversion_command(study.config.get(name) or {})
+    return engine(name).conversion_command(study.engine_section(name))
 
 
 def run_files(study: Study, role: str, track: str | None = None) -> list[str]:
