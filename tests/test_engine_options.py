@@ -194,7 +194,9 @@ def test_bad_options_name_file_key_and_value(default_config, repo):
 
     with pytest.raises(ConfigError, match=r"my.yaml: run \S+: embedded.attention = 'fast': must be one of \['auto'"):
         load_study({**default_config, "embedded": {"attention": "fast"}}, "my.yaml", repo)
-    with pytest.raises(ConfigError, match=r"my.yaml: key 'embedded' = \[1\]: the embedded engine's options are a mapping"):
+    with pytest.raises(ConfigError, match=r"my.yaml: key 'embedded' = 3: the embedded engine's options are a mapping"):
+        load_study({**default_config, "embedded": 3}, "my.yaml", repo)
+    with pytest.raises(ConfigError, match=r"my.yaml: key 'embedded\[0\]' = 1: an option set is a mapping"):
         load_study({**default_config, "embedded": [1]}, "my.yaml", repo)
     study = load_study({**default_config, "embedded": {"fused_ce": False}}, "my.yaml", repo)
     assert dataclasses.asdict(study.runs[0].options) == {

@@ -6,8 +6,12 @@ prints time by family (GEMM, attention, norm/elementwise, cross-entropy/softmax,
 communication, other) and the top kernels. On a GPU it counts CUDA kernel time; on a CPU (tiny models,
 tests) the self time of the aten operators. One process (a 1-GPU run of the data_parallel track).
 
-    PYTHONPATH=scripts python3 benchmarks/gpu/profile_step.py benchmarks/gpu/llama8b_lora_compile.yaml \\
-        --micro-batch 2 [--warmup 3] [--trace trace.json] [--set embedded.fused_ce=chunked]
+    PYTHONPATH=scripts python3 benchmarks/gpu/profile_step.py benchmarks/gpu/llama8b_lora.yaml \\
+        --set option_sets=[compile] --micro-batch 2 [--warmup 3] [--trace trace.json]
+
+A config whose ``embedded:`` lists option sets profiles the first run that matches: select the set with
+``--set option_sets=[NAME]`` (or ``--run`` with a part of the run's name); ``--set embedded.KEY=VALUE``
+changes an option where the section is one mapping.
 
 Run from the workflow's root (the config's models are imported there if they are not yet).
 """

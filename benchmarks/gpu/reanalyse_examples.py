@@ -3,8 +3,9 @@ tables.md and plots/ rewritten from the committed logs, as the workflow's tables
 
     PYTHONPATH=scripts python3 benchmarks/gpu/reanalyse_examples.py [EXAMPLE ...]   # default: every example
 
-Each example is analysed as the study of the config it ran (``EXAMPLES``; with Snakemake's --config
-overrides where the call had them; several calls with different configs as one study of their runs), from
+Each example is analysed as the study of the config it ran (``EXAMPLES``: the file, with the --config overrides
+that select the part of it the call ran, its option sets, engines and batch; several calls as one study of
+their runs), from
 inside its directory, so that the CSV's ``source`` column names the log lines as ``experiments/...``. Before that, a run
 directory under an older name is renamed to the name the study now gives the same run (the engine and
 the precision joined the name), with ``name`` and ``run_dir`` in its run.json and ``run`` in its
@@ -24,58 +25,85 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from ftscale.analyze.provenance import LIBRARIES, environment
 from ftscale.analyze.results import write_results
 from ftscale.engines import names as engine_names
 from ftscale.engines.embedded import spec as embedded_spec
 from ftscale.study.paths import RunPaths
-from ftscale.study.run import IDENTITY_KEYS
+from ftscale.study.run import IDENTITY_KEYS, Run
 from ftscale.study.sweep import Study, batch_variants, load_config_file
 from ftscale.workflow import workflow_study
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = ROOT / "results" / "examples"
 
-#: example directory -> the config its runs were made with (relative to the repository); a run made with
-#: Snakemake's --config on top of the file names both, (file, {key: value}); an example made by several device
-#: calls with different configs lists them, [file or (file, {key: value}), ...]: its study is theirs together.
-EXAMPLES: dict[str, str | tuple[str, dict] | list] = {
-    "2026-11-24-h100-llama31_8b-lora": "benchmarks/gpu/llama8b_lora.yaml",
-    "2026-11-24-h100-llama31_8b-lora-compile": "benchmarks/gpu/llama8b_lora_compile.yaml",
-    "2026-11-24-h100-llama31_8b-lora-compile-ckpt": "benchmarks/gpu/llama8b_lora_compile_ckpt.yaml",
-    "2026-11-24-h200-mixtral_8x7b-lora": "benchmarks/gpu/mixtral_lora.yaml",
-    "2026-12-01-h200-nemo-tiny_llama": "benchmarks/gpu/nemo_tiny.yaml",
-    "2026-12-01-h200-llama31_8b-side-by-side": "benchmarks/gpu/side_by_side_8b.yaml",
-    "2026-12-01-h200-llama31_8b-lora-fusedce": "benchmarks/gpu/llama8b_lora_fusedce.yaml",
-    "2026-12-01-h200-automodel-anchor": "benchmarks/gpu/automodel_anchor_8b.yaml",
-    "2026-12-01-h200-llama31_8b-lora-layers": "benchmarks/gpu/llama8b_lora_layers.yaml",
-    "2026-12-01-h200-llama31_8b-head-to-head": "benchmarks/gpu/head_to_head_8b.yaml",
-    "2026-12-01-h200-mixtral_8x7b-lora-fast": "benchmarks/gpu/mixtral_lora_fast.yaml",
-    "2026-12-01-h200-llama31_8b-lora-bf16lora": "benchmarks/gpu/llama8b_lora_bf16lora.yaml",
-    "2026-12-01-h200-llama31_8b-lora-attn-flash": "benchmarks/gpu/llama8b_lora_attn_flash.yaml",
-    "2026-12-01-h200-llama31_8b-lora-liger-eager": "benchmarks/gpu/llama8b_lora_liger_eager.yaml",
-    "2026-12-01-h200-llama31_8b-head-to-head-mbs2": "benchmarks/gpu/head_to_head_8b_mbs2.yaml",
-    "2026-12-02-h200-llama31_8b-lora-autotune": "benchmarks/gpu/llama8b_lora_autotune.yaml",
-    "2026-12-07-h100-llama31_8b-head-to-head-mbs2": "benchmarks/gpu/head_to_head_8b_mbs2.yaml",
-    "2026-12-07-h100-llama31_8b-nemo-oom": ("benchmarks/gpu/side_by_side_8b.yaml", {"engine": ["nemo"]}),
-    "2026-12-07-h100-llama31_8b-three-engines-seq2048": ["benchmarks/gpu/nemo_8b_seq2048.yaml",
-                                                         "benchmarks/gpu/h2h_seq2048.yaml"],
+class Call(NamedTuple):
+    """One device call of an example: the config file (relative to the repository), Snakemake's --config on top
+    of it (``overrides``: which option sets, engines and batch the call ran) and ``ran_as``, the file the call
+    named, as the example's tables.md names it, where that file has since been merged into ``config`` (it is in
+    the repository at the commit of the example's provenance.txt)."""
+
+    config: str
+    overrides: dict = {}  # noqa: RUF012  (never changed: merged() makes a new mapping)
+    ran_as: str = ""
+
+
+GPU = "benchmarks/gpu/"
+LLAMA, MIXTRAL, H2H = (GPU + name for name in ("llama8b_lora.yaml", "mixtral_lora.yaml", "head_to_head_8b.yaml"))
+#: The head to head of the embedded engine (its fast option set) and AutoModel.
+H2H_FAST = {"engine": ["embedded", "automodel"], "option_sets": ["fast"]}
+
+#: example directory -> its device call, or the calls whose runs make it up (one study of them all).
+EXAMPLES: dict[str, Call | list[Call]] = {
+    "2026-11-24-h100-llama31_8b-lora": Call(LLAMA, {"option_sets": ["eager"], "batch": {
+        "micro_batch": [1, 2], "seq_length": [2048, 4096], "steps": 6, "warmup_steps": 2}}),
+    "2026-11-24-h100-llama31_8b-lora-compile": Call(LLAMA, {"option_sets": ["compile"], "batch": {
+        "micro_batch": [1, 2]}}, GPU + "llama8b_lora_compile.yaml"),
+    "2026-11-24-h100-llama31_8b-lora-compile-ckpt": Call(LLAMA, {"option_sets": ["compile_ckpt"]},
+                                                         GPU + "llama8b_lora_compile_ckpt.yaml"),
+    "2026-11-24-h200-mixtral_8x7b-lora": Call(MIXTRAL, {"option_sets": ["eager"]}),
+    "2026-12-01-h200-nemo-tiny_llama": Call(GPU + "nemo_tiny.yaml"),
+    "2026-12-01-h200-llama31_8b-side-by-side": Call(H2H, {"option_sets": ["compile_model"], "batch": {
+        "micro_batch": 1}}, GPU + "side_by_side_8b.yaml"),
+    "2026-12-01-h200-llama31_8b-lora-fusedce": Call(LLAMA, {"option_sets": ["fusedce"]},
+                                                    GPU + "llama8b_lora_fusedce.yaml"),
+    "2026-12-01-h200-automodel-anchor": Call(H2H, {"engine": ["automodel"], "batch": {"micro_batch": 2}},
+                                             GPU + "automodel_anchor_8b.yaml"),
+    "2026-12-01-h200-llama31_8b-lora-layers": Call(LLAMA, {"option_sets": ["layers"]},
+                                                   GPU + "llama8b_lora_layers.yaml"),
+    "2026-12-01-h200-llama31_8b-head-to-head": Call(H2H, H2H_FAST),
+    "2026-12-01-h200-mixtral_8x7b-lora-fast": Call(MIXTRAL, {"option_sets": ["fast"]}, GPU + "mixtral_lora_fast.yaml"),
+    "2026-12-01-h200-llama31_8b-lora-bf16lora": Call(LLAMA, {"option_sets": ["bf16lora"]},
+                                                     GPU + "llama8b_lora_bf16lora.yaml"),
+    "2026-12-01-h200-llama31_8b-lora-attn-flash": Call(LLAMA, {"option_sets": ["flash"], "batch": {"micro_batch": 2}},
+                                                       GPU + "llama8b_lora_attn_flash.yaml"),
+    "2026-12-01-h200-llama31_8b-lora-liger-eager": Call(LLAMA, {"option_sets": ["liger_eager"], "batch": {
+        "micro_batch": 2}}, GPU + "llama8b_lora_liger_eager.yaml"),
+    "2026-12-01-h200-llama31_8b-head-to-head-mbs2": Call(H2H, {**H2H_FAST, "batch": {"micro_batch": 2, "steps": 10}},
+                                                         GPU + "head_to_head_8b_mbs2.yaml"),
+    "2026-12-02-h200-llama31_8b-lora-autotune": Call(LLAMA, {"option_sets": ["autotune"], "batch": {
+        "micro_batch": 2, "steps": 10, "warmup_steps": 4}}, GPU + "llama8b_lora_autotune.yaml"),
+    "2026-12-07-h100-llama31_8b-head-to-head-mbs2": Call(H2H, {**H2H_FAST, "batch": {"micro_batch": 2, "steps": 10}},
+                                                         GPU + "head_to_head_8b_mbs2.yaml"),
+    "2026-12-07-h100-llama31_8b-nemo-oom": Call(H2H, {"engine": ["nemo"], "batch": {"micro_batch": 1}},
+                                                GPU + "side_by_side_8b.yaml"),
+    "2026-12-07-h100-llama31_8b-three-engines-seq2048": [
+        Call(H2H, {"engine": ["nemo"], "batch": {"micro_batch": 1, "seq_length": 2048}}, GPU + "nemo_8b_seq2048.yaml"),
+        Call(H2H, {**H2H_FAST, "batch": {"micro_batch": 1, "seq_length": 2048, "steps": 10}},
+             GPU + "h2h_seq2048.yaml")],
 }
 
 
-def example_calls(entry: str | tuple[str, dict] | list) -> list[tuple[str, dict]]:
-    """An ``EXAMPLES`` entry as (config file, --config overrides) per device call."""
-    if isinstance(entry, str):
-        return [(entry, {})]
-    if isinstance(entry, tuple):
-        return [entry]
-    return [call for item in entry for call in example_calls(item)]
+def example_calls(entry: Call | list[Call]) -> list[Call]:
+    """An ``EXAMPLES`` entry as its device calls."""
+    return entry if isinstance(entry, list) else [entry]
 
 
-def example_study(entry: str | tuple[str, dict] | list) -> Study:
+def example_study(entry: Call | list[Call]) -> Study:
     """The study of an ``EXAMPLES`` entry: one config's as the workflow plans it, or several calls' together."""
-    studies = [config_study(config_file, overrides) for config_file, overrides in example_calls(entry)]
+    studies = [config_study(call) for call in example_calls(entry)]
     return studies[0] if len(studies) == 1 else joint_study(studies)
 
 
@@ -101,15 +129,24 @@ def joint_study(studies: list[Study]) -> Study:
                                models={name: m for s in studies for name, m in s.models.items()})
 
 
-def config_study(config_file: str, overrides: dict) -> Study:
-    """The study as the workflow plans it (``overrides`` as Snakemake's --config), with the repository's
-    references (the example has no config/)."""
-    config = {**load_config_file(ROOT / config_file), **overrides}
+def merged(config: dict, overrides: dict) -> dict:
+    """``overrides`` on top of ``config`` as Snakemake's --config goes on top of a config file: mappings key by
+    key, any other value as a whole."""
+    out = dict(config)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config_study(call: Call) -> Study:
+    """The study of a device call as the workflow plans it, with the repository's references (the example has
+    no config/), named as the call named its config file."""
+    config = merged(load_config_file(ROOT / call.config), call.overrides)
     config["references"] = str(ROOT / "config" / "references.yaml")
     # The runs ran on the GPU machine, which had liger-kernel; the analysis here needs none of it.
     real, embedded_spec.liger_installed = embedded_spec.liger_installed, lambda: True
     try:
-        return workflow_study(config, [config_file], root=ROOT)
+        return workflow_study(config, [call.ran_as or call.config], root=ROOT)
     finally:
         embedded_spec.liger_installed = real
 
@@ -124,7 +161,7 @@ def rename_runs(example: Path, study: Study) -> list[tuple[str, str]]:
     renamed = []
     for run_json in sorted(example.glob("experiments/*/*/*/run.json")):
         recorded = json.loads(run_json.read_text())
-        identity = tuple(recorded.get(k) for k in IDENTITY_KEYS)
+        identity = Run.from_dict(recorded, str(run_json)).identity
         if identity not in runs:
             raise SystemExit(f"{run_json}: no run of {study.source} has this identity "
                              f"({', '.join(f'{k}={v}' for k, v in zip(IDENTITY_KEYS, identity))})")

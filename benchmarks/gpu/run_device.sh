@@ -4,7 +4,8 @@
 # --deadline: the whole script's time; each Snakemake run gets what is left (less 20 s to pack the results),
 # so a slow run is stopped and its logs still come back. --fail-fast: skip the configs after the first whose
 # Snakemake fails (a first run of an engine: the later configs would stop at the same error). SNAKEMAKE_ARGS (environment) is passed to Snakemake,
-# e.g. SNAKEMAKE_ARGS='--config engine=[nemo]' for one engine of a side-by-side config.
+# e.g. SNAKEMAKE_ARGS='--config engine=[nemo]' for one engine of a head-to-head config, or
+# SNAKEMAKE_ARGS='--config option_sets=[bf16lora]' for one of the option sets a config lists.
 # Wheels (made here by benchmarks/gpu/wheels.sh, carried as .whl/<set>/) go into one directory per set,
 # so each engine gets the versions it was made for:
 #   .whl/base      -> /tmp/site       ftscale's own needs (snakemake, peft, ...; the image's transformers)

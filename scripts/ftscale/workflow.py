@@ -74,7 +74,7 @@ def conversion_command(study: Study, role: str) -> str:
     name = converting_engines(study).get(role)
     if name is None:
         return f"echo 'no engine of this study converts checkpoints into {role}' >&2; exit 1"
-    section = study.config.get(name) or {}
+    section = study.engine_section(name)
     spec = engine(name)
     return spec.conversion_command(section, _literal(ftscale_cli(bool(job_image(study)), spec.python(section))))
 

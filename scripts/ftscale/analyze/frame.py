@@ -12,7 +12,7 @@ Derived per run:
   device the run reported (``ftscale.estimate.flops.peak_tflops_for``), blank with the reason in
   ``mfu_note`` where there is none (CPU, unknown GPU);
 - speedup and efficiency (``add_scaling``, data-parallel track): against the 1-GPU run of the same
-  engine, scaling mode and batch shape, speedup S(N) = tokens/s(N) / tokens/s(1), efficiency S(N) / N
+  engine, option set, scaling mode and batch shape, speedup S(N) = tokens/s(N) / tokens/s(1), efficiency S(N) / N
   (weak scaling: T(1) / T(N); strong: T(1) / (N x T(N)));
 - ``engine_options``: the engine options that differ from the defaults (``EngineSpec.options_label``);
 - ``oversubscribed``: the job had fewer CPUs than processes on a node (launch.json ``cpus``);
@@ -54,8 +54,8 @@ CSV_COLUMNS = [
     *(f"ref_{a}" for a in ASPECTS), "ref_name", "ref_source",
     "source", *RUN_COLUMNS, *STUDY_COLUMNS,
 ]
-#: In the frame, not in the CSV.
-INTERNAL = ["run_dir"]
+#: In the frame, not in the CSV (the option set is in the run's name, and its options in ``engine_options``).
+INTERNAL = ["run_dir", "option_set"]
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def record_row(study: Study, r: RunRecord, x: Extras) -> dict[str, object]:
     row.update(flops_per_token=x.perf.flops_per_token, tflops_per_gpu=x.perf.tflops_per_gpu, mfu=x.perf.mfu,
                mfu_note=x.perf.mfu_note, ref_name=x.ref.entry.name if x.ref.entry else "",
                ref_source=" ".join(x.ref.entry.source.split()) if x.ref.entry else "",
-               ref_summary=x.ref.summary(), engine_options=x.options)
+               ref_summary=x.ref.summary(), engine_options=x.options, option_set=r.run.option_set)
     row.update({f"ref_{a}": x.ref.flag(a) for a in ASPECTS})
     row.update(model_parallel_columns(study, r))
     row.update(x.predicted)

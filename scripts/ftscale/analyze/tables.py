@@ -146,7 +146,7 @@ MOVABLE = {"scaling", "engine", "options", "micro batch", "sequence", "FLOPs/tok
 
 def dp_table(study: Study, frame: pd.DataFrame, model: str) -> str:
     rows = scaling_rows(study, frame)
-    rows = rows[rows["model"] == model].sort_values(["engine", "mode", "micro_batch", "seq_length", "gpus"])
+    rows = rows[rows["model"] == model].sort_values(["engine", "option_set", "mode", "micro_batch", "seq_length", "gpus"])
     columns: list[tuple[str, Cell]] = [
         ("scaling", lambda row: row["mode"]), *BATCH_COLUMNS, ("GPUs", column("gpus")), ("CPUs", _cpus),
         ("global batch", column("global_batch")), ("step time (s)", column("step_time_s")),
@@ -188,7 +188,7 @@ def layout_label(row: pd.Series) -> str:
 
 
 def best_layouts(study: Study, frame: pd.DataFrame) -> pd.DataFrame:
-    """Per model and GPU count (and engine and batch shape), the model-parallel layout with the most
+    """Per model and GPU count (and engine, option set and batch shape), the model-parallel layout with the most
     tokens/s/GPU among the ``ok`` runs, with ``kind`` (dense or MoE), ``layout`` and ``layouts`` (how
     many were tried). Only GPU counts where a dense and a MoE model both have one: like with like."""
     mp = frame[(frame["track"] == "model_parallel") & frame["status"].eq("ok")
@@ -197,7 +197,7 @@ def best_layouts(study: Study, frame: pd.DataFrame) -> pd.DataFrame:
         return mp.assign(kind=[], layout=[], layouts=[])
     mp["kind"] = mp["model"].map(lambda m: "MoE" if study.models[m].is_moe else "dense")
     mp["layout"] = mp.apply(layout_label, axis=1)
-    like = ["engine", "micro_batch", "seq_length", "gpus"]
+    like = ["engine", "option_set", "micro_batch", "seq_length", "gpus"]
     mp["layouts"] = mp.groupby([*like, "model"])["run"].transform("count")
     best = mp.sort_values("tokens_per_s_per_gpu", ascending=False).drop_duplicates([*like, "model"])
     both = best.groupby(like)["kind"].transform("nunique").eq(2)
@@ -239,7 +239,9 @@ def track_section(study: Study, frame: pd.DataFrame, track: str) -> list[str]:
     out = [f"## {TRACK_TITLES[track]}", ""]
     if track == "data_parallel":
         modes = [m for m in SCALING_DEFINITIONS if m in set(scaling_rows(study, frame)["mode"])]
-        out += ["Speedup = tokens/s(N) / tokens/s(1 GPU) of the same engine, scaling mode and batch shape; "
+        several = rows.get("option_set", pd.Series(dtype=object)).fillna("").ne("").any()
+        same = "engine, option set," if several else "engine,"
+        out += [f"Speedup = tokens/s(N) / tokens/s(1 GPU) of the same {same} scaling mode and batch shape; "
                 "efficiency = speedup / N, T the median step time: "
                 + "; ".join(SCALING_DEFINITIONS[m] for m in modes) + ". " + FLOPS_LORA, ""]
     else:

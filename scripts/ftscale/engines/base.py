@@ -140,6 +140,9 @@ class EngineSpec:
     model_files: ClassVar[dict[str, str]] = {}
     #: Python distributions whose versions the provenance reports (column name -> distribution).
     packages: ClassVar[dict[str, str]] = {}
+    #: Options read once per study, not per run (the checkpoint conversion's): every option set of a config
+    #: that lists several must give them the same value.
+    study_options: ClassVar[tuple[str, ...]] = ()
 
     def options(self, run: Run) -> Any:
         """The run's options, typed, every one present (defaults where the config leaves one out)."""

@@ -1,12 +1,14 @@
 """``Run``: one training job. Its identity is its name and its directory, everywhere.
 
-The identity is ``IDENTITY_KEYS``: the engine, the model, the track, the layout, the batch and the
-precision. The name encodes it (model and track are in the directory above it)::
+The identity is ``IDENTITY_KEYS``: the engine (and its option set), the model, the track, the layout, the
+batch and the precision. The name encodes it (model and track are in the directory above it)::
 
     experiments/data_parallel/tiny_llama/embedded_gpus4_mbs4_gbs32_seq128
     experiments/model_parallel/tiny_mixtral/nemo_tp2_ep2_dp1_sp_mbs4_gbs16_seq128_bf16
+    experiments/data_parallel/llama31_8b/embedded_gpus1_mbs2_gbs8_seq4096_bf16_compile
 
-The precision is part of the name unless it is ``auto`` (bf16 on a GPU, fp32 on the CPU).
+The precision is part of the name unless it is ``auto`` (bf16 on a GPU, fp32 on the CPU); the option set's
+name ends it where the study runs more than one option set of the engine (``ftscale.study.sweep``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ftscale.study.paths import RunPaths, data_dir, model_paths, run_dir
 TRACKS = ("data_parallel", "model_parallel")
 
 #: What makes two runs the same configuration (the participant comparison keys on these).
-IDENTITY_KEYS = ("track", "model", "engine", "precision", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
+IDENTITY_KEYS = ("track", "model", "engine", "option_set", "precision", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
                  "global_batch", "seq_length")
 
 #: What run.json holds besides the fields of ``Run``: derived from them, written for the engines' and the
@@ -67,6 +69,8 @@ class Run:
     nodes: int = 1
     weights: str = "pretrained"
     engine_options: dict = field(default_factory=dict)  # the config's section named after the engine
+    # The name of the engine's option set this run has, where the study runs several ("" otherwise).
+    option_set: str = ""
     data: dict = field(default_factory=lambda: {"kind": "corpus"})  # the config's `data:` section
     # Set by the plan when it predicts an OOM and the config's plan.skip_predicted_oom is on: the job then
     # writes its files with status "skipped" instead of training (ftscale.run.launch).
@@ -141,11 +145,12 @@ class Run:
     def name(self) -> str:
         batch = f"mbs{self.micro_batch}_gbs{self.global_batch}_seq{self.seq_length}"
         precision = "" if self.precision == "auto" else f"_{self.precision}"
+        options = f"_{self.option_set}" if self.option_set else ""
         if self.track == "data_parallel":
             ep = f"_ep{self.ep}" if self.ep > 1 else ""
-            return f"{self.engine}_gpus{self.gpus}{ep}_{batch}{precision}"
+            return f"{self.engine}_gpus{self.gpus}{ep}_{batch}{precision}{options}"
         sp = "_sp" if self.sp else ""
-        return f"{self.engine}_tp{self.tp}_ep{self.ep}_dp{self.dp}{sp}_{batch}{precision}"
+        return f"{self.engine}_tp{self.tp}_ep{self.ep}_dp{self.dp}{sp}_{batch}{precision}{options}"
 
     @property
     def directory(self) -> str:

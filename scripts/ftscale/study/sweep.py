@@ -1,5 +1,9 @@
 """The study: a validated configuration expanded into its runs, before any job is submitted.
 
+An engine's section (``embedded:``, ``nemo:``, ``automodel:``) is one mapping of options, or a list of
+option sets (``OptionSet``), a sweep axis like the batch lists: every run once per set. Where a study runs
+more than one set of an engine, the set's name ends each of its runs' names (``Run.option_set``).
+
 Every error names the file, the key and the value that broke a rule (``ConfigError``); all errors
 of a configuration are reported at once.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +23,89 @@ from ftscale.study.layout import Layout
 from ftscale.study.models import Model, load_model
 from ftscale.study.run import TRACKS, Run
 from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, load_yaml, validate
+
+#: An option set's name: it ends its runs' names (the workflow's ``name`` wildcard is ``[A-Za-z0-9_]+``).
+OPTION_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class OptionSet:
+    """One set of an engine's options: its config section when that is one mapping (``name`` ""), or one
+    item of the section's list, named by its ``name:`` (else after its options, ``set_name``)."""
+
+    name: str
+    options: dict
+
+
+def set_name(options: dict) -> str:
+    """The name of an option set that gives none, from its options in their order ('compile_fused_ce_chunked');
+    'defaults' for an empty set."""
+    parts = [key if value is True else f"no_{key}" if value is False else f"{key}_{value}"
+             for key, value in options.items()]
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts))).strip("_") or "defaults"
+
+
+def option_sets_of(section: object, engine_name: str, source: str) -> list[OptionSet]:
+    """The option sets of an engine's section: none or a mapping is one set; a list is one set per item,
+    each a mapping with an optional ``name:`` (unique within the list)."""
+    if section is None:
+        return [OptionSet("", {})]
+    if isinstance(section, dict):
+        return [OptionSet("", dict(section))]
+    if not isinstance(section, list) or not section:
+        raise ConfigError(f"{source}: key '{engine_name}' = {json.dumps(section)[:120]}: the {engine_name} engine's "
+                          "options are a mapping of option: value, or a non-empty list of such mappings (option "
+                          "sets, each with an optional name:)")
+    sets: list[OptionSet] = []
+    for i, item in enumerate(section):
+        key = f"{engine_name}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: key '{key}' = {json.dumps(item)[:120]}: an option set is a mapping of "
+                              "option: value, with an optional name:")
+        options = {k: v for k, v in item.items() if k != "name"}
+        name = item.get("name", set_name(options))
+        if not isinstance(name, str) or not OPTION_SET_NAME.match(name):
+            raise ConfigError(f"{source}: key '{key}.name' = {json.dumps(name)}: an option set's name is letters, "
+                              "digits and underscores, starting with a letter or digit (it ends its runs' names)")
+        if (j := next((j for j, s in enumerate(sets) if s.name == name), None)) is not None:
+            raise ConfigError(f"{source}: key '{key}.name' = {json.dumps(name)}: {engine_name}[{j}] has this name "
+                              "already; give each option set its own name:")
+        sets.append(OptionSet(name, options))
+    return sets
+
+
+def _select_option_sets(sets: dict[str, list[OptionSet]], listed: list[str], chosen: list[str] | None,
+                        engines: list[str], source: str) -> dict[str, list[OptionSet]]:
+    """The option sets the config's ``option_sets`` selects, by name, of every engine whose section is a list
+    (``listed``); all of them where it is not given."""
+    if chosen is None:
+        return sets
+    known = {s.name for name in listed for s in sets[name]}
+    for i, name in enumerate(chosen):
+        if name not in known:
+            raise ConfigError(f"{source}: key 'option_sets[{i}]' = {json.dumps(name)}: no option set of "
+                              f"{' or '.join(listed) or 'any engine section'} has this name "
+                              f"(the names: {sorted(known)})")
+    out = dict(sets)
+    for name in listed:
+        out[name] = [s for s in sets[name] if s.name in chosen]
+        if not out[name] and name in engines:
+            raise ConfigError(f"{source}: key 'option_sets' = {json.dumps(chosen)}: selects none of the {name} "
+                              f"engine's option sets ({[s.name for s in sets[name]]})")
+    return out
+
+
+def _check_study_options(sets: dict[str, list[OptionSet]], listed: list[str], source: str) -> None:
+    """The options an engine reads once per study (``EngineSpec.study_options``) are the same in all its sets."""
+    for name in listed:
+        first = sets[name][0].options
+        for i, option_set in enumerate(sets[name][1:], start=1):
+            for key in engine(name).study_options:
+                if option_set.options.get(key) != first.get(key):
+                    raise ConfigError(
+                        f"{source}: key '{name}[{i}].{key}' = {json.dumps(option_set.options.get(key))}: the "
+                        f"{name} engine reads {key} once per study, not per run: every option set must have "
+                        f"the first set's value ({json.dumps(first.get(key))})")
 
 
 def engines_of(config: dict) -> list[str]:
@@ -39,6 +127,15 @@ class Study:
     def engines(self) -> list[str]:
         return engines_of(self.config)
 
+    def option_sets(self, engine_name: str) -> list[OptionSet]:
+        """The option sets of an engine that the study runs (one where its section is a mapping)."""
+        return option_sets_of(self.config.get(engine_name), engine_name, self.source)
+
+    def engine_section(self, engine_name: str) -> dict:
+        """The engine's options as what runs once per study reads them (the checkpoint conversion): its
+        first option set, which agrees with the others on ``EngineSpec.study_options``."""
+        return self.option_sets(engine_name)[0].options
+
     def runs_of(self, track: str) -> list[Run]:
         return [r for r in self.runs if r.track == track]
 
@@ -49,24 +146,27 @@ class Study:
         raise KeyError(directory)
 
     def scaling_groups(self, model: str) -> dict[str, list[Run]]:
-        """Data-parallel runs of one model per engine, scaling mode and batch shape (the 1-GPU run
-        belongs to every mode), labelled for the tables."""
+        """Data-parallel runs of one model per engine, option set, scaling mode and batch shape (the 1-GPU
+        run belongs to every mode), labelled for the tables."""
         dp_cfg = self.config["tracks"]["data_parallel"]
         variants = batch_variants(self.config, "data_parallel")
         runs = [r for r in self.runs_of("data_parallel") if r.model == model]
         groups = {}
         for engine_name in self.engines:
-            for mode in dp_cfg["scaling"]:
-                for batch in variants:
-                    parts = [engine_name] if len(self.engines) > 1 else []
-                    parts.append(mode)
-                    if len(variants) > 1:
-                        parts.append(f"micro batch {batch['micro_batch']}, sequence {batch['seq_length']}")
-                    groups[", ".join(parts)] = sorted(
-                        (r for r in runs if r.engine == engine_name and r.micro_batch == batch["micro_batch"]
-                         and r.seq_length == batch["seq_length"]
-                         and r.global_batch == batch["global_batch"] * (r.gpus if mode == "weak" else 1)),
-                        key=lambda r: r.gpus)
+            sets = self.option_sets(engine_name)
+            for option_set in (s.name if len(sets) > 1 else "" for s in sets):
+                for mode in dp_cfg["scaling"]:
+                    for batch in variants:
+                        parts = [engine_name] if len(self.engines) > 1 else []
+                        parts += [option_set] if option_set else []
+                        parts.append(mode)
+                        if len(variants) > 1:
+                            parts.append(f"micro batch {batch['micro_batch']}, sequence {batch['seq_length']}")
+                        groups[", ".join(parts)] = sorted(
+                            (r for r in runs if r.engine == engine_name and r.option_set == option_set
+                             and r.micro_batch == batch["micro_batch"] and r.seq_length == batch["seq_length"]
+                             and r.global_batch == batch["global_batch"] * (r.gpus if mode == "weak" else 1)),
+                            key=lambda r: r.gpus)
         return groups
 
 
@@ -128,11 +228,13 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
         raise ConfigError(f"{source}: the configuration is empty")
     sections = {name: config[name] for name in names() if name in config}
     cfg = validate({k: v for k, v in config.items() if k not in sections}, CONFIG_SCHEMA, source)
-    for name, section in sections.items():
-        if section is not None and not isinstance(section, dict):
-            raise ConfigError(f"{source}: key '{name}' = {json.dumps(section)[:120]}: the {name} engine's options "
-                              "are a mapping of option: value")
-        cfg[name] = dict(section or {})
+    sets = {name: option_sets_of(config.get(name), name, source) for name in names()}
+    listed = [name for name in names() if isinstance(config.get(name), list)]
+    sets = _select_option_sets(sets, listed, cfg.get("option_sets"), engines_of(cfg), source)
+    _check_study_options(sets, listed, source)
+    for name in sections:
+        # a list keeps each set's name, so that the study's option sets read back the same (Study.option_sets)
+        cfg[name] = [{"name": s.name, **s.options} for s in sets[name]] if name in listed else sets[name][0].options
     tracks = cfg["tracks"]
     models = {name: load_model(name, root) for name in cfg["models"]}
     _check_engines(cfg, models, source)
@@ -153,12 +255,13 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
         errors.extend(f"{source}: {e}" for e in run_errors(run, models[run.model].spec))
         runs.setdefault(run.directory, run)
 
-    def add_track_runs(track: str, batch: dict, engine_name: str) -> None:
+    def add_track_runs(track: str, batch: dict, engine_name: str, option_set: OptionSet, several: bool) -> None:
         common = dict(
             engine=engine_name, micro_batch=batch["micro_batch"], seq_length=batch["seq_length"],
             steps=batch["steps"], warmup_steps=batch["warmup_steps"], learning_rate=batch["learning_rate"],
             seed=cfg["seed"], precision=cfg["precision"], device=cfg["device"],
-            engine_options=dict(cfg.get(engine_name) or {}), data=dict(cfg["data"]),
+            engine_options=dict(option_set.options), option_set=option_set.name if several else "",
+            data=dict(cfg["data"]),
         )
         if track == "data_parallel":
             dp_cfg = tracks[track]
@@ -208,8 +311,9 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
                           f"{first['warmup_steps']} must be less than steps = {first['steps']}")
             continue
         for engine_name in engines_of(cfg):
-            for batch in batch_variants(cfg, track):
-                add_track_runs(track, batch, engine_name)
+            for option_set in sets[engine_name]:
+                for batch in batch_variants(cfg, track):
+                    add_track_runs(track, batch, engine_name, option_set, len(sets[engine_name]) > 1)
 
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(errors)))

@@ -91,6 +91,7 @@ class NemoSpec(EngineSpec):
     model_section = "nemo"
     model_files = {"nemo_checkpoint": "nemo", "nemo_import_log": "nemo-import.log"}
     packages = {"nemo": "nemo_toolkit"}
+    study_options = ("python", "transformer_impl")
 
     def conversion_command(self, section: Mapping[str, Any], ftscale: str) -> str:
         """``ftscale import-nemo`` (``llm.import_ckpt``)."""
