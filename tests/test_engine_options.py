@@ -201,7 +201,7 @@ def test_bad_options_name_file_key_and_value(default_config, repo):
     study = load_study({**default_config, "embedded": {"fused_ce": False}}, "my.yaml", repo)
     assert dataclasses.asdict(study.runs[0].options) == {
         "activation_checkpointing": False, "compile": False, "compile_mode": "default", "compile_scope": "layers",
-        "fused_ce": "off", "liger_kernels": False, "attention": "auto", "lora_dtype": "float32"}
+        "fused_ce": "off", "liger_kernels": False, "attention": "auto", "lora_dtype": "float32", "fp8": "off"}
 
 
 def test_liger_kernels_patch_the_model_by_type(monkeypatch):
@@ -230,7 +230,7 @@ def test_compile_mode_and_layout_fields(monkeypatch):
         options.compile_model(model, "default", "layers")
     assert options.layout_fields(SPEC.options(_run(fused_ce="chunked"))) == {
         "activation_checkpointing": 0, "compile": 0, "compile_mode": "default", "compile_scope": "layers",
-        "fused_ce": "chunked", "liger_kernels": 0, "attention": "auto", "lora_dtype": "float32"}
+        "fused_ce": "chunked", "liger_kernels": 0, "attention": "auto", "lora_dtype": "float32", "fp8": "off"}
     with pytest.raises(ValueError, match="embedded.attention = 'flash': needs a CUDA GPU"):
         options.resolve(_run("auto", attention="flash"), torch.device("cpu"))  # the engine's own check
 

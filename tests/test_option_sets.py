@@ -136,4 +136,4 @@ def test_the_conversion_reads_the_sets_shared_options(default_config, repo):
     study = load_study(cfg, "my.yaml", repo)
     assert {r.option_set for r in study.runs} == {"a", "b"}
     command = conversion_command(study, "nemo_checkpoint")
-    assert command.startswith("/x/py -m ftscale.cli import-nemo") and "--transformer-impl local" in command
+    assert "/x/py -m ftscale.cli import-nemo" in command and "--transformer-impl local" in command
