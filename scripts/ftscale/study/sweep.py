@@ -17,7 +17,7 @@ from ftscale.study.data import data_errors
 from ftscale.study.layout import Layout
 from ftscale.study.models import Model, load_model
 from ftscale.study.run import TRACKS, Run
-from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, load_yaml, validate
+from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, load_yaml, shown, validate
 
 
 def engines_of(config: dict) -> list[str]:
@@ -130,7 +130,7 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
     cfg = validate({k: v for k, v in config.items() if k not in sections}, CONFIG_SCHEMA, source)
     for name, section in sections.items():
         if section is not None and not isinstance(section, dict):
-            raise ConfigError(f"{source}: key '{name}' = {json.dumps(section)[:120]}: the {name} engine's options "
+            raise ConfigError(f"{source}: key '{name}' = {shown(section)}: the {name} engine's options "
                               "are a mapping of option: value")
         cfg[name] = dict(section or {})
     tracks = cfg["tracks"]
