@@ -77,7 +77,7 @@ def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
         perf = model_perf(study.models[r.run.model].arch, r)
         measured = {"step_time_s": r.step_time_s, "tokens_per_s_per_gpu": r.tokens_per_s_per_gpu,
                     "peak_mem_mib": r.peak_mem_mib, "tflops_per_gpu": perf.tflops_per_gpu}
-        ref = check(references or [], reference_facts(r), measured)
+        ref = check(references or [], reference_facts(r), measured if r.status == "ok" else None)
         predicted = prediction_columns(study.models[r.run.model].spec, r, target)
         out[r.run_dir] = Extras(perf=perf, ref=ref, predicted=predicted,
                                 provenance=run_provenance(r.layout, r.run, launch, env),
