@@ -517,3 +517,27 @@ def test_a_run_not_ok_has_blank_figures_and_no_measurement(tmp_path, fixture):
                    if r["run"] == "embedded_gpus4_mbs4_gbs32_seq128")
     assert not_run["ref_throughput"] == "no measurement"
     assert "no measurement" in (tmp_path / "results/tables.md").read_text()
+
+
+def test_a_first_run_has_nothing_to_do_again(tmp_path):
+    """results/redo.txt lists the runs that had finished and lost their outputs, never the runs not yet run
+    (or failed: the workflow runs those anyway)."""
+    from ftscale.analyze.results import REDO_FILE, mark_for_redo
+
+    study = study_of()
+    assert mark_for_redo(study, tmp_path) == {}
+    lines = (tmp_path / REDO_FILE).read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("# runs to do again")
+
+    base = tmp_path / "experiments/data_parallel/tiny_llama"
+    shutil.copytree(COMPLETE, base / "embedded_gpus2_mbs4_gbs16_seq128")  # finished; metrics.jsonl deleted
+    (base / "embedded_gpus2_mbs4_gbs16_seq128" / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.copytree(FIXTURES / "embedded" / "truncated", base / "embedded_gpus4_mbs4_gbs32_seq128")  # never finished
+    (tmp_path / "results/scaling.csv").write_text(  # the last results: the 1-GPU run was ok, its directory is gone
+        "track,model,run,status\ndata_parallel,tiny_llama,embedded_gpus1_mbs4_gbs8_seq128,ok\n"
+        "data_parallel,tiny_llama,embedded_gpus4_mbs4_gbs32_seq128,incomplete\n")
+    redo = mark_for_redo(study, tmp_path)
+    assert sorted(redo) == [f"experiments/data_parallel/tiny_llama/embedded_gpus{n}" for n in
+                            ("1_mbs4_gbs8_seq128", "2_mbs4_gbs16_seq128")]
+    assert "the log shows a finished run" in redo[str(base.relative_to(tmp_path) / "embedded_gpus2_mbs4_gbs16_seq128")]
+    assert len((tmp_path / REDO_FILE).read_text().splitlines()) == 3
