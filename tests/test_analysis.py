@@ -154,7 +154,7 @@ def test_csv_has_flops_mfu_reference_and_provenance(analysed):
     assert row["torch_version"] and row["versions_from"] == "analysis" and row["git_commit"]
     other = rows["embedded_gpus1_mbs4_gbs8_seq128"]
     assert other["status"] == "not_run" and other["tflops_per_gpu"] == "" and other["ref_name"] == ""
-    assert other["ref_throughput"] == "no reference"
+    assert other["ref_throughput"] == "no measurement"  # not ok: measured nothing
 
 
 def test_tables_state_the_formula_flags_and_link_the_plots(analysed):
@@ -475,3 +475,57 @@ def test_duplicate_runs_within_a_file_and_across_files():
     alice, conflict = ANALYSIS / "participants" / "alice.csv", ANALYSIS / "bad" / "alice_conflict.csv"
     with pytest.raises(CompareError, match=rf"{conflict}:2: duplicate run .*also at {alice}:3.*step_time_s"):
         merge([alice, conflict])
+
+
+MEASURED = ["step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "peak_mem_mib", "reserved_mib", "state_mib",
+            "loss_first", "loss_last", "speedup", "efficiency", "tflops_per_gpu", "mfu", "peak_mem_error_pct",
+            "state_error_pct", "step_time_error_pct"]
+
+
+@pytest.mark.parametrize("fixture", ["truncated", "oom", "crashed_rank"])
+def test_a_run_not_ok_has_blank_figures_and_no_measurement(tmp_path, fixture):
+    """A run killed mid-training (or failed) has steps in its log: none of them becomes a figure, and its
+    reference verdict is ``no measurement`` whether or not an entry matches it."""
+    study = study_of()
+    run_dir = tmp_path / "experiments/data_parallel/tiny_llama/embedded_gpus2_mbs4_gbs16_seq128"
+    shutil.copytree(FIXTURES / "embedded" / fixture, run_dir)
+    (tmp_path / "config").mkdir()
+    refs = yaml.safe_load((REPO / "config" / "references.yaml").read_text())
+    refs["references"].append({"model": "tiny_llama", "track": "data_parallel", "where": {"gpus": 2},
+                               "source": "test", "name": "two",
+                               "metrics": {"peak_mem_mib": {"value": 400, "lower": -0.5, "upper": 0.5, "unit": "MiB"}}})
+    (tmp_path / "config" / "references.yaml").write_text(yaml.safe_dump(refs))
+    write_results(study, tmp_path / "results/scaling.csv", tmp_path / "results/tables.md", root=tmp_path)
+    row = next(r for r in csv.DictReader((tmp_path / "results/scaling.csv").open())
+               if r["run"] == "embedded_gpus2_mbs4_gbs16_seq128")
+    assert row["status"] != "ok" and row["reason"]
+    assert {c: row[c] for c in MEASURED} == dict.fromkeys(MEASURED, "")
+    assert row["ref_throughput"] == row["ref_memory"] == "no measurement"
+    not_run = next(r for r in csv.DictReader((tmp_path / "results/scaling.csv").open())
+                   if r["run"] == "embedded_gpus4_mbs4_gbs32_seq128")
+    assert not_run["ref_throughput"] == "no measurement"
+    assert "no measurement" in (tmp_path / "results/tables.md").read_text()
+
+
+def test_a_first_run_has_nothing_to_do_again(tmp_path):
+    """results/redo.txt lists the runs that had finished and lost their outputs, never the runs not yet run
+    (or failed: the workflow runs those anyway)."""
+    from ftscale.analyze.results import REDO_FILE, mark_for_redo
+
+    study = study_of()
+    assert mark_for_redo(study, tmp_path) == {}
+    lines = (tmp_path / REDO_FILE).read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("# runs to do again")
+
+    base = tmp_path / "experiments/data_parallel/tiny_llama"
+    shutil.copytree(COMPLETE, base / "embedded_gpus2_mbs4_gbs16_seq128")  # finished; metrics.jsonl deleted
+    (base / "embedded_gpus2_mbs4_gbs16_seq128" / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.copytree(FIXTURES / "embedded" / "truncated", base / "embedded_gpus4_mbs4_gbs32_seq128")  # never finished
+    (tmp_path / "results/scaling.csv").write_text(  # the last results: the 1-GPU run was ok, its directory is gone
+        "track,model,run,status\ndata_parallel,tiny_llama,embedded_gpus1_mbs4_gbs8_seq128,ok\n"
+        "data_parallel,tiny_llama,embedded_gpus4_mbs4_gbs32_seq128,incomplete\n")
+    redo = mark_for_redo(study, tmp_path)
+    assert sorted(redo) == [f"experiments/data_parallel/tiny_llama/embedded_gpus{n}" for n in
+                            ("1_mbs4_gbs8_seq128", "2_mbs4_gbs16_seq128")]
+    assert "the log shows a finished run" in redo[str(base.relative_to(tmp_path) / "embedded_gpus2_mbs4_gbs16_seq128")]
+    assert len((tmp_path / REDO_FILE).read_text().splitlines()) == 3

@@ -98,6 +98,32 @@ def test_check_config_validates_and_plans_as_the_workflow(tmp_path):
     assert out.returncode == 2 and "config/config.yaml, gpus.yaml: key 'tracks.data_parallel.gpus[0]' = 0" in out.stderr
 
 
+@pytest.mark.parametrize(("targets", "model", "bad"), [
+    ("[q_proj, qkv_proj_nonexistent]", "tiny_llama", "['qkv_proj_nonexistent']"),
+    ("[gate_proj, up_proj, down_proj]", "tiny_mixtral", "['gate_proj', 'up_proj', 'down_proj']"),
+])
+def test_check_config_refuses_a_lora_target_the_model_lacks(tmp_path, targets, model, bad):
+    """Before any job: one line per engine and model, naming the file, the key, the value and the valid names."""
+    work = copy_workflow(tmp_path)
+    (work / "lora.yaml").write_text(f"tracks: {{data_parallel: {{lora: {{rank: 8, alpha: 16, targets: {targets}}}}}}}\n")
+    out = ftscale("check-config", "config/config.yaml", "lora.yaml", cwd=work)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    line = next(x for x in out.stderr.splitlines() if f"model {model})" in x)
+    value = repr(targets.strip("[]").split(", "))
+    assert line.strip().startswith(f"config/config.yaml, lora.yaml: key 'tracks.data_parallel.lora.targets' = "
+                                   f"{value} (engine embedded, model {model}): ")
+    assert f"has no module(s) {bad} for LoRA: the valid targets are ['q_proj', 'k_proj', 'v_proj', 'o_proj'" in line
+
+
+def test_a_long_value_in_an_error_is_cut_cleanly():
+    """A value too long to show whole ends with an ellipsis after a whole item, never mid-string."""
+    with pytest.raises(ConfigError) as err:
+        load_study({"models": ["tiny_llama"], "seed": ["x" * 30 + str(i) for i in range(12)]}, "long.yaml", root=REPO)
+    shown = str(err.value).split("key 'seed' = ", 1)[1].split(": ", 1)[0]
+    assert shown.endswith(", ...]") and len(shown) < 160
+    assert all(len(item.strip(' "[]')) in (31, 32, 0, 3) for item in shown.split(","))
+
+
 def test_results_that_cannot_be_written_name_the_file(tmp_path):
     """As with a read-only results/ (which root, running the tests in CI, could write anyway): the
     plots directory is a file here, so it cannot be created."""

@@ -7,7 +7,9 @@ import dataclasses
 
 import pytest
 
-from ftscale.engines.nemo.spec import hf_lora_targets, nemo_lora_targets
+from ftscale.engines import names
+from ftscale.engines.base import HF_LINEAR, LORA_MODULES, hf_lora_targets
+from ftscale.engines.nemo.spec import nemo_lora_targets
 from ftscale.study.check import run_errors
 from ftscale.study.models import load_model
 from ftscale.study.run import Run
@@ -85,14 +87,86 @@ def test_nemo_needs_its_model_section_and_a_convertible_source(repo):
 def test_lora_targets_map_between_names(repo):
     partial = {**LORA, "targets": ["q_proj", "v_proj"]}
     run = make_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=partial)
-    assert any(m.startswith(f"run {run.name}: lora.targets = ['q_proj', 'v_proj']") and "linear_qkv" in m
+    assert any(m.startswith("key 'tracks.data_parallel.lora.targets' = ['q_proj', 'v_proj']") and "linear_qkv" in m
                for m in run_errors(run, spec(repo, "llama31_8b")))
     every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert nemo_lora_targets(every) == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
     assert nemo_lora_targets(["linear_qkv", "*.layers.0.*.linear_proj"]) == ["linear_qkv", "*.layers.0.*.linear_proj"]
     assert hf_lora_targets(["linear_qkv", "o_proj"]) == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
+    with pytest.raises(ValueError, match=r"no module\(s\) \['qkv'\]"):
         hf_lora_targets(["qkv"])
+
+
+MIXTRAL_MLP = {**LORA, "targets": ["gate_proj", "up_proj", "down_proj"]}
+
+
+@pytest.mark.parametrize("engine", names())
+@pytest.mark.parametrize(("model", "lora", "bad"), [
+    ("llama31_8b", {**LORA, "targets": ["q_proj", "qkv_proj_nonexistent"]}, "['qkv_proj_nonexistent']"),
+    ("mixtral_8x7b", MIXTRAL_MLP, "['gate_proj', 'up_proj', 'down_proj']"),
+])
+def test_a_lora_target_the_model_lacks_is_refused_before_any_job(repo, engine, model, lora, bad):
+    """One check, every engine: the message names the key, the value and the model's valid names."""
+    run = make_run("data_parallel", model, 1, 1, 1, global_batch=8, engine=engine, lora=lora)
+    (message,) = [m for m in run_errors(run, spec(repo, model)) if "lora.targets" in m]
+    assert message.startswith(f"key 'tracks.data_parallel.lora.targets' = {lora['targets']!r} (engine {engine}, "
+                              f"model {model}): ")
+    assert f"has no module(s) {bad}" in message and "'q_proj', 'k_proj', 'v_proj', 'o_proj'" in message
+    if model.startswith("mixtral"):
+        assert "'gate_proj'" not in message.split("valid targets are")[1].split("]")[0]
+        assert "MixtralExperts" in message
+
+
+@pytest.mark.parametrize("engine", names())
+def test_every_valid_target_is_accepted(repo, engine):
+    attention = {**LORA, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    every = {**LORA, "targets": list(HF_LINEAR)}
+    for model, lora in (("llama31_8b", every), ("mixtral_8x7b", attention)):
+        run = make_run("data_parallel", model, 1, 1, 1, global_batch=8, engine=engine, lora=lora)
+        assert not [m for m in run_errors(run, spec(repo, model)) if "lora.targets" in m]
+
+
+def test_nemo_names_follow_the_model(repo):
+    mixtral = spec(repo, "mixtral_8x7b")["architecture"]
+    assert nemo_lora_targets(["q_proj", "k_proj", "v_proj", "o_proj"], mixtral) == ["linear_qkv", "linear_proj"]
+    with pytest.raises(ValueError, match=r"no module\(s\) \['linear_fc1'\].*\['q_proj', 'k_proj', 'v_proj', 'o_proj', "
+                                         r"'linear_qkv', 'linear_proj'\]"):
+        nemo_lora_targets(["linear_qkv", "linear_fc1"], mixtral)
+    assert hf_lora_targets(["linear_qkv"], mixtral) == ["q_proj", "k_proj", "v_proj"]
+
+
+def test_the_lists_are_transformers_own_linear_layers():
+    """LORA_MODULES, per architecture, is exactly the nn.Linear names inside a decoder layer of transformers'
+    model of that type (the installed version): Mixtral's experts and router hold no nn.Linear."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=64)
+    for kind, (config, cls) in {"llama": (LlamaConfig, LlamaForCausalLM),
+                                "mixtral": (MixtralConfig, MixtralForCausalLM)}.items():
+        with torch.device("meta"):
+            model = cls(config(**small))
+        layer = model.model.layers[0]
+        linear = {n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert linear == set(LORA_MODULES[kind]), kind
+
+
+def test_the_embedded_engine_gives_peft_the_checked_names():
+    """The job checks again, against the loaded model's own nn.Linear names, before peft."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from ftscale.engines.embedded.data_parallel import lora_target_modules
+
+    with torch.device("meta"):
+        model = MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    ok = make_run("data_parallel", "tiny_mixtral", 1, 1, 1, global_batch=8, engine="embedded", lora=LORA)
+    assert lora_target_modules(model, ok) == LORA["targets"]
+    bad = dataclasses.replace(ok, lora=MIXTRAL_MLP)
+    with pytest.raises(ValueError, match="a mixtral model has no module"):
+        lora_target_modules(model, bad)
 
 
 def test_embedded_and_automodel_rules(repo):

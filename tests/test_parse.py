@@ -70,7 +70,8 @@ def test_ok_run_without_metrics_is_an_error_naming_file(tmp_path):
         f"[ftscale] step={s}/12 loss=1.0\n" for s in range(1, 13)))
     launch = json.loads((run / "launch.json").read_text())
     assert launch["returncode"] == 0
-    with pytest.raises(ParseError, match=r"train.log: the run says it finished 12 steps but only 0 lines matched the step pattern"):
+    with pytest.raises(ParseError, match=r"train.log: the log's end line says the run finished, but only 0 of its 12 "
+                                         r"steps match the step pattern \('embedded_step'"):
         parse_run(run)
 
 
@@ -146,7 +147,59 @@ def test_nemo_failures(tmp_path, log, status, reason):
 def test_nemo_truncated_log(tmp_path):
     rec = parse_run(nemo_run(tmp_path, "truncated.log", None))
     assert rec.status == "incomplete" and rec.steps_done == 31
-    assert rec.step_time_s is not None  # the measured steps stay visible, the status says it is partial
+    assert rec.step_time_s is None  # a run that did not finish has no figures: the status says why
+
+
+FIGURES = ("step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "peak_mem_mib", "reserved_mib", "state_mib",
+           "loss_first", "loss_last")
+
+
+def test_a_run_killed_mid_training_keeps_no_figures():
+    rec = parse_run(FIXTURES / "truncated")
+    assert rec.status == "incomplete" and rec.steps_done == 5
+    assert all(getattr(rec, f) is None for f in FIGURES) and rec.mem_kind == "" and rec.source == ""
+
+
+@pytest.mark.parametrize("fixture", ["oom", "crashed_rank"])
+def test_a_failed_run_keeps_no_figures(fixture):
+    rec = parse_run(FIXTURES / fixture)
+    assert rec.status != "ok" and all(getattr(rec, f) is None for f in FIGURES)
+
+
+def test_a_complete_nemo_log_without_its_launch_record_is_ok(tmp_path):
+    """Lightning's "`Trainer.fit` stopped: `max_steps=N` reached." ends a NeMo run: with every step seen and no
+    launch.json, that line is the evidence."""
+    d = nemo_run(tmp_path, "complete.log", 0)
+    (d / "launch.json").unlink()
+    text = (d / "train.log").read_text().replace("[ftscale] done steps=50\n", "")
+    assert "`Trainer.fit` stopped: `max_steps=50` reached." in text and "[ftscale] done" not in text
+    (d / "train.log").write_text(text)
+    rec = parse_run(d)
+    assert (rec.status, rec.reason, rec.steps_done) == ("ok", "", 50) and rec.step_time_s is not None
+
+
+def test_a_finished_log_whose_launcher_left_no_exit_code_says_so(tmp_path):
+    """launch.json with returncode null beside a log with every step and its end line: not the
+    self-contradicting 'finished 12 steps but only 12 lines matched', but what is missing."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "complete", run)
+    launch = json.loads((run / "launch.json").read_text())
+    (run / "launch.json").write_text(json.dumps({**launch, "returncode": None, "end": None}))
+    rec = parse_run(run)
+    assert rec.status == "incomplete" and "only" not in rec.reason
+    assert "all 12 steps" in rec.reason and "launch.json has no exit code (returncode null)" in rec.reason
+
+
+def test_an_engine_error_line_reads_once_and_is_cut_at_a_word(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "truncated", run)
+    message = "rank 0: RuntimeError: " + " ".join(f"word{i}" for i in range(80))
+    with (run / "train.log").open("a") as log:
+        log.write(f"[ftscale] error=failed {message}\n")
+    rec = parse_run(run)
+    assert rec.status == "failed" and rec.reason.startswith("rank 0: RuntimeError: word0 ")
+    assert rec.reason.endswith(" ...") and rec.reason[:-4].split()[-1].startswith("word")
+    assert message.startswith(rec.reason[:-4]) and rec.reason[:-4].split()[-1] in message.split()
 
 
 def test_half_written_last_line_is_ignored(tmp_path):

@@ -118,3 +118,25 @@ def test_extra_numeric_columns_flow_to_the_csv(tmp_path):
     assert header[:len(CSV_COLUMNS)] == CSV_COLUMNS
     assert header[len(CSV_COLUMNS):] == ["energy_kwh", "queue_wait_s"]
     assert "run_dir" not in header
+
+
+def test_an_engine_error_reads_failed_once(tmp_path):
+    """The engine's ``[ftscale] error=failed MESSAGE`` line is the reason; the tables' status column adds the
+    status once ('failed: rank 0: ...', not 'failed: failed: rank 0: ...')."""
+    import shutil
+
+    from ftscale.analyze.parse import parse_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(REPO / "tests/fixtures/embedded/truncated", run_dir)
+    with (run_dir / "train.log").open("a") as log:
+        log.write("[ftscale] error=failed rank 0: RuntimeError: boom\n")
+    record = parse_run(run_dir)
+    record.run_dir = record.run.directory
+    cfg = {"models": ["tiny_llama"], "engine": "embedded",
+           "batch": {"micro_batch": 4, "global_batch": 8, "seq_length": 128, "steps": 12, "warmup_steps": 2},
+           "tracks": {"data_parallel": {"gpus": [2], "scaling": ["weak"]}, "model_parallel": {"enabled": False}}}
+    st = load_study(cfg, "test", REPO)
+    assert record.run_dir in {r.directory for r in st.runs}
+    md = render_tables(st, build_frame(st, [record], {record.run_dir: Extras(Perf(None))}))
+    assert "failed: rank 0: RuntimeError: boom" in md and "failed: failed" not in md

@@ -4,7 +4,9 @@ Every pattern lives in ``PATTERNS`` (per-step metrics, layout read-back, the end
 ``FAILURES`` (what went wrong, first match wins), for both engines' log formats. A run that claims
 to be complete but lacks a metric raises ``ParseError`` naming the file and the pattern: never a
 silent zero. Warm-up steps are left out of the step-time median; a restarted log (steps seen
-again) keeps the last attempt; a truncated log yields status ``incomplete``.
+again) keeps the last attempt; a truncated log yields status ``incomplete``. Only an ``ok`` run has
+figures: a failed, killed or incomplete one keeps its status, reason, steps done and wall time, and
+nothing it measured before it stopped.
 """
 
 from __future__ import annotations
@@ -81,11 +83,21 @@ class RunRecord:
                 "scaling": self.run.scaling, "weights": self.run.weights, **measured}
 
 
+def clipped(text: str, limit: int = 200) -> str:
+    """``text`` whole, or its first words up to ``limit`` characters and an ellipsis (never cut mid-word)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def classify_failure(text: str) -> tuple[str, str] | None:
+    """(status, reason) of the first failure pattern that matches; for an engine's error line the reason is
+    its message (its kind as well where the kind is not the status)."""
     for status, reason, pattern in FAILURES:
         if m := pattern.search(text):
             if "msg" in pattern.groupindex:
-                return status, f"{m['kind']}: {m['msg'][:200]}"
+                message = clipped(m["msg"])
+                return status, message if m["kind"] == status else f"{m['kind']}: {message}"
             return status, reason
     return None
 
@@ -122,13 +134,22 @@ def sanity(run: Run, steps: list[dict], done: bool, launch: dict, log_text: str,
     code = launch.get("returncode")
     if code not in (None, 0):
         return "failed", f"exit code {code}"
-    if code == 0 and len(steps) >= run.steps and (done or not run.spec.writes_done_line):
-        return "ok", ""
+    seen = len(steps)
+    ended = done or (code == 0 and not run.spec.writes_done_line)  # the log's end line, or a clean exit
+    if ended and seen >= run.steps:
+        if code == 0 or not launch:  # without a launch record the log's end line is the evidence
+            return "ok", ""
+        return "incomplete", (f"the log shows all {run.steps} steps and the run's end line, but launch.json "
+                              "has no exit code (returncode null): the launcher stopped before the job exited "
+                              "(killed while shutting down?)")
     if done:
-        pattern = PATTERNS[run.spec.step_pattern].pattern
-        raise ParseError(f"{log}: the run says it finished {run.steps} steps but only {len(steps)} lines "
-                         f"matched the step pattern '{pattern[:60]}...': the metrics are missing from the log")
-    return "incomplete", (f"log ends after {len(steps)} of {run.steps} steps with no error"
+        raise ParseError(f"{log}: the log's end line says the run finished, but only {seen} of its {run.steps} steps "
+                         f"match the step pattern ('{run.spec.step_pattern}' of ftscale.run.logformat.PATTERNS): "
+                         "the metrics are missing from the log")
+    if seen >= run.steps:
+        return "incomplete", (f"the log has all {run.steps} steps but no end line ([ftscale] done) and no exit code 0: "
+                              "the job stopped before it finished")
+    return "incomplete", (f"log ends after {seen} of {run.steps} steps with no error"
                           + ("" if launch.get("end") else "; the launcher never finished (killed?)"))
 
 
@@ -182,6 +203,7 @@ def parse_run(run_dir: Path | str, extra_logs: list[Path] | None = None, root: P
     record.layout = {k: v for k, v in layout.items() if k != "line"}
     record.steps_done = len(steps)
     record.status, record.reason = sanity(run, steps, done, launch, text + "\n" + extra, log)
-    for key, value in performance(run, steps, log, require_memory=record.status == "ok").items():
-        setattr(record, key, value)
+    if record.status == "ok":  # a run that did not finish measured nothing: its figures stay blank
+        for key, value in performance(run, steps, log, require_memory=True).items():
+            setattr(record, key, value)
     return record

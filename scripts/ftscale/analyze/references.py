@@ -15,8 +15,8 @@ and the run gets one ``throughput`` verdict; ``memory`` is peak memory per GPU. 
 the aspect, not the metric: a step time above its bounds is throughput ``below``.
 
 Verdict of an aspect: ``within`` the bounds, ``below``, ``above``, ``no reference`` (no entry matches,
-or the matching entry has no value for the aspect), ``no measurement`` (an entry matches but the
-run has no value: it failed). A record matched by several entries takes the most specific one
+or the matching entry has no value for the aspect), ``no measurement`` (the run is not ``ok``: it
+measured nothing, whether or not an entry matches; or an entry matches and the run lacks the value). A record matched by several entries takes the most specific one
 (most ``where`` keys); two equally specific matches are an error naming both.
 """
 
@@ -96,6 +96,8 @@ class RefResult:
     def summary(self) -> str:
         """One cell of the tables: e.g. 'throughput within (+3%); memory within'; 'no reference' when
         there is none. A deviation under 1 % is not shown: it is no news."""
+        if self.checks and all(c.flag == "no measurement" for c in self.checks.values()):
+            return "no measurement"
         parts = []
         for aspect, check in self.checks.items():
             if check.flag == "no reference":
@@ -180,10 +182,13 @@ def match(refs: list[Reference], facts: dict) -> Reference | None:
     return found[0]
 
 
-def check(refs: list[Reference], facts: dict, measured: dict[str, float | None]) -> RefResult:
+def check(refs: list[Reference], facts: dict, measured: dict[str, float | None] | None) -> RefResult:
     """Verdicts of one record, one per aspect: ``facts`` are its configuration keys (WHERE_KEYS, model,
-    track, run), ``measured`` its metrics (keys of METRICS)."""
+    track, run), ``measured`` its metrics (keys of METRICS), None for a run that is not ``ok``: every aspect
+    is then ``no measurement``."""
     entry = match(refs, facts)
+    if measured is None:
+        return RefResult(entry, {a: AspectCheck(a, "no measurement") for a in ASPECTS})
     if entry is None:
         return RefResult(None, {a: AspectCheck(a, "no reference") for a in ASPECTS})
     checks = {}

@@ -77,7 +77,7 @@ def derive(study: Study, records: list[RunRecord], root: Path = Path("."),
         perf = model_perf(study.models[r.run.model].arch, r)
         measured = {"step_time_s": r.step_time_s, "tokens_per_s_per_gpu": r.tokens_per_s_per_gpu,
                     "peak_mem_mib": r.peak_mem_mib, "tflops_per_gpu": perf.tflops_per_gpu}
-        ref = check(references or [], reference_facts(r), measured)
+        ref = check(references or [], reference_facts(r), measured if r.status == "ok" else None)
         predicted = prediction_columns(study.models[r.run.model].spec, r, target)
         out[r.run_dir] = Extras(perf=perf, ref=ref, predicted=predicted,
                                 provenance=run_provenance(r.layout, r.run, launch, env),
@@ -187,15 +187,36 @@ def write_partial_results(study: Study, csv_path: Path, tables_path: Path, root:
         print(f"[ftscale] could not write partial tables: {err}")
 
 
-def runs_to_redo(study: Study, root: Path = Path(".")) -> dict[str, str]:
-    """Run directory -> why it must run again: its metrics.jsonl is missing (never run, failed, or
-    deleted after it finished, with or without its directory), or its log no longer shows a finished
-    run although metrics.jsonl exists (the log was damaged after the run finished). A run the plan skipped
-    is not redone while the plan still skips it."""
+#: The tables' CSV of the last invocation: which runs had finished, for those whose directory is gone.
+PREVIOUS_RESULTS = Path("results/scaling.csv")
+
+
+def finished_before(root: Path = Path("."), previous: Path = PREVIOUS_RESULTS) -> set[tuple[str, str, str]]:
+    """(track, model, run) of every ``ok`` row of the last results/scaling.csv (none when there is none or it
+    cannot be read: then only the runs' own files tell)."""
+    path = root / previous
+    try:
+        rows = pd.read_csv(path, usecols=["track", "model", "run", "status"], dtype=str)
+    except (OSError, ValueError):  # no file yet (a first run), or one without these columns
+        return set()
+    ok = rows[rows["status"] == "ok"]
+    return set(zip(ok["track"], ok["model"], ok["run"]))
+
+
+def runs_to_redo(study: Study, root: Path = Path("."), previous: Path = PREVIOUS_RESULTS) -> dict[str, str]:
+    """Run directory -> why it must run again: it had finished, and then its metrics.jsonl was deleted (its
+    log still shows a finished run, or the last results list it ``ok``: its directory may be gone), or its log
+    no longer shows a finished run although metrics.jsonl exists (the log was damaged after the run finished).
+    A run that never ran or never finished is no run to do *again*: the workflow runs it anyway (none on a
+    first run). A run the plan skipped is not redone while the plan still skips it."""
     redo = {}
+    earlier = finished_before(root, previous)
     for run in study.runs:
         if not (root / run.paths.metrics).is_file():
-            redo[run.directory] = "metrics.jsonl missing"
+            if (run.track, run.model, run.name) in earlier:
+                redo[run.directory] = "metrics.jsonl missing (the last results list the run ok)"
+            elif (root / run.paths.log).is_file() and _parsed_status(root / run.directory, root) == "ok":
+                redo[run.directory] = "metrics.jsonl missing (the log shows a finished run)"
             continue
         try:
             record = parse_run(root / run.directory, root=root)
@@ -205,6 +226,13 @@ def runs_to_redo(study: Study, root: Path = Path(".")) -> dict[str, str]:
         if record.status != "ok" and not (record.status == "skipped" and run.skip_reason):
             redo[run.directory] = f"metrics.jsonl exists but the log says {record.status}: {record.reason}"
     return redo
+
+
+def _parsed_status(run_dir: Path, root: Path) -> str:
+    try:
+        return parse_run(run_dir, root=root).status
+    except (ValueError, OSError):
+        return "unreadable"
 
 
 #: Written when the workflow starts and finds runs to redo; an input of the tables.

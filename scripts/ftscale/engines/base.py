@@ -19,6 +19,71 @@ HF_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 HF_MLP = ("gate_proj", "up_proj", "down_proj")
 HF_LINEAR = HF_ATTENTION + HF_MLP
 
+#: The linear layers LoRA may target in a model, by its model.yaml ``architecture.type``: the nn.Linear modules
+#: of a decoder layer of transformers' model of that type, in its names.
+LORA_MODULES: dict[str, tuple[str, ...]] = {"llama": HF_LINEAR, "mixtral": HF_ATTENTION}
+#: Why an architecture lacks names of ``HF_LINEAR`` (said in the error that refuses one).
+LORA_MODULES_WHY: dict[str, str] = {
+    "mixtral": "transformers' Mixtral has no gate_proj/up_proj/down_proj modules: its experts are fused parameters "
+               "(MixtralExperts.gate_up_proj and .down_proj) and its router one weight (MixtralTopKRouter.weight), "
+               "no nn.Linear that a LoRA adapter can wrap",
+}
+
+#: Megatron's fused linear layers (the names NeMo's LoRA knows) -> the Hugging Face modules each fuses. A
+#: fused layer is adapted as a whole, so its HF names come together (q_proj alone has no Megatron layer).
+MEGATRON_LORA_GROUPS: dict[str, tuple[str, ...]] = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+
+
+def lora_modules(architecture: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The Hugging Face names LoRA may target in a model of ``architecture`` (a model.yaml ``architecture``
+    mapping; None: any of ``HF_LINEAR``, for a caller that knows no model)."""
+    if architecture is None:
+        return HF_LINEAR
+    kind = architecture.get("type")
+    if kind not in LORA_MODULES:
+        raise ValueError(f"architecture.type = {kind!r}: LoRA targets are known for {list(LORA_MODULES)}")
+    return LORA_MODULES[kind]
+
+
+def megatron_lora_names(modules: tuple[str, ...]) -> list[str]:
+    """The Megatron fused names whose whole group is among ``modules``."""
+    return [name for name, group in MEGATRON_LORA_GROUPS.items() if set(group) <= set(modules)]
+
+
+def _refused(unknown: list[str], architecture: Mapping[str, Any] | None, valid: list[str]) -> ValueError:
+    kind = (architecture or {}).get("type")
+    why = LORA_MODULES_WHY.get(kind or "", "")
+    where = f"a {kind} model" if kind else "the model"
+    return ValueError(f"{where} has no module(s) {unknown} for LoRA: the valid targets are {valid}"
+                      + (f" ({why})" if why and set(unknown) & set(HF_LINEAR + tuple(MEGATRON_LORA_GROUPS)) else ""))
+
+
+def hf_lora_targets(targets: list[str], architecture: Mapping[str, Any] | None = None,
+                    fused_names: bool = True) -> list[str]:
+    """The Hugging Face module names of the run's LoRA targets in a model of ``architecture``: Hugging Face
+    names, and (``fused_names``) Megatron fused names expanded to their group. ValueError naming the valid
+    targets for a name the model does not have."""
+    modules = lora_modules(architecture)
+    out: list[str] = []
+    unknown: list[str] = []
+    for t in targets:
+        group = MEGATRON_LORA_GROUPS.get(t) if fused_names else None
+        for n in group or (t,):
+            if n not in modules:
+                unknown.append(t)
+                break
+            if n not in out:
+                out.append(n)
+    if unknown:
+        valid = list(modules) + (megatron_lora_names(modules) if fused_names else [])
+        raise _refused(list(dict.fromkeys(unknown)), architecture, valid)
+    return out
+
 
 class Errors(list):
     """Reasons a run cannot run, each naming the run, the key and the value."""
@@ -155,12 +220,11 @@ class EngineSpec:
         option_errors(self.Options, run.engine_options, self.name, errs)
         return errs
 
-    def lora_targets(self, targets: list[str]) -> list[str]:
-        """The engine's module names for the run's LoRA targets; ValueError for a name it cannot adapt."""
-        unknown = [t for t in targets if t not in HF_LINEAR]
-        if unknown:
-            raise ValueError(f"unknown LoRA target(s) {unknown}: use Hugging Face names {list(HF_LINEAR)}")
-        return list(dict.fromkeys(targets))
+    def lora_targets(self, targets: list[str], architecture: Mapping[str, Any] | None = None) -> list[str]:
+        """The engine's module names for the run's LoRA targets in a model of ``architecture`` (its model.yaml
+        ``architecture``); ValueError naming the valid targets for a name the model does not have. Here:
+        Hugging Face names only, as peft's ``target_modules`` takes them."""
+        return hf_lora_targets(targets, architecture, fused_names=False)
 
     def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:
         """What the planner needs of the engine for ``run`` (``built``: the log's layout line, if it ran)."""
@@ -179,14 +243,6 @@ class EngineSpec:
         ``model``, input the import, output the converted directory), for an engine with such a role;
         ``ftscale`` is the words that start ftscale's command line in the job (``ftscale.run.command``)."""
         raise NotImplementedError(f"engine {self.name!r} reads the Hugging Face checkpoint itself")
-
-    def lora_errors(self, run: Run, errs: Errors) -> None:
-        """The run's LoRA targets must map to the engine's module names."""
-        if run.lora and isinstance(run.lora.get("targets"), list) and run.lora["targets"]:
-            try:
-                self.lora_targets(run.lora["targets"])
-            except ValueError as e:
-                errs.add("lora.targets", run.lora["targets"], str(e))
 
     def cuda_only_errors(self, run: Run, errs: Errors, engine_title: str) -> None:
         if run.device not in ("auto", "cuda"):

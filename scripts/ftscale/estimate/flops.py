@@ -63,9 +63,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-LORA_TARGETS: tuple[str, ...] = ATTENTION_MODULES + MLP_MODULES
+from ftscale.engines.base import HF_ATTENTION, HF_LINEAR, HF_MLP, hf_lora_targets
+
+#: The linear layers of a decoder layer, in Hugging Face names (one list: ``ftscale.engines.base``); for a
+#: mixture of experts the MLP ones are each expert's.
+ATTENTION_MODULES: tuple[str, ...] = HF_ATTENTION
+MLP_MODULES: tuple[str, ...] = HF_MLP
+LORA_TARGETS: tuple[str, ...] = HF_LINEAR
 
 # Dense bf16 tensor-core peak per GPU without structured sparsity, in TFLOP/s (vendor datasheets).
 PEAK_TFLOPS: dict[str, float | None] = {
@@ -148,17 +152,20 @@ class LoraSpec:
 
 
 def lora_spec(lora: Mapping[str, Any] | None) -> LoraSpec | None:
-    """Validate a LoRA dict; ``None`` (full fine-tuning) stays ``None``."""
+    """Validate a LoRA dict; ``None`` (full fine-tuning) stays ``None``. Targets may be any name an engine
+    accepts: Hugging Face names, or Megatron's fused names (``linear_qkv`` ...), which count as the Hugging
+    Face modules they fuse (``ftscale.engines.base.hf_lora_targets``). Whether the model has them is the
+    study's check, before any job (``ftscale.study.check.lora_target_errors``)."""
     if lora is None:
         return None
     rank = int(lora.get("rank", 8))
-    targets = tuple(lora.get("targets", ATTENTION_MODULES))
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    unknown = sorted(set(targets) - set(LORA_TARGETS))
-    if unknown or not targets:
-        raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {list(targets)}")
-    return LoraSpec(rank=rank, alpha=float(lora.get("alpha", 16)), targets=tuple(dict.fromkeys(targets)))
+    given = list(lora.get("targets", ATTENTION_MODULES))
+    if not given:
+        raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got []")
+    targets = tuple(hf_lora_targets(given))  # ValueError naming the valid names
+    return LoraSpec(rank=rank, alpha=float(lora.get("alpha", 16)), targets=targets)
 
 
 # --------------------------------------------------------------------------- parameters

@@ -73,6 +73,8 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     "skipped": re.compile(r"\[ftscale\] skipped (?P<reason>.*)"),
     "layout": re.compile(r"\[ftscale\] layout (?P<fields>.*)"),
     "embedded_done": re.compile(r"\[ftscale\] done steps=(?P<steps>\d+)"),
+    # Lightning's own end of Trainer.fit (NeMo 2): the run's steps done, whether or not the done line followed
+    "lightning_max_steps": re.compile(r"`Trainer\.fit` stopped: `max_steps=(?P<steps>\d+)` reached"),
     # NeMo 2 ProgressPrinter; memory fields need NEMO_LOG_MEMORY_USAGE=1
     "nemo_step": re.compile(r"Training epoch \d+, iteration (?P<iteration>\d+)/(?P<last>\d+) \|.*"),
     "nemo_step_time": re.compile(r"train_step_timing in s: (?P<v>[-+.\deE]+)"),
@@ -100,7 +102,8 @@ def parse_layout(fields: str) -> dict:
 
 
 def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
-    """Per-step records (last attempt of each step), the layout line, and whether a 'done' line was seen."""
+    """Per-step records (last attempt of each step), the layout line, and whether an end line was seen (the
+    ``[ftscale] done`` line, or Lightning's ``max_steps`` reached)."""
     steps: dict[int, dict] = {}
     layout: dict = {}
     done = False
@@ -136,6 +139,6 @@ def parse_steps(text: str) -> tuple[list[dict], dict, bool]:
         elif m := PATTERNS["layout"].search(line):
             layout = parse_layout(m["fields"])
             layout["line"] = lineno
-        elif PATTERNS["embedded_done"].search(line):
+        elif PATTERNS["embedded_done"].search(line) or PATTERNS["lightning_max_steps"].search(line):
             done = True
     return [steps[k] for k in sorted(steps)], layout, done

@@ -69,8 +69,26 @@ def common_errors(run: Run, model: Mapping[str, Any]) -> list[str]:
     return errs
 
 
+#: Where the config gives the LoRA targets (only the data_parallel track has LoRA).
+LORA_TARGETS_KEY = "tracks.data_parallel.lora.targets"
+
+
+def lora_target_errors(run: Run, model: Mapping[str, Any]) -> list[str]:
+    """The run's LoRA targets must be modules its model has, as its engine names them
+    (``EngineSpec.lora_targets`` over ``ftscale.engines.base.lora_modules`` of the model's architecture): one
+    message per engine and model, naming the key, the value and the valid names, whichever run shows it."""
+    targets = run.lora.get("targets") if isinstance(run.lora, dict) else None
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        return []  # common_errors says what is wrong with the value
+    try:
+        run.spec.lora_targets(targets, model.get("architecture"))
+    except ValueError as err:
+        return [f"key '{LORA_TARGETS_KEY}' = {targets!r} (engine {run.engine}, model {model.get('name')}): {err}"]
+    return []
+
+
 def run_errors(run: Run, model: Mapping[str, Any]) -> list[str]:
     """Every reason ``run`` cannot run on its engine for ``model`` (a model.yaml mapping)."""
     if run.engine not in names():
         return [f"run {run.name}: engine = {run.engine!r}: must be one of {names()}"]
-    return common_errors(run, model) + run.spec.errors(run, model)
+    return common_errors(run, model) + lora_target_errors(run, model) + run.spec.errors(run, model)

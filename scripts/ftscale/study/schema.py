@@ -49,6 +49,27 @@ def _fill_defaults(validator_class: type) -> type:
 _Validator = _fill_defaults(jsonschema.Draft202012Validator)
 
 
+def shown(value: Any, limit: int = 120) -> str:
+    """``value`` as JSON for an error message. One longer than ``limit`` shows its first whole items (of a
+    list or mapping) or characters (of a string), then an ellipsis: never a value cut mid-item."""
+    text = json.dumps(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str):
+        return json.dumps(value[:max(0, limit - 5)] + "...")
+    if isinstance(value, (list, dict)):
+        items = (json.dumps(v) for v in value) if isinstance(value, list) else \
+            (f"{json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+        kept: list[str] = []
+        for item in items:
+            if len(", ".join([*kept, item, "..."])) + 2 > limit:
+                break
+            kept.append(item)
+        opening, closing = ("[", "]") if isinstance(value, list) else ("{", "}")
+        return opening + ", ".join([*kept, "..."]) + closing
+    return text
+
+
 def validate(instance: dict, schema_path: Path, source: str) -> dict:
     """Validate ``instance`` (filling defaults) against a YAML JSON schema; raise ConfigError
     naming ``source``, the key path and the offending value."""
@@ -57,7 +78,7 @@ def validate(instance: dict, schema_path: Path, source: str) -> dict:
     errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [
-            f"{source}: key '{key_path(e.absolute_path)}' = {json.dumps(e.instance)[:120]}: {e.message}"
+            f"{source}: key '{key_path(e.absolute_path)}' = {shown(e.instance)}: {e.message}"
             for e in errors
         ]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))

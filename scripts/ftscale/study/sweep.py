@@ -22,7 +22,7 @@ from ftscale.study.data import data_errors
 from ftscale.study.layout import Layout
 from ftscale.study.models import Model, load_model
 from ftscale.study.run import TRACKS, Run
-from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, load_yaml, validate
+from ftscale.study.schema import CONFIG_SCHEMA, ConfigError, load_yaml, shown, validate
 
 #: An option set's name: it ends its runs' names (the workflow's ``name`` wildcard is ``[A-Za-z0-9_]+``).
 OPTION_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
@@ -53,14 +53,14 @@ def option_sets_of(section: object, engine_name: str, source: str) -> list[Optio
     if isinstance(section, dict):
         return [OptionSet("", dict(section))]
     if not isinstance(section, list) or not section:
-        raise ConfigError(f"{source}: key '{engine_name}' = {json.dumps(section)[:120]}: the {engine_name} engine's "
+        raise ConfigError(f"{source}: key '{engine_name}' = {shown(section)}: the {engine_name} engine's "
                           "options are a mapping of option: value, or a non-empty list of such mappings (option "
                           "sets, each with an optional name:)")
     sets: list[OptionSet] = []
     for i, item in enumerate(section):
         key = f"{engine_name}[{i}]"
         if not isinstance(item, dict):
-            raise ConfigError(f"{source}: key '{key}' = {json.dumps(item)[:120]}: an option set is a mapping of "
+            raise ConfigError(f"{source}: key '{key}' = {shown(item)}: an option set is a mapping of "
                               "option: value, with an optional name:")
         options = {k: v for k, v in item.items() if k != "name"}
         name = item.get("name", set_name(options))

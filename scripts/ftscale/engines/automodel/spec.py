@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ftscale.engines.base import EngineSpec, Errors, PlannerTerms, text
-from ftscale.engines.nemo.spec import hf_lora_targets
+from ftscale.engines.base import EngineSpec, Errors, PlannerTerms, hf_lora_targets, text
 
 if TYPE_CHECKING:
     from ftscale.study.run import Run
@@ -32,8 +31,9 @@ class AutoModelSpec(EngineSpec):
     step_pattern = "automodel_step"
     needs_container = True
 
-    def lora_targets(self, targets: list[str]) -> list[str]:
-        return hf_lora_targets(targets)
+    def lora_targets(self, targets: list[str], architecture: Mapping[str, Any] | None = None) -> list[str]:
+        """Hugging Face names (Megatron fused names expanded): AutoModel adapts the Hugging Face model."""
+        return hf_lora_targets(targets, architecture)
 
     def errors(self, run: Run, model: Mapping[str, Any]) -> list[str]:
         errs = Errors(run.name)
@@ -43,7 +43,6 @@ class AutoModelSpec(EngineSpec):
             errs.add("track", run.track, "the automodel engine runs the data_parallel track (LoRA) only here")
         if model.get("synthetic_at_load"):
             errs.add("model.synthetic_at_load", True, "AutoModel loads weights from files: needs synthetic_at_load: false")
-        self.lora_errors(run, errs)
         return errs
 
     def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from ftscale.engines.nemo.spec import hf_lora_targets
+from ftscale.engines.automodel.spec import AutoModelSpec
 from ftscale.run.logformat import kv_line
 from ftscale.run.outcome import refused, reported
 from ftscale.study.check import run_errors
@@ -55,12 +55,12 @@ def dataset_config(run: Run, model: dict) -> dict:
     }
 
 
-def lora_patterns(targets: list[str]) -> list[str]:
+def lora_patterns(targets: list[str], architecture: dict | None = None) -> list[str]:
     """AutoModel's ``peft.target_modules`` for the run's LoRA targets: ``*.<hf name>`` each. Its ModuleMatcher
     (nemo_automodel 0.7.0, components/_peft/module_matcher.py) compares a pattern with the module's full
     dotted name (``model.layers.0.self_attn.q_proj``), anchored at the start: a bare ``q_proj`` matches no
     module, and the first run on the H200 stopped at ``optimizer received no trainable parameters``."""
-    return [f"*.{name}" for name in hf_lora_targets(targets)]
+    return [f"*.{name}" for name in AutoModelSpec().lora_targets(targets, architecture)]
 
 
 def automodel_config(run: Run, model: dict) -> dict:
@@ -96,7 +96,7 @@ def automodel_config(run: Run, model: dict) -> dict:
         },
         "peft": {
             "_target_": "nemo_automodel.components._peft.lora.PeftConfig",
-            "target_modules": lora_patterns(lora["targets"]),
+            "target_modules": lora_patterns(lora["targets"], model.get("architecture")),
             "dim": lora["rank"],
             "alpha": lora["alpha"],
             "dropout": lora.get("dropout", 0.0),
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print(kv_line("layout", world=run.gpus, tp=run.tp, ep=run.ep, dp=run.dp, sp=int(run.sp),
                           micro_batch=run.micro_batch, global_batch=run.global_batch,
                           seq_length=run.seq_length, steps=run.steps, peft="lora", lora_rank=run.lora["rank"],
-                          lora_targets=",".join(hf_lora_targets(run.lora["targets"])),
+                          lora_targets=",".join(AutoModelSpec().lora_targets(run.lora["targets"],
+                                                                              model.get("architecture"))),
                           data=(run.data or {}).get("kind", "corpus"), device="cuda",
                           device_name=torch.cuda.get_device_name().replace(" ", "_"), torch=torch.__version__,
                           nemo_automodel=nemo_automodel.__version__), flush=True)

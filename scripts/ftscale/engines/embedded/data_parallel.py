@@ -9,6 +9,18 @@ from ftscale.engines.embedded.training import TrainSetup, count_params
 from ftscale.study.run import Run
 
 
+def lora_target_modules(model: torch.nn.Module, run: Run) -> list[str]:
+    """peft's ``target_modules`` for the run: its targets checked against the model's architecture
+    (``EngineSpec.lora_targets``, as before any job), then against the loaded model's own nn.Linear names,
+    so that peft never adapts fewer modules than asked for. ValueError naming the valid names."""
+    targets = run.spec.lora_targets(run.lora["targets"], {"type": model.config.model_type})
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if missing := [t for t in targets if t not in linear]:
+        raise ValueError(f"run {run.name}: lora.targets = {run.lora['targets']!r}: the loaded model has no nn.Linear "
+                         f"named {missing}; its linear layers are {sorted(linear)}")
+    return targets
+
+
 def prepare_data_parallel(model: torch.nn.Module, run: Run, device: torch.device,
                           lora_dtype: str = "float32", broadcast_buffers: bool = True) -> TrainSetup:
     """LoRA adapters on ``model`` (``lora_dtype``: ``float32``, peft's default, upcasts bf16/fp16 adapters
@@ -19,8 +31,9 @@ def prepare_data_parallel(model: torch.nn.Module, run: Run, device: torch.device
     from torch.nn.parallel import DistributedDataParallel
 
     lora = run.lora
+    targets = lora_target_modules(model, run)
     config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0),
-                        target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, config, autocast_adapter_dtype=lora_dtype == "float32").to(device)
     held, trainable = count_params(model)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,

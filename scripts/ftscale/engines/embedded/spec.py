@@ -148,7 +148,6 @@ class EmbeddedSpec(EngineSpec):
         errs = Errors(run.name)
         if run.track == "data_parallel" and run.ep > 1:
             errs.add("ep", run.ep, "the embedded engine splits experts on the model_parallel track only")
-        self.lora_errors(run, errs)
         return errs + self.option_errors(run, run.device)
 
     def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:

@@ -9,22 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ftscale.engines.base import HF_LINEAR, EngineSpec, Errors, PlannerTerms, choice, text
+from ftscale.engines.base import (
+    MEGATRON_LORA_GROUPS,
+    EngineSpec,
+    Errors,
+    PlannerTerms,
+    choice,
+    hf_lora_targets,
+    text,
+)
 
 if TYPE_CHECKING:
     from ftscale.study.run import Run
 
 #: The names NeMo's LoRA (nemo.collections.llm.peft.LoRA.target_modules) knows for Megatron layers.
-NEMO_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-
-#: Hugging Face module names -> the fused Megatron layer NeMo adapts. A fused layer is adapted as
-#: a whole, so its HF names must come together (q_proj alone cannot be expressed with linear_qkv).
-HF_LORA_GROUPS: dict[str, tuple[str, ...]] = {
-    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
-    "linear_proj": ("o_proj",),
-    "linear_fc1": ("gate_proj", "up_proj"),
-    "linear_fc2": ("down_proj",),
-}
+NEMO_LORA_TARGETS = tuple(MEGATRON_LORA_GROUPS)
 
 #: Fraction of the dense matmul rate a whole step reaches: Megatron's local layer spec (no TE, unfused
 #: attention), fitted on the GPU examples; with Transformer Engine not measured, the embedded eager figure.
@@ -40,45 +39,28 @@ class NemoOptions:
     python: str | None = text("the interpreter of the engine's jobs and of the conversion")
 
 
-def nemo_lora_targets(targets: list[str]) -> list[str]:
-    """NeMo LoRA ``target_modules`` for the run's targets (NeMo or Hugging Face names).
+def nemo_lora_targets(targets: list[str], architecture: Mapping[str, Any] | None = None) -> list[str]:
+    """NeMo LoRA ``target_modules`` for the run's targets (NeMo or Hugging Face names) in a model of
+    ``architecture`` (None: any model).
 
-    NeMo names (``linear_qkv`` ...) and wildcard patterns pass through; Hugging Face names are
-    mapped through ``HF_LORA_GROUPS``. Raises ValueError for an unknown name or a partial fused group.
+    Wildcard patterns pass through; NeMo names and Hugging Face names must be modules the model has
+    (``ftscale.engines.base.lora_modules``), Hugging Face names are mapped through ``MEGATRON_LORA_GROUPS``.
+    Raises ValueError for a name the model does not have or a partial fused group.
     """
-    out: list[str] = []
-    hf = set()
-    for t in targets:
-        if t in NEMO_LORA_TARGETS or any(c in t for c in "*.?["):
-            if t not in out:
-                out.append(t)
-        elif t in HF_LINEAR:
-            hf.add(t)
-        else:
-            raise ValueError(f"unknown LoRA target {t!r}: use NeMo names {list(NEMO_LORA_TARGETS)} or Hugging Face "
-                             f"names {sorted(HF_LINEAR)}")
-    for nemo_name, group in HF_LORA_GROUPS.items():
-        present = [n for n in group if n in hf]
+    patterns = [t for t in targets if any(c in t for c in "*.?[")]
+    named = [t for t in targets if t not in patterns]
+    hf = hf_lora_targets(named, architecture)  # refuses a name the model does not have
+    given = set(hf_lora_targets([t for t in named if t not in NEMO_LORA_TARGETS], architecture))
+    out = [t for t in named if t in NEMO_LORA_TARGETS]
+    for nemo_name, group in MEGATRON_LORA_GROUPS.items():
+        present = [n for n in group if n in given]
         if present and len(present) != len(group):
-            missing = [n for n in group if n not in hf]
+            missing = [n for n in group if n not in given]
             raise ValueError(f"LoRA targets {present} without {missing}: NeMo fuses {list(group)} into {nemo_name} "
                              "and adapts it as a whole; list all of them or none")
-        if present and nemo_name not in out:
+        if set(group) <= set(hf) and nemo_name not in out:
             out.append(nemo_name)
-    return out
-
-
-def hf_lora_targets(targets: list[str]) -> list[str]:
-    """Hugging Face module names for the run's targets (NeMo fused names expand to their group)."""
-    out: list[str] = []
-    for t in targets:
-        for n in HF_LORA_GROUPS.get(t, (t,)):
-            if n not in HF_LINEAR:
-                raise ValueError(f"unknown LoRA target {t!r}: use Hugging Face names {list(HF_LINEAR)} "
-                                 f"or NeMo names {list(NEMO_LORA_TARGETS)}")
-            if n not in out:
-                out.append(n)
-    return out
+    return [n for n in NEMO_LORA_TARGETS if n in out] + list(dict.fromkeys(patterns))
 
 
 class NemoSpec(EngineSpec):
@@ -103,8 +85,8 @@ class NemoSpec(EngineSpec):
         """Whether the run uses Megatron's local layer spec (no Transformer Engine, unfused attention)."""
         return self.options(run).transformer_impl == "local"
 
-    def lora_targets(self, targets: list[str]) -> list[str]:
-        return nemo_lora_targets(targets)
+    def lora_targets(self, targets: list[str], architecture: Mapping[str, Any] | None = None) -> list[str]:
+        return nemo_lora_targets(targets, architecture)
 
     def errors(self, run: Run, model: Mapping[str, Any]) -> list[str]:
         """NeMo 2.7.3 / Megatron-core rules on top of the common ones."""
@@ -138,7 +120,6 @@ class NemoSpec(EngineSpec):
             errs.add("sp", False, f"Megatron requires sequence parallelism when tp ({tp}) and ep ({ep}) are both > 1")
         if not isinstance(run.seed, int) or run.seed <= 0:
             errs.add("seed", run.seed, "must be a positive integer (Megatron rejects seed <= 0)")
-        self.lora_errors(run, errs)
         return errs
 
     def planner_terms(self, run: Run, dtype_bytes: int, built: Mapping[str, Any] | None = None) -> PlannerTerms:

@@ -138,7 +138,7 @@ def build_recipe(run: Run, model: dict):
     if run.lora:
         recipe.peft.dim = run.lora["rank"]
         recipe.peft.alpha = run.lora["alpha"]
-        recipe.peft.target_modules = nemo_lora_targets(run.lora["targets"])
+        recipe.peft.target_modules = nemo_lora_targets(run.lora["targets"], model.get("architecture"))
     return recipe
 
 
