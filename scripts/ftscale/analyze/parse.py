@@ -24,7 +24,7 @@ from ftscale.study.run import Run
 
 # (status, reason, pattern): the first that matches names what went wrong. Triton's OutOfMemoryError "out of
 # resource" is a kernel configuration asking for more shared memory than the GPU has: Inductor's max-autotune
-# logs it for each configuration it drops, and the run goes on (H200, 2026-12-02), so it is no OOM.
+# logs it for each configuration it drops, and the run goes on, so it is no OOM.
 FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
     ("oom", "out of GPU memory", re.compile(
         r"\[ftscale\] error=oom|CUDA out of memory|OutOfMemoryError(?!: out of resource)")),

@@ -1,5 +1,5 @@
 """Workarounds that let NeMo 2.7.3 train without Transformer Engine (``nemo: {transformer_impl: local}``),
-each found on the lent H200 (benchmarks/gpu/NOTES.md) and tested on the CPU in tests/nemo. Each one changes
+each reproduced and tested on the CPU in tests/nemo. Each one changes
 a NeMo module only for the duration of ``te_free_training()`` and only when TE is missing; the NeMo container,
 which has TE, runs NeMo unchanged. The conversion's workaround is ``ftscale.engines.nemo.convert.te_free_importer``.
 """
@@ -14,7 +14,7 @@ def te_free_lora():
     """Workaround (NeMo 2.7.3): ``LoRA.transform`` (nemo/collections/llm/peft/lora.py) asks every target
     module ``m.__class__ == te.Linear`` before it looks at Megatron's own linear layers; without Transformer
     Engine ``te`` is NeMo's placeholder, whose every attribute raises ``UnavailableError: transformer_engine.pytorch
-    could not be imported`` (the first NeMo training on the lent H200 stopped there). For the duration, and only
+    could not be imported``, and training stops there. For the duration, and only
     when TE is missing, ``te`` is a stand-in whose ``Linear`` no module is an instance of: local-spec layers then
     take NeMo's own ParallelLinearAdapter path. That path (``peft.utils.get_adapter_attributes_from_linear``)
     trusts ``HAVE_TE``, which is True without TE: megatron-core 0.15.3's TE extension module imports and sets
