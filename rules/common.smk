@@ -8,10 +8,10 @@ from ftscale.study.schema import ConfigError
 from ftscale.workflow import container_image, conversion_command, model_files, run_files, workflow_study
 
 
-def clear_errors(call, *args):
-    """``call(*args)``; ftscale's own errors name the file, so Snakemake shows their message alone."""
+def clear_errors(call, *args, **kwargs):
+    """``call(*args, **kwargs)``; ftscale's own errors name the file, so Snakemake shows their message alone."""
     try:
-        return call(*args)
+        return call(*args, **kwargs)
     except (ConfigError, ResultsError, RunsNotOk) as err:
         raise WorkflowError(str(err)) from None
 
@@ -41,7 +41,7 @@ def run_params(wildcards):
 
 
 def run_sbatch(wildcards):
-    return render_run_sbatch(run_of(wildcards), STUDY.config, Path.cwd(), STUDY.config["container"])
+    return render_run_sbatch(run_of(wildcards), STUDY.config, STUDY.config["container"])
 
 
 def run_checkpoint(wildcards):
@@ -59,7 +59,7 @@ def run_dataset(wildcards):
 
 def import_sbatch(wildcards):
     model = STUDY.models[wildcards.model]
-    return render_import_sbatch(model, STUDY.config, Path.cwd(), STUDY.config["container"])
+    return render_import_sbatch(model, STUDY.config, STUDY.config["container"])
 
 
 def train_job(wildcards, attempt=1):

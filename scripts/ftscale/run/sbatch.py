@@ -1,8 +1,10 @@
 """Scheduler resources of each job, and the standalone sbatch scripts rendered beside each run/model.
 
 The rendered ``run.sbatch`` runs exactly the command of the workflow's train job, so a participant can
-submit one experiment by hand (``sbatch experiments/.../run.sbatch``) and the analysis picks its
-output up like any other. Partition, account and QoS are not written into the file: sbatch takes them
+submit one experiment by hand (``sbatch experiments/.../run.sbatch`` from the study's root directory) and
+the analysis picks its output up like any other. The scripts hold no absolute path: a study moved or
+copied elsewhere keeps working, and Snakemake (which reruns a job whose rendered script changed) sees
+nothing to redo. Partition, account and QoS are not written into the file: sbatch takes them
 from the command line or from SBATCH_PARTITION, SBATCH_ACCOUNT and SBATCH_QOS.
 """
 
@@ -49,33 +51,51 @@ def _header(job_name: str, res: Resources, output: str, container: str) -> list[
     return lines
 
 
-def render_run_sbatch(run: Run, config: dict, repo: Path, container: str = "") -> str:
+def _cd_study_root(script: Path, marker: Path) -> list[str]:
+    """Lines that make the study's root directory the current one, for ``script`` and ``marker`` (a file
+    beside it that must be there), both relative to the root. Run by hand (``bash .../run.sbatch``), the
+    root is found from the script's own path; under Slurm, which runs a copy of the script from its spool
+    directory, it is the directory sbatch was called from (the job's working directory, where the relative
+    ``--output`` path points too)."""
+    up = "/".join([".."] * len(script.parent.parts))
+    return [
+        f'if [ -f "$(dirname "$0")/{shlex.quote(marker.name)}" ]; then cd "$(dirname "$0")/{up}"; fi',
+        f"if [ ! -f {shlex.quote(str(marker))} ]; then",
+        f'  echo "{script}: no {marker} under $PWD: submit from the study\'s root directory" >&2',
+        "  exit 1",
+        "fi",
+    ]
+
+
+def render_run_sbatch(run: Run, config: dict, container: str = "") -> str:
     res = train_resources(run, config)
     d, p = run.directory, run.paths
     cmd = ["ftscale", "train", str(p.run), "--log", str(p.log), "--launch-record", str(p.launch)]
     return "\n".join([
-        *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{repo}/{d}/slurm-%j.out", container),
+        *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{d}/slurm-%j.out", container),
         "#",
         f"# The {run.track.replace('_', '-')} run {run.name} of {run.model}, standalone: the same command as the",
-        "# workflow's train job. Submit from anywhere: sbatch [-p PARTITION -A ACCOUNT] " + f"{d}/run.sbatch",
+        "# workflow's train job. From the study's root directory: sbatch [-p PARTITION -A ACCOUNT] "
+        + f"{d}/run.sbatch",
         "# Afterwards, `snakemake results/tables.md` picks up its output. Rendered by the workflow: edits are lost.",
         "set -euo pipefail",
-        f"cd {shlex.quote(str(repo))}",
+        *_cd_study_root(p.sbatch, p.run),
         shlex.join(cmd),
         "",
     ])
 
 
-def render_import_sbatch(model: Model, config: dict, repo: Path, container: str = "") -> str:
+def render_import_sbatch(model: Model, config: dict, container: str = "") -> str:
     res = import_resources(config)
     out = str(model.checkpoint)
     return "\n".join([
-        *_header(f"ftscale-import-{model.name}", res, f"{repo}/{model.directory}/import-%j.out", container),
+        *_header(f"ftscale-import-{model.name}", res, f"{model.directory}/import-%j.out", container),
         "#",
         f"# Import {model.name} ({model.spec['source']}) once into {out}, standalone: the workflow's import job.",
+        "# From the study's root directory: sbatch [-p PARTITION -A ACCOUNT] " + f"{model.directory}/import.sbatch",
         "# A gated hub model needs HF_TOKEN in the environment (never written to a file).",
         "set -euo pipefail",
-        f"cd {shlex.quote(str(repo))}",
+        *_cd_study_root(model.paths.import_sbatch, model.yaml_path),
         shlex.join(["ftscale", "import", model.name, "--out", out]),
         "",
     ])
