@@ -30,7 +30,12 @@ def dry_run_lists(work: Path) -> list[str]:
     assert after == before, "a dry run changed files"
     out = (dry.stdout + dry.stderr).splitlines()
     start = next((i for i, line in enumerate(out) if "to do again by the next command without -n" in line), None)
-    return [] if start is None else [line.strip().split(":")[0] for line in out[start + 1:] if line.startswith("  ")]
+    listed = []
+    for line in out[start + 1:] if start is not None else []:
+        if not line.startswith("  experiments/"):
+            break
+        listed.append(line.strip().split(":")[0])
+    return listed
 
 
 def launched(out) -> list[str]:  # noqa: ANN001 - a CompletedProcess
