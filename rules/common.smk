@@ -17,10 +17,10 @@ from ftscale.workflow import (
 )
 
 
-def clear_errors(call, *args):
-    """``call(*args)``; ftscale's own errors name the file, so Snakemake shows their message alone."""
+def clear_errors(call, *args, **kwargs):
+    """``call(*args, **kwargs)``; ftscale's own errors name the file, so Snakemake shows their message alone."""
     try:
-        return call(*args)
+        return call(*args, **kwargs)
     except (ConfigError, ResultsError, RunsNotOk) as err:
         raise WorkflowError(str(err)) from None
 
@@ -50,7 +50,7 @@ def run_params(wildcards):
 
 
 def run_sbatch(wildcards):
-    return render_run_sbatch(run_of(wildcards), STUDY.config, Path.cwd(), job_image(STUDY))
+    return render_run_sbatch(run_of(wildcards), STUDY.config, job_image(STUDY))
 
 
 def run_checkpoint(wildcards):
@@ -68,7 +68,7 @@ def run_dataset(wildcards):
 
 def import_sbatch(wildcards):
     model = STUDY.models[wildcards.model]
-    return render_import_sbatch(model, STUDY.config, Path.cwd(), job_image(STUDY))
+    return render_import_sbatch(model, STUDY.config, job_image(STUDY))
 
 
 def train_job(wildcards, attempt=1):

@@ -1,5 +1,6 @@
 # The workflow's graph of rules, for people: results/dag.svg (graphviz) or results/dag.mmd (Mermaid).
 from ftscale.dag import default_target, render
+from ftscale.workflow import relative_configfiles
 
 
 localrules:
@@ -13,7 +14,7 @@ rule render_dag:
     log:
         "results/logs/dag.{ext}.log",
     params:
-        configfiles=[str(f) for f in workflow.overwrite_configfiles],
+        configfiles=relative_configfiles(workflow.overwrite_configfiles),
     run:
         render(Path(output[0]), params.configfiles)
 

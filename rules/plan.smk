@@ -1,6 +1,7 @@
 # plan: every run's predicted memory per GPU and step time, before any job (no GPU, no training):
 # snakemake results/plan.md --cores 1 [--configfile ...]
 from ftscale.estimate.plan import write_plan
+from ftscale.workflow import plan_inputs
 
 
 localrules:
@@ -15,5 +16,7 @@ rule plan:
         md="results/plan.md",
     log:
         "results/logs/plan.log",
+    params:
+        study=plan_inputs(STUDY),
     run:
         write_plan(STUDY, Path(output.csv), Path(output.md))

@@ -1,9 +1,10 @@
-"""Jobs inside a container image that does not have ftscale (NVIDIA's NeMo image): the rendered pyxis lines
+"""Jobs inside a container image that does not have ftscale (NVIDIA's NeMo image): the rendered pyxis step
 and the rules' commands as text, and a real import and training job inside a container.
 
 The container runtime is bubblewrap (Debian's ``bubblewrap``, installed by .ci/slurm/install). It plays
-pyxis: the batch script runs inside the image with the script's own ``--container-mounts`` and
-``--container-workdir``, nothing else of the host. The image is this machine's system, read-only (/usr,
+pyxis: a stand-in ``srun`` on the batch script's PATH runs the step's command inside the image with the
+step's own ``--container-mounts`` and ``--container-workdir`` (expanded by the script's shell), nothing
+else of the host. The image is this machine's system, read-only (/usr,
 /bin, /lib*, /etc and the Python installation with torch, transformers and peft) with ftscale taken out:
 every top-level file and folder of its installed distribution (an editable install's .pth and finder, its
 metadata, the ``ftscale`` script) is masked. No checkout, no /work and no home are inside: only the
@@ -37,17 +38,16 @@ from ftscale.workflow import container_image, import_command, job_image, train_c
 IMAGE = "nvcr.io/nvidia/nemo:25.09"
 
 
-def sbatch_options(script: str) -> dict[str, str]:
-    """The ``#SBATCH --key=value`` options of a batch script, as sbatch reads them: up to the first command."""
+def srun_step(script: str) -> tuple[dict[str, str], list[str]]:
+    """The options and the command of the batch script's ``srun`` step (words as its shell splits them, the
+    variables left unexpanded)."""
+    line = next(line for line in script.splitlines() if line.startswith("srun "))
+    words = shlex.split(line)[1:]
     options = {}
-    for line in script.splitlines()[1:]:
-        if line.startswith("#SBATCH"):
-            for word in shlex.split(line[len("#SBATCH"):]):
-                key, _, value = word.removeprefix("--").partition("=")
-                options[key] = value
-        elif line.strip() and not line.startswith("#"):
-            break
-    return options
+    while words and words[0].startswith("--"):
+        key, _, value = words.pop(0).removeprefix("--").partition("=")
+        options[key] = value
+    return options, words
 
 
 def default_study(root: Path):
@@ -63,25 +63,22 @@ def one_process_run(study):
 def test_pyxis_mounts_the_project_at_its_own_path_and_runs_its_sources():
     study = default_study(REPO)
     run = one_process_run(study)
-    text = render_run_sbatch(run, study.config, Path("/scratch/me/study"), IMAGE)
-    options = sbatch_options(text)
-    assert options["container-image"] == IMAGE
-    assert options["container-mounts"] == "/scratch/me/study:/scratch/me/study"
-    assert options["container-workdir"] == "/scratch/me/study"
-    assert not [line for line in text.splitlines() if line.startswith("#SBATCH") and " #" in line]
-    body = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert body[1] == "cd /scratch/me/study"
-    assert body[2] == (f"{PROJECT_PYTHONPATH} python3 -m ftscale.cli train {run.directory}/run.json "
-                       f"--log {run.directory}/train.log --launch-record {run.directory}/launch.json")
-    model = render_import_sbatch(study.models["tiny_llama"], study.config, Path("/scratch/me/study"), IMAGE)
-    assert sbatch_options(model)["container-mounts"] == "/scratch/me/study:/scratch/me/study"
-    assert f"{PROJECT_PYTHONPATH} python3 -m ftscale.cli import tiny_llama --out " in model
+    text = render_run_sbatch(run, study.config, IMAGE)
+    options, command = srun_step(text)
+    assert options == {"ntasks": "1", "container-image": IMAGE, "container-mounts": "$PWD:$PWD",
+                       "container-workdir": "$PWD"}
+    assert command == ["python3", "-m", "ftscale.cli", "train", f"{run.directory}/run.json", "--log",
+                       f"{run.directory}/train.log", "--launch-record", f"{run.directory}/launch.json"]
+    assert f"export {PROJECT_PYTHONPATH}" in text.splitlines()
+    assert not [line for line in text.splitlines() if "container" in line and line.startswith("#SBATCH")]
+    model = render_import_sbatch(study.models["tiny_llama"], study.config, IMAGE)
+    assert srun_step(model)[1][:5] == ["python3", "-m", "ftscale.cli", "import", "tiny_llama"]
 
 
 def test_without_a_container_the_jobs_run_the_installed_ftscale():
     study = default_study(REPO)
-    text = render_run_sbatch(one_process_run(study), study.config, Path("/scratch/me/study"), job_image(study))
-    assert not [k for k in sbatch_options(text) if k.startswith("container")]
+    text = render_run_sbatch(one_process_run(study), study.config, job_image(study))
+    assert "srun" not in text and "container" not in text
     assert [line for line in text.splitlines() if line.startswith("ftscale train ")]
     assert container_image(study) is None
     assert train_command(study) == (
@@ -156,17 +153,34 @@ def in_container(mounts: list[tuple[str, str]], workdir: str, command: list[str]
     return subprocess.run(args, env=image_env(), capture_output=True, text=True, timeout=600)
 
 
-def pyxis_batch(script: Path, submit_dir: Path) -> subprocess.CompletedProcess:
-    """The batch script run as pyxis runs it: inside the image, with its own mounts and working directory."""
-    options = sbatch_options(script.read_text())
-    assert options.get("container-image"), f"{script}: no #SBATCH --container-image line"
-    mounts = []
-    for mount in options["container-mounts"].split(","):
-        src, dst = mount.split(":")[:2]
-        mounts.append((str((submit_dir / src).resolve()), dst))
-    return in_container(mounts, options["container-workdir"], ["bash", "/tmp/slurm_script"],
-                        extra=["--ro-bind", str(script), "/tmp/slurm_script",
-                               "--setenv", "SLURM_SUBMIT_DIR", str(submit_dir)])
+#: The stand-in for pyxis's srun: the step's command inside the image, with the step's mounts and working
+#: directory (the job's PYTHONPATH passed in, as srun passes the job's environment).
+FAKE_SRUN = """#!{python}
+import os, subprocess, sys
+sys.path.insert(0, {tests!r})
+from test_container import in_container
+args, options = sys.argv[1:], {{}}
+while args and args[0].startswith("--"):
+    key, _, value = args.pop(0)[2:].partition("=")
+    options[key] = value
+mounts = [tuple(m.split(":")[:2]) for m in options["container-mounts"].split(",")]
+extra = ["--setenv", "PYTHONPATH", os.environ.get("PYTHONPATH", "")]
+done = in_container(mounts, options["container-workdir"], args, extra=extra)
+sys.stdout.write(done.stdout)
+sys.stderr.write(done.stderr)
+sys.exit(done.returncode)
+"""
+
+
+def pyxis_batch(script: Path, submit_dir: Path, bin_dir: Path) -> subprocess.CompletedProcess:
+    """The batch script run as Slurm runs it, from the submit directory, with pyxis's srun on its PATH."""
+    bin_dir.mkdir(exist_ok=True)
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN.format(python=sys.executable, tests=str(Path(__file__).parent)))
+    srun.chmod(0o755)
+    env = {**image_env(), "PATH": f"{bin_dir}:{image_env()['PATH']}", "SLURM_SUBMIT_DIR": str(submit_dir)}
+    return subprocess.run(["bash", str(script)], cwd=submit_dir, env=env, capture_output=True, text=True,
+                          timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +197,7 @@ def bubblewrap(tmp_path_factory) -> None:
                     f"{probe.stderr.strip()}")
 
 
-def test_a_training_job_runs_inside_an_image_without_ftscale(bubblewrap, tmp_path):
+def test_a_training_job_runs_inside_an_image_without_ftscale(bubblewrap, tmp_path, monkeypatch):
     root = copy_workflow(tmp_path / "study")
     shutil.copytree(REPO / "scripts", root / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
     # The image has Python with torch, but not ftscale: not as a module, not as a command.
@@ -192,19 +206,20 @@ def test_a_training_job_runs_inside_an_image_without_ftscale(bubblewrap, tmp_pat
                           "&& ! ftscale --version 2>/dev/null && ! python3 -c 'import ftscale' 2>/dev/null"])
     assert lacks.returncode == 0, f"the image is not Python with torch but without ftscale:\n{lacks.stderr}"
 
-    study = default_study(root)
+    monkeypatch.chdir(root)  # the workflow's view: every path relative to the study's root
+    study = default_study(Path("."))
     run = one_process_run(study)
     model = study.models["tiny_llama"]
     import_script = root / model.directory / "import.sbatch"
-    write_text(render_import_sbatch(model, study.config, root, IMAGE), import_script)
-    imported = pyxis_batch(import_script, root)
+    write_text(render_import_sbatch(model, study.config, IMAGE), import_script)
+    imported = pyxis_batch(import_script, root, tmp_path / "bin")
     assert imported.returncode == 0, f"import.sbatch in the container:\n{imported.stdout}\n{imported.stderr}"
 
     run_dir = root / run.directory
     run_dir.mkdir(parents=True)
-    write_run_files(run.to_dict(), render_run_sbatch(run, study.config, root, IMAGE), str(run_dir / "run.json"),
+    write_run_files(run.to_dict(), render_run_sbatch(run, study.config, IMAGE), str(run_dir / "run.json"),
                     str(run_dir / "run.sbatch"), str(tmp_path / "configure.log"))
-    trained = pyxis_batch(run_dir / "run.sbatch", root)
+    trained = pyxis_batch(run_dir / "run.sbatch", root, tmp_path / "bin")
     assert trained.returncode == 0, f"run.sbatch in the container:\n{trained.stdout}\n{trained.stderr}"
     record = parse_run(run_dir, root=root)
     assert (record.status, record.reason) == ("ok", ""), (run_dir / "train.log").read_text()[-3000:]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
+from pathlib import Path
 
 from runs import make_run
 
+from ftscale.analyze.parse import parse_run
 from ftscale.run.launch import launch_command, run_job
 
 
@@ -47,3 +51,45 @@ def test_progress_shows_first_step_then_at_most_one_line_per_interval(capsys):
     assert out.getvalue() == "".join(lines)  # the log gets everything
     shown = capsys.readouterr().out.splitlines()
     assert len(shown) == 1 and shown[0].startswith("[ftscale] run1: [ftscale] step=1/5")
+
+
+def _disk_full_on_launch_record(monkeypatch, after: int = 0) -> None:
+    """launch.json's writes fail as on a full disk, after ``after`` successful ones."""
+    real = Path.write_text
+    seen = []
+
+    def write_text(self, data, *args, **kwargs):
+        if self.name == "launch.tmp":
+            seen.append(self)
+            if len(seen) > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_a_full_disk_at_the_first_launch_record_fails_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    run = make_run(model="no_such_model")
+    (tmp_path / "run.json").write_text(json.dumps(run.to_dict()))
+    _disk_full_on_launch_record(monkeypatch)
+    code = run_job(tmp_path / "run.json", tmp_path / "train.log", tmp_path / "launch.json", cpus=1)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == (f"[ftscale] {run.name}: {tmp_path}/launch.json: cannot write the launch record: "
+                           "No space left on device")
+    assert not (tmp_path / "launch.json").exists() and not (tmp_path / "launch.tmp").exists()
+    record = parse_run(tmp_path, root=tmp_path)
+    assert record.status == "failed" and "No space left on device" in record.reason, record.reason
+
+
+def test_a_full_disk_at_the_last_launch_record_fails_the_run_with_that_reason(tmp_path, monkeypatch, capsys):
+    run = make_run(model="no_such_model")
+    (tmp_path / "run.json").write_text(json.dumps(run.to_dict()))
+    _disk_full_on_launch_record(monkeypatch, after=1)
+    code = run_job(tmp_path / "run.json", tmp_path / "train.log", tmp_path / "launch.json", cpus=1)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"{tmp_path}/launch.json: cannot write the launch record: No space left on device" in err
+    assert json.loads((tmp_path / "launch.json").read_text())["returncode"] is None  # the first record stays
+    assert "[ftscale] error=io " in (tmp_path / "train.log").read_text()
+    assert parse_run(tmp_path, root=tmp_path).status == "failed"

@@ -5,6 +5,7 @@ every run and model. Plain Python, tested without Snakemake.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,9 +16,23 @@ from ftscale.study import paths
 from ftscale.study.sweep import Study, load_study
 
 
-def config_source(configfiles: Iterable[str | Path]) -> str:
-    """The config file(s) as error messages name them (Snakemake's ``workflow.configfiles``)."""
-    return ", ".join(map(str, configfiles)) or "config"
+def relative_configfiles(configfiles: Iterable[str | Path], root: Path | None = None) -> list[str]:
+    """Snakemake's ``workflow.configfiles`` (absolute for --configfile) relative to ``root`` (default: the
+    current directory) when inside it, so that nothing written or compared depends on where the study lies."""
+    root = (root or Path.cwd()).resolve()
+    return [str(Path(f).relative_to(root)) if Path(f).is_absolute() and Path(f).is_relative_to(root) else str(f)
+            for f in configfiles]
+
+
+def config_source(configfiles: Iterable[str | Path], root: Path | None = None) -> str:
+    """The config file(s) as error messages and the plan name them (``relative_configfiles``)."""
+    return ", ".join(relative_configfiles(configfiles, root)) or "config"
+
+
+def plan_inputs(study: Study) -> str:
+    """What results/plan.md is made of besides the model files: the configuration (defaults filled) and the
+    file(s) it came from, as one text; a params of the plan rule, so that another configuration remakes it."""
+    return json.dumps({"source": study.source, "config": study.config}, sort_keys=True, default=str)
 
 
 def workflow_study(config: dict, configfiles: Iterable[str | Path], root: Path = Path(".")) -> Study:

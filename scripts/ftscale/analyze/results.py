@@ -10,8 +10,10 @@ config/references.yaml (``ftscale.analyze.references``), the planner's predictio
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +31,14 @@ from ftscale.study.run import Run
 from ftscale.study.sweep import Study
 
 REFERENCES = Path("config/references.yaml")
+#: Rewritten when the main command starts and finds runs to redo; an input of the tables.
+REDO_FILE = Path("results/redo.txt")
+#: What the tables were built from: every run's files, by content (``run_fingerprints``); written by the
+#: tables job after the tables.
+TABLES_INPUTS = Path("results/logs/tables.inputs.json")
+CHANGED = "changed since the tables were written"
+#: The files of a run that the analysis reads.
+ANALYSED_FILES = ("run", "log", "launch", "metrics")
 
 
 def collect(study: Study, root: Path = Path(".")) -> list[RunRecord]:
@@ -93,6 +103,14 @@ class ResultsError(OSError):
     """The results cannot be written (say, results/ is read-only): names the file."""
 
 
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        raise ResultsError(f"{err.filename or path}: cannot write: {err.strerror}") from None
+
+
 def analysis_frame(study: Study, records: list[RunRecord], root: Path = Path("."),
                    env: dict | None = None) -> pd.DataFrame:
     """The frame every output reads (``ftscale.analyze.frame``)."""
@@ -135,7 +153,7 @@ def write_results(study: Study, csv_path: Path, tables_path: Path, root: Path = 
         for _, row in frame.iterrows():
             lines.append(f"{row['run_dir']}: {row['status']} {row['reason']}; MFU: {row['mfu_note']}; reference: "
                          f"{row['ref_name'] or 'none'}: {row['ref_summary']}")
-        Path(log).write_text("\n".join(lines) + "\n")
+        _write_text(Path(log), "\n".join(lines) + "\n")
     return records
 
 
@@ -156,10 +174,12 @@ class RunsNotOk(Exception):
 
 
 def write_tables(study: Study, csv_path: Path, tables_path: Path, plots_dir: Path, log: Path,
-                 root: Path = Path(".")) -> list[RunRecord]:
-    """The tables job: ``write_results``, then ``RunsNotOk`` naming the runs that are not ok, so that the
-    workflow ends non-zero as after a failed job (Snakemake's onerror then rewrites the tables marked partial)."""
+                 root: Path = Path("."), inputs: Path = TABLES_INPUTS) -> list[RunRecord]:
+    """The tables job: ``write_results`` and the record of what they were built from (``inputs``), then
+    ``RunsNotOk`` naming the runs that are not ok, so that the workflow ends non-zero as after a failed job
+    (Snakemake's onerror then rewrites the tables marked partial)."""
     records = write_results(study, csv_path, tables_path, root=root, plots_dir=plots_dir, log=log)
+    write_tables_inputs(study, inputs, root)
     if message := not_ok_message(records, tables_path):
         raise RunsNotOk(message)
     return records
@@ -235,12 +255,68 @@ def _parsed_status(run_dir: Path, root: Path) -> str:
         return "unreadable"
 
 
-#: Written when the workflow starts and finds runs to redo; an input of the tables.
-REDO_FILE = Path("results/redo.txt")
+def run_fingerprints(study: Study, root: Path = Path(".")) -> dict[str, dict[str, str | None]]:
+    """Run directory -> file -> the SHA-256 of each file of ``ANALYSED_FILES`` (None when absent)."""
+    out = {}
+    for run in study.runs:
+        files = {}
+        for role in ANALYSED_FILES:
+            path = root / getattr(run.paths, role)
+            try:
+                files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                files[path.name] = None
+            except OSError as err:
+                raise ResultsError(f"{path}: cannot read: {err.strerror}") from None
+        out[run.directory] = files
+    return out
 
 
-def mark_for_redo(study: Study, root: Path = Path("."), redo_file: Path = REDO_FILE) -> dict[str, str]:
-    """Make Snakemake redo what ``runs_to_redo`` finds, from the main command alone; returns it.
+def write_tables_inputs(study: Study, path: Path = TABLES_INPUTS, root: Path = Path(".")) -> None:
+    _write_text(root / path, json.dumps({"runs": run_fingerprints(study, root)}, indent=1, sort_keys=True) + "\n")
+
+
+def tables_inputs(path: Path) -> dict[str, dict] | None:
+    """The run fingerprints the tables were built from (None when unknown: no file, or not readable)."""
+    try:
+        return json.loads(path.read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def runs_to_do_again(study: Study, root: Path = Path("."), inputs: Path = TABLES_INPUTS) -> dict[str, str]:
+    """What the tables must be rebuilt for, by run directory, though Snakemake sees nothing to do:
+    ``runs_to_redo`` among the runs the tables were built from, and every such run whose files changed
+    since (redone by hand, or the tables job failed after its runs finished). A run the tables were not
+    built from needs no mark: the tables' set of input files changed, and Snakemake reruns them for it.
+    Without a record of the tables' inputs (no tables yet), every run of ``runs_to_redo``. Reads only."""
+    redo = runs_to_redo(study, root)
+    built_from = tables_inputs(root / inputs)
+    if built_from is None:
+        return redo
+    now = run_fingerprints(study, root)
+    todo = {d: why for d, why in redo.items() if d in built_from}
+    for directory, files in now.items():
+        if directory in built_from and directory not in todo and built_from[directory] != files:
+            changed = sorted(name for name in files if built_from[directory].get(name) != files[name])
+            todo[directory] = f"{CHANGED}: {', '.join(changed)}"
+    return todo
+
+
+def check_writable(directory: Path) -> None:
+    """ResultsError naming ``directory`` when no file can be created there (read-only, no permission)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ResultsError(f"{directory}: cannot write: {err.strerror}") from None
+
+
+def mark_for_redo(study: Study, root: Path = Path("."), redo_file: Path = REDO_FILE,
+                  inputs: Path = TABLES_INPUTS, write: bool = True) -> dict[str, str]:
+    """Make Snakemake redo what ``runs_to_do_again`` finds, from the main command alone; returns it.
+    With ``write=False`` (a dry run) nothing is changed: the runs are only returned.
 
     Snakemake reruns a job whose output is missing only when a job downstream of it runs too, and
     the tables, up to date by time stamps and checksums, would not ("Nothing to be done"). So
@@ -249,19 +325,18 @@ def mark_for_redo(study: Study, root: Path = Path("."), redo_file: Path = REDO_F
     run whose metrics.jsonl is missing. A damaged run's metrics.jsonl, which its log contradicts, is
     moved aside to metrics.jsonl.stale (kept, not deleted) so that the run counts as missing.
     """
-    redo = runs_to_redo(study, root)
-    for directory in redo:
-        metrics = root / RunPaths(Path(directory)).metrics
-        if metrics.is_file():
-            metrics.replace(metrics.with_name(metrics.name + ".stale"))
+    todo = runs_to_do_again(study, root, inputs)
     path = root / redo_file
-    if redo or not path.exists():
+    if not write:
+        return todo
+    check_writable(path.parent)
+    for directory in todo:
+        metrics = root / RunPaths(Path(directory)).metrics
+        if metrics.is_file() and not todo[directory].startswith(CHANGED):  # a damaged run, not a changed one
+            metrics.replace(metrics.with_name(metrics.name + ".stale"))
+    if todo or not path.exists():
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         lines = [f"# runs to do again, found when the workflow started at {stamp} (ftscale.analyze.results)"]
-        lines += [f"{d}: {why}" for d, why in redo.items()]
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(lines) + "\n")
-        except OSError as err:
-            raise ResultsError(f"{err.filename}: cannot write: {err.strerror}") from None
-    return redo
+        lines += [f"{d}: {why}" for d, why in todo.items()]
+        _write_text(path, "\n".join(lines) + "\n")
+    return todo

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from ftscale.run.logformat import parse_steps, skipped_line
+from ftscale.run.logformat import error_line, parse_steps, skipped_line
 from ftscale.study.paths import RunPaths
 from ftscale.study.run import Run
 
@@ -64,10 +64,31 @@ def write_metrics_from_log(log: Path, metrics: Path) -> None:
     metrics.write_text("".join(json.dumps({k: v for k, v in s.items() if k != "line"}) + "\n" for s in steps))
 
 
+class LaunchRecordError(OSError):
+    """launch.json cannot be written (disk full, read-only, no permission): names the file and the error."""
+
+
 def _write(path: Path, record: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise LaunchRecordError(f"{path}: cannot write the launch record: {err.strerror}") from None
+
+
+def record_failure(name: str, log: Path, err: OSError) -> int:
+    """A job that cannot write its own files: one line on stderr, the same as the log's error line (so
+    the run's row says failed, and why, if the log can still be written), and exit code 1."""
+    print(f"[ftscale] {name}: {err}", file=sys.stderr, flush=True)
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as out:
+            out.write(error_line("io", str(err)) + "\n")
+    except OSError:
+        pass  # the same disk: the message above is all there is
+    return 1
 
 
 def available_cpus() -> int:
@@ -79,11 +100,17 @@ def skip_job(run: Run, log: Path, launch_record: Path, metrics: Path) -> int:
     """A run the plan skipped (predicted OOM): the run's files, written without training, so that it keeps
     its row (status ``skipped``, the plan's reason): a log line, a launch record, an empty metrics.jsonl."""
     now = time.time()
-    _write(launch_record, {"run": run.name, "command": None, "host": socket.gethostname(), "start": now,
-                           "end": now, "wall_s": 0.0, "returncode": 0, "signal": None, "skipped": run.skip_reason})
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(skipped_line(run.skip_reason) + "\n")
-    metrics.write_text("")
+    try:
+        _write(launch_record, {"run": run.name, "command": None, "host": socket.gethostname(), "start": now,
+                               "end": now, "wall_s": 0.0, "returncode": 0, "signal": None,
+                               "skipped": run.skip_reason})
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(skipped_line(run.skip_reason) + "\n")
+        metrics.write_text("")
+    except LaunchRecordError as err:
+        return record_failure(run.name, log, err)
+    except OSError as err:
+        return record_failure(run.name, log, OSError(f"{err.filename}: cannot write: {err.strerror}"))
     print(f"[ftscale] {run.name}: skipped ({run.skip_reason})", flush=True)
     return 0
 
@@ -109,7 +136,10 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
         "slurm_job_id": env.get("SLURM_JOB_ID"), "start": time.time(), "end": None, "wall_s": None,
         "returncode": None, "signal": None,
     }
-    _write(launch_record, record)
+    try:
+        _write(launch_record, record)
+    except LaunchRecordError as err:
+        return record_failure(run.name, log, err)  # nothing started: a job with no record is not run
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[ftscale] {run.name}: {record['command']}  (log: {log})", flush=True)
     received: list[int] = []
@@ -130,10 +160,15 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
             out.write(f"[ftscale] error=cancelled the job received {name} (scancel, time limit or Ctrl-C)\n")
     record.update(end=time.time(), returncode=code, signal=signal.Signals(received[0]).name if received else None)
     record["wall_s"] = round(record["end"] - record["start"], 3)
-    _write(launch_record, record)
     metrics = RunPaths(Path(run_json).parent).metrics
-    if code == 0 and not metrics.exists():
-        write_metrics_from_log(log, metrics)
+    try:
+        _write(launch_record, record)
+        if code == 0 and not metrics.exists():
+            write_metrics_from_log(log, metrics)
+    except LaunchRecordError as err:
+        return record_failure(run.name, log, err)  # the run is failed: its record does not say how it ended
+    except OSError as err:
+        return record_failure(run.name, log, OSError(f"{err.filename}: cannot write: {err.strerror}"))
     status = "ok" if code == 0 else f"FAILED (exit {code})"
     print(f"[ftscale] {run.name}: {status} after {record['wall_s']:.1f} s", flush=True)
     if received:

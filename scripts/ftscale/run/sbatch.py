@@ -1,8 +1,10 @@
 """Scheduler resources of each job, and the standalone sbatch scripts rendered beside each run/model.
 
 The rendered ``run.sbatch`` runs exactly the command of the workflow's train job, so a participant can
-submit one experiment by hand (``sbatch experiments/.../run.sbatch``) and the analysis picks its
-output up like any other. Partition, account and QoS are not written into the file: sbatch takes them
+submit one experiment by hand (``sbatch experiments/.../run.sbatch`` from the study's root directory) and
+the analysis picks its output up like any other. The scripts hold no absolute path: a study moved or
+copied elsewhere keeps working, and Snakemake (which reruns a job whose rendered script changed) sees
+nothing to redo. Partition, account and QoS are not written into the file: sbatch takes them
 from the command line or from SBATCH_PARTITION, SBATCH_ACCOUNT and SBATCH_QOS.
 """
 
@@ -12,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftscale.run.command import ftscale_cli
+from ftscale.run.command import PROJECT_PYTHONPATH
 from ftscale.study.models import Model
 from ftscale.study.run import Run
 
@@ -38,54 +40,75 @@ def import_resources(config: dict, attempt: int = 1) -> Resources:
     return Resources(gpus=res["gpus"], cpus=res["cpus"], mem_mb=res["mem_mb"], runtime_min=res["runtime_min"] * attempt)
 
 
-def _header(job_name: str, res: Resources, output: str, container: str, repo: Path) -> list[str]:
+def _header(job_name: str, res: Resources, output: str) -> list[str]:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={res.nodes}"]
     if res.gpus:
         lines.append(f"#SBATCH --gpus={res.gpus}")
     lines += [f"#SBATCH --cpus-per-task={res.cpus}", f"#SBATCH --mem={res.mem_mb}M",
               f"#SBATCH --time={res.runtime_min}", f"#SBATCH --output={output}"]
-    if container:
-        lines += container_lines(container, repo)
     return lines
 
 
-def container_lines(image: str, repo: Path) -> list[str]:
-    """pyxis's options: the job inside ``image``, with the project mounted at its own path and as the working
-    directory, so that the script's paths are the same inside and out (#SBATCH lines expand no variables:
-    the path is written out)."""
-    return ["# Inside the container image (pyxis), the project at the same path; without pyxis, remove these:",
-            f"#SBATCH --container-image={image}",
-            f"#SBATCH --container-mounts={repo}:{repo}",
-            f"#SBATCH --container-workdir={repo}"]
+def job_command(words: list[str], container: str) -> list[str]:
+    """The job's ftscale command (``words``: the subcommand and its arguments). With a container image, one
+    pyxis step of ``srun`` runs it inside the image, with the study mounted at its own path and as the working
+    directory (``$PWD``, expanded when the job runs: the script holds no absolute path), on the study's own
+    sources (the image need not have ftscale)."""
+    if not container:
+        return [shlex.join(["ftscale", *words])]
+    return [
+        "# Inside the container image (pyxis): the study at its own path, ftscale from its sources.",
+        f"export {PROJECT_PYTHONPATH}",
+        f'srun --ntasks=1 --container-image={shlex.quote(container)} --container-mounts="$PWD:$PWD" '
+        f'--container-workdir="$PWD" python3 -m ftscale.cli {shlex.join(words)}',
+    ]
 
 
-def render_run_sbatch(run: Run, config: dict, repo: Path, container: str = "") -> str:
+def _cd_study_root(script: Path, marker: Path) -> list[str]:
+    """Lines that make the study's root directory the current one, for ``script`` and ``marker`` (a file
+    beside it that must be there), both relative to the root. Run by hand (``bash .../run.sbatch``), the
+    root is found from the script's own path; under Slurm, which runs a copy of the script from its spool
+    directory, it is the directory sbatch was called from (the job's working directory, where the relative
+    ``--output`` path points too)."""
+    up = "/".join([".."] * len(script.parent.parts))
+    return [
+        f'if [ -f "$(dirname "$0")/{shlex.quote(marker.name)}" ]; then cd "$(dirname "$0")/{up}"; fi',
+        f"if [ ! -f {shlex.quote(str(marker))} ]; then",
+        f'  echo "{script}: no {marker} under $PWD: submit from the study\'s root directory" >&2',
+        "  exit 1",
+        "fi",
+    ]
+
+
+def render_run_sbatch(run: Run, config: dict, container: str = "") -> str:
     res = train_resources(run, config)
     d, p = run.directory, run.paths
     cmd = ["train", str(p.run), "--log", str(p.log), "--launch-record", str(p.launch)]
     return "\n".join([
-        *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{repo}/{d}/slurm-%j.out", container, repo),
+        *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{d}/slurm-%j.out"),
         "#",
         f"# The {run.track.replace('_', '-')} run {run.name} of {run.model}, standalone: the same command as the",
-        "# workflow's train job. Submit from anywhere: sbatch [-p PARTITION -A ACCOUNT] " + f"{d}/run.sbatch",
+        "# workflow's train job. From the study's root directory: sbatch [-p PARTITION -A ACCOUNT] "
+        + f"{d}/run.sbatch",
         "# Afterwards, `snakemake results/tables.md` picks up its output. Rendered by the workflow: edits are lost.",
         "set -euo pipefail",
-        f"cd {shlex.quote(str(repo))}",
-        f"{ftscale_cli(bool(container))} {shlex.join(cmd)}",
+        *_cd_study_root(p.sbatch, p.run),
+        *job_command(cmd, container),
         "",
     ])
 
 
-def render_import_sbatch(model: Model, config: dict, repo: Path, container: str = "") -> str:
+def render_import_sbatch(model: Model, config: dict, container: str = "") -> str:
     res = import_resources(config)
     out = str(model.checkpoint)
     return "\n".join([
-        *_header(f"ftscale-import-{model.name}", res, f"{repo}/{model.directory}/import-%j.out", container, repo),
+        *_header(f"ftscale-import-{model.name}", res, f"{model.directory}/import-%j.out"),
         "#",
         f"# Import {model.name} ({model.spec['source']}) once into {out}, standalone: the workflow's import job.",
+        "# From the study's root directory: sbatch [-p PARTITION -A ACCOUNT] " + f"{model.directory}/import.sbatch",
         "# A gated hub model needs HF_TOKEN in the environment (never written to a file).",
         "set -euo pipefail",
-        f"cd {shlex.quote(str(repo))}",
-        f"{ftscale_cli(bool(container))} {shlex.join(['import', model.name, '--out', out])}",
+        *_cd_study_root(model.paths.import_sbatch, model.yaml_path),
+        *job_command(["import", model.name, "--out", out], container),
         "",
     ])
