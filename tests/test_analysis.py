@@ -15,7 +15,7 @@ from runs import make_run
 from ftscale.analyze.compare import CompareError, merge, write_comparison
 from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, model_perf, prediction_columns
 from ftscale.analyze.parse import RunRecord, parse_run
-from ftscale.analyze.plots import PLOTS, _dp_plot, dense_vs_moe, mp_memory
+from ftscale.analyze.plots import OVERSUBSCRIBED_LABEL, PLOTS, _dp_plot, dense_vs_moe, mp_memory
 from ftscale.analyze.provenance import SCHEMA_VERSION, device_name
 from ftscale.analyze.references import ReferencesError, check, flag_value, load_references
 from ftscale.analyze.results import RunsNotOk, write_results, write_tables
@@ -212,6 +212,73 @@ def test_failed_runs_are_left_out_of_plots_not_drawn_as_zero(tmp_path):
     fig = mp_memory(study, frame, tmp_path / "m.png")  # no model-parallel runs: a figure that says so
     assert any("no model-parallel runs" in t.get_text() for t in fig.axes[0].texts)
     assert (tmp_path / "m.png").stat().st_size > 1024
+
+
+def test_the_step_time_spread_is_over_the_timed_steps_of_the_log():
+    # complete fixture, steps 3..12 (after 2 warm-up steps): max 0.084811, min 0.065663, median FIXTURE_STEP
+    rec = parse_run(COMPLETE)
+    assert rec.step_time_s == pytest.approx(FIXTURE_STEP, abs=1e-6)
+    assert rec.step_time_spread == pytest.approx((0.084811 - 0.065663) / FIXTURE_STEP, rel=1e-4)
+
+
+def test_dp_plots_draw_oversubscribed_runs_hollow_with_a_legend_entry(tmp_path):
+    """4 processes on 2 CPUs: the point is drawn hollow in all three plots, with one legend entry saying why."""
+    study = study_of(model_parallel={"enabled": False})
+    records = [dp_record(1), dp_record(2, step=0.11), dp_record(4, step=0.25)]
+    frame = build_frame(study, records, {r.run_dir: Extras(Perf(None), provenance={"cpus": 2, "nodes": 1})
+                                         for r in records})
+    for metric in ("throughput", "efficiency", "step_time"):
+        ax = _dp_plot(study, frame, tmp_path / f"{metric}.png", metric).axes[0]
+        hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white" and len(line.get_xdata())]
+        assert [list(line.get_xdata()) for line in hollow] == [[4]], metric
+        measured = ax.lines[0]  # filled markers on the runs that had a CPU per process
+        assert list(measured.get_xdata()) == [1, 2, 4] and measured.get_markevery() == [True, True, False]
+        assert OVERSUBSCRIBED_LABEL in [t.get_text() for t in ax.get_legend().get_texts()], metric
+
+
+def test_an_efficiency_above_one_within_the_baselines_spread_is_labelled_noise(tmp_path):
+    study = study_of(model_parallel={"enabled": False})
+    base = dp_record(1)
+    base.step_time_spread = 0.3  # the 1-GPU run's steps spread by 30 % of its median
+    records = [base, dp_record(2, step=0.09), dp_record(4, step=0.1)]
+    frame = build_frame(study, records, {r.run_dir: Extras(Perf(None)) for r in records})
+    ax = _dp_plot(study, frame, tmp_path / "e.png", "efficiency").axes[0]
+    notes = [t for t in ax.texts if "noise" in t.get_text()]
+    assert len(notes) == 1 and tuple(notes[0].xy) == pytest.approx((2, 0.1 / 0.09))
+    assert "step-time spread (30%)" in notes[0].get_text()
+
+
+def test_dense_vs_moe_labels_stay_inside_the_figure(tmp_path):
+    """The layouts of the default configuration, the best at the largest GPU count labelled at the right edge:
+    every text's box, as the renderer draws it, lies within the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    study = study_of(model_parallel={"layouts": {
+        "tiny_llama": [{"tp": 2, "sp": True}, {"tp": 4, "sp": True}],
+        "tiny_mixtral": [{"tp": 1, "ep": 2}, {"tp": 2, "sp": True}, {"tp": 2, "ep": 2, "sp": True}]}})
+    records = [record_of(run, 1000.0 / run.gpus ** 0.5 + 10 * run.tp) for run in study.runs]
+    frame = build_frame(study, records, {r.run_dir: Extras(Perf(None)) for r in records})
+    fig = dense_vs_moe(study, frame, tmp_path / "dense_vs_moe.png")
+    mp_ax = fig.axes[1]
+    assert {t.xy[0] for t in mp_ax.texts} == {2, 4}  # labels at the right edge of the axis too
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # the constrained layout, as savefig does it
+    frame_box = fig.bbox
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
+    for ax in fig.axes:  # tick labels outside the view are not drawn
+        drawn = {id(t) for axis in (ax.xaxis, ax.yaxis) for t in axis.get_ticklabels()
+                 if axis.get_view_interval().min() - 1e-9 <= t.get_position()[axis is ax.yaxis]
+                 <= axis.get_view_interval().max() + 1e-9}
+        every = {id(t) for axis in (ax.xaxis, ax.yaxis) for t in axis.get_ticklabels(which="both")}
+        texts = [t for t in texts if id(t) not in every or id(t) in drawn]
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert (box.x0 >= frame_box.x0 - 0.5 and box.y0 >= frame_box.y0 - 0.5 and box.x1 <= frame_box.x1 + 0.5
+                and box.y1 <= frame_box.y1 + 0.5), f"{text.get_text()!r} at {box.extents} outside {frame_box.extents}"
+    for text in mp_ax.texts:  # and the layout labels inside their panel
+        box, panel = text.get_window_extent(renderer), mp_ax.get_window_extent(renderer)
+        assert box.x1 <= panel.x1 + 0.5 and box.y1 <= panel.y1 + 0.5, text.get_text()
 
 
 def record_of(run, tokens_per_s_per_gpu: float, status: str = "ok") -> RunRecord:

@@ -140,3 +140,78 @@ def test_an_engine_error_reads_failed_once(tmp_path):
     assert record.run_dir in {r.directory for r in st.runs}
     md = render_tables(st, build_frame(st, [record], {record.run_dir: Extras(Perf(None))}))
     assert "failed: rank 0: RuntimeError: boom" in md and "failed: failed" not in md
+
+
+CPU_JOB = {"cpus": 2, "nodes": 1, "device": "cpu"}
+
+
+def test_the_oversubscribed_note_is_written_once_when_both_tracks_have_such_runs():
+    """Data-parallel and model-parallel runs on 4 processes and 2 CPUs: one note, in the introduction."""
+    cfg = {"models": ["tiny_llama"], "engine": "embedded",
+           "batch": {"micro_batch": 1, "global_batch": 8, "seq_length": SEQ, "steps": 10, "warmup_steps": 1},
+           "tracks": {"data_parallel": {"gpus": [1, 4], "scaling": ["weak"]},
+                      "model_parallel": {"layouts": {"tiny_llama": [{"tp": 2, "sp": True}, {"tp": 4, "sp": True}]}}}}
+    st = load_study(cfg, "test", REPO)
+    records = [RunRecord(run=run, status="ok", step_time_s=1.0, tokens_per_s=run.tokens_per_step,
+                         tokens_per_s_per_gpu=run.tokens_per_step / run.gpus, mem_kind="rss", peak_mem_mib=400.0,
+                         state_mib=8.0 / run.tp, run_dir=run.directory) for run in st.runs]
+    extras = {r.run_dir: Extras(Perf(None), provenance=CPU_JOB) for r in records}
+    frame = build_frame(st, records, extras)
+    assert frame.groupby("track")["oversubscribed"].apply(lambda s: s.eq(True).any()).all()  # both tracks
+    md = render_tables(st, frame)
+    assert md.count("*oversubscribed*:") == 1
+    assert md.index("*oversubscribed*:") < md.index("## Data parallel")
+    assert md.count("(oversubscribed)") == 2  # the 4-process rows of both tracks say it in their CPUs cell
+    mp = _header(md, "### tiny_llama (model parallel)")  # on the CPU, relative to the smallest model state
+    assert mp.index("model state/GPU (MiB)") < mp.index("state vs smallest") < mp.index("process RSS (MiB)")
+    section = md.split("### tiny_llama (model parallel)")[1].split("\n\n|", 1)[1].split("\n\n")[0]
+    lines = ("|" + section).splitlines()
+    cells = [dict(zip(mp, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    assert [(c["TP"], c["state vs smallest"]) for c in cells] == [("2", "2"), ("4", "1")]  # 4 MiB / 2 MiB
+
+
+def test_an_efficiency_above_one_says_whether_it_is_within_the_baselines_spread():
+    """The 1-GPU run's steps spread by 20 % around its median: 1.11 at 2 GPUs is noise, 1.43 at 4 is not."""
+    from ftscale.analyze.frame import BEYOND_SPREAD, NOISE, scaling_rows
+    from ftscale.analyze.tables import BEYOND_SPREAD_NOTE, NOISE_NOTE
+
+    st = study(["weak"])
+    records = [rec(1, 8, 1.0, step_time_spread=0.2), rec(2, 16, 0.9, step_time_spread=0.05),
+               rec(4, 32, 0.7, step_time_spread=0.05)]
+    frame = frame_of(st, records)
+    rows = scaling_rows(st, frame).set_index("run")
+    assert rows["above_ideal"].to_dict() == {"embedded_gpus1_mbs1_gbs8_seq100": "",
+                                             "embedded_gpus2_mbs1_gbs16_seq100": NOISE,
+                                             "embedded_gpus4_mbs1_gbs32_seq100": BEYOND_SPREAD}
+    assert rows["baseline_spread"].tolist() == pytest.approx([0.2] * 3)
+    md = re.sub(r" +", " ", render_tables(st, frame))
+    assert "| 1.11 (noise: 1-GPU spread 20.0%) |" in md
+    assert "| 1.43 (beyond spread: 1-GPU spread 20.0%) |" in md
+    assert md.count(NOISE_NOTE) == 1 and md.count(BEYOND_SPREAD_NOTE) == 1
+    quiet = render_tables(st, frame_of(st, [rec(1, 8, 1.0, step_time_spread=0.2), rec(2, 16, 1.1)]))
+    assert "noise" not in quiet and "beyond spread" not in quiet  # an efficiency below 1 is shown as is
+
+
+def _header(md: str, section: str) -> list[str]:
+    table = next(line for line in md.split(section, 1)[1].splitlines() if line.startswith("|"))
+    return [cell.strip() for cell in table.strip("|").split("|")]
+
+
+def test_on_the_cpu_the_tables_lead_with_the_model_state_and_on_a_gpu_with_the_peak():
+    """On the CPU the peak is the process's flat RSS: the model state (what TP and EP divide) leads, the RSS
+    follows, named as such; CUDA's max allocated leads on a GPU."""
+    from ftscale.analyze.tables import RSS_HEADER
+
+    st = study(["weak"])
+    cpu = [rec(g, 8 * g, 1.0, state_mib=2.0 + g / 10) for g in (1, 2, 4)]
+    header = _header(render_tables(st, frame_of(st, cpu)), "### tiny_llama")
+    assert "peak mem/GPU (MiB)" not in header and "peak memory" not in header
+    assert header.index("model state/GPU (MiB)") < header.index(RSS_HEADER)
+    gpu = [rec(g, 8 * g, 1.0, state_mib=2.0 + g / 10) for g in (1, 2, 4)]
+    for r in gpu:
+        r.mem_kind = "cuda"
+    md = render_tables(st, frame_of(st, gpu))
+    header = _header(md, "### tiny_llama")
+    assert RSS_HEADER not in header
+    assert header.index("peak mem/GPU (MiB)") < header.index("model state/GPU (MiB)")
+    assert "peak memory CUDA max allocated" in md  # the kind, stated once above the table

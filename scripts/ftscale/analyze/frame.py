@@ -13,7 +13,9 @@ Derived per run:
   ``mfu_note`` where there is none (CPU, unknown GPU);
 - speedup and efficiency (``add_scaling``, data-parallel track): against the 1-GPU run of the same
   engine, option set, scaling mode and batch shape, speedup S(N) = tokens/s(N) / tokens/s(1), efficiency S(N) / N
-  (weak scaling: T(1) / T(N); strong: T(1) / (N x T(N)));
+  (weak scaling: T(1) / T(N); strong: T(1) / (N x T(N))); an efficiency above 1 by no more than the
+  1-GPU run's step-time spread (``step_time_spread``, (max - min) / median of its timed steps) is noise
+  (``scaling_rows``, column ``above_ideal``);
 - ``engine_options``: the engine options that differ from the defaults (``EngineSpec.options_label``);
 - ``oversubscribed``: the job had fewer CPUs than processes on a node (launch.json ``cpus``);
 - model parallel: parameters per GPU by formula and the analytic bytes each GPU sends per step
@@ -47,13 +49,16 @@ PREDICTION_COLUMNS = ["predicted_peak_mem_mib", "predicted_state_mib", "predicte
 CSV_COLUMNS = [
     "schema_version", "participant",
     "track", "model", "run", "engine", "engine_options", "weights", "scaling", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
-    "global_batch", "seq_length", "steps", "warmup_steps", "steps_done", "step_time_s", "tokens_per_s",
+    "global_batch", "seq_length", "steps", "warmup_steps", "steps_done", "step_time_s", "step_time_spread",
+    "tokens_per_s",
     "tokens_per_s_per_gpu", "speedup", "efficiency", "flops_per_token", "tflops_per_gpu", "mfu", "mfu_note",
     "peak_mem_mib", "reserved_mib", "mem_kind", "state_mib", *PREDICTION_COLUMNS, "wall_s", "loss_first",
     "loss_last", "oversubscribed", "params_per_gpu", "params_per_gpu_formula", "comm_tp_mib", "comm_ep_mib", "comm_dp_mib", "status", "reason",
     *(f"ref_{a}" for a in ASPECTS), "ref_name", "ref_source",
     "source", *RUN_COLUMNS, *STUDY_COLUMNS,
 ]
+#: ``scaling_rows``' verdicts on an efficiency above 1.
+NOISE, BEYOND_SPREAD = "noise", "beyond spread"
 #: In the frame, not in the CSV (the option set is in the run's name, and its options in ``engine_options``).
 INTERNAL = ["run_dir", "option_set"]
 
@@ -191,13 +196,21 @@ def scaling_membership(study: Study) -> pd.DataFrame:
 
 def scaling_rows(study: Study, frame: pd.DataFrame) -> pd.DataFrame:
     """Data-parallel rows per scaling group (the 1-GPU run once per mode), with ``mode``, ``speedup``
-    and ``efficiency`` against the group's 1-GPU run."""
+    and ``efficiency`` against the group's 1-GPU run, that run's ``baseline_spread`` (its
+    ``step_time_spread``) and ``above_ideal``: for an efficiency above 1, ``noise`` where it is above by
+    no more than the baseline's spread (a baseline step time that happened to be slow, not super-linear
+    scaling), else ``beyond spread``; blank for an efficiency of 1 or less."""
     rows = frame.drop(columns=["speedup", "efficiency"], errors="ignore").merge(scaling_membership(study),
                                                                                   on="run_dir")
     ok = rows["status"].eq("ok") & rows["tokens_per_s"].notna()
-    base = rows[ok & rows["gpus"].eq(1)].drop_duplicates("group").set_index("group")["tokens_per_s"]
-    rows["speedup"] = (rows["tokens_per_s"] / rows["group"].map(base)).where(ok)
+    base = rows[ok & rows["gpus"].eq(1)].drop_duplicates("group").set_index("group")
+    rows["speedup"] = (rows["tokens_per_s"] / rows["group"].map(base["tokens_per_s"])).where(ok)
     rows["efficiency"] = rows["speedup"] / rows["gpus"]
+    rows["baseline_spread"] = pd.to_numeric(rows["group"].map(base["step_time_spread"]), errors="coerce").where(ok)
+    excess = rows["efficiency"] - 1
+    rows["above_ideal"] = ""
+    rows.loc[excess > 1e-12, "above_ideal"] = BEYOND_SPREAD
+    rows.loc[(excess > 1e-12) & (excess <= rows["baseline_spread"]), "above_ideal"] = NOISE
     return rows
 
 

@@ -62,6 +62,7 @@ class RunRecord:
     reason: str = ""
     steps_done: int = 0
     step_time_s: float | None = None
+    step_time_spread: float | None = None  # (max - min) / median of the timed steps' times
     tokens_per_s: float | None = None
     tokens_per_s_per_gpu: float | None = None
     peak_mem_mib: float | None = None
@@ -154,14 +155,17 @@ def sanity(run: Run, steps: list[dict], done: bool, launch: dict, log_text: str,
 
 
 def performance(run: Run, steps: list[dict], log: Path, require_memory: bool) -> dict:
-    """What the run measured: the median step time after the warm-up and what follows from it, peak
-    memory over every step, the first and last loss, and the log lines they come from."""
+    """What the run measured: the median step time after the warm-up and what follows from it, the spread
+    of those step times ((max - min) / median: how far one step's time strays, what an efficiency above 1
+    is held against), peak memory over every step, the first and last loss, and the log lines they come
+    from."""
     out: dict = {}
     timed = [s for s in steps if s["step"] > run.warmup_steps]
     if timed:
         name = run.spec.step_pattern
         times = [_require(s, "step_time_s", log, name) for s in timed]
         out["step_time_s"] = statistics.median(times)
+        out["step_time_spread"] = (max(times) - min(times)) / out["step_time_s"]
         out["tokens_per_s"] = run.tokens_per_step / out["step_time_s"]
         out["tokens_per_s_per_gpu"] = out["tokens_per_s"] / run.gpus
         mems = [s["peak_mem_mib"] for s in steps if s.get("peak_mem_mib") is not None]

@@ -5,7 +5,10 @@ figure that says so), so that the workflow's outputs are the same for every conf
 runs with status ``ok`` are plotted: a failed run is left out, never drawn as zero, and the panel
 lists what it left out. Every plot reads the analysis frame (``ftscale.analyze.frame``), the same rows
 as the tables; axes of throughput, step time, efficiency and memory start at zero, so that a ratio to
-ideal scaling reads true.
+ideal scaling reads true. A run with fewer CPUs than processes (``oversubscribed``) is drawn hollow, with
+a legend entry that says so: its step time measures the sharing of the CPUs, not the scaling. An
+efficiency above 1 within its 1-GPU run's step-time spread is labelled noise (``frame.scaling_rows``).
+Every label stays inside its figure (``test_analysis`` checks the text boxes with the renderer).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ftscale.analyze.frame import scaling_rows  # noqa: E402
+from ftscale.analyze.frame import NOISE, scaling_rows  # noqa: E402
 from ftscale.analyze.tables import best_layouts, layout_label  # noqa: E402
 from ftscale.study.sweep import Study  # noqa: E402
 
@@ -33,6 +36,7 @@ PLOTS: dict[str, str] = {
     "dense_vs_moe": "Dense vs mixture of experts: tokens/s/GPU vs GPUs",
 }
 DPI = 110
+OVERSUBSCRIBED_LABEL = "oversubscribed: fewer CPUs than processes"
 
 
 def plot_paths(directory: Path | str = "results/plots") -> dict[str, Path]:
@@ -84,7 +88,8 @@ def _dp_plot(study: Study, frame: pd.DataFrame, path: Path, metric: str) -> Figu
     column = {"throughput": "tokens_per_s", "efficiency": "efficiency", "step_time": "step_time_s"}[metric]
     for ax, model in zip(axes, models):
         ax.set_title(model)
-        plotted = False
+        plotted = oversubscribed = False
+        top = 0.0
         for group, recs in rows[rows["model"] == model].groupby("group", sort=False):
             recs = recs.sort_values("gpus")
             points = recs[ok(recs) & recs[column].notna()]
@@ -92,7 +97,21 @@ def _dp_plot(study: Study, frame: pd.DataFrame, path: Path, metric: str) -> Figu
                 continue
             plotted = True
             label = group.split(": ", 1)[1]
-            (line,) = ax.plot(points["gpus"], points[column], marker="o", label=label)
+            shared = points["oversubscribed"].eq(True).tolist()
+            (line,) = ax.plot(points["gpus"], points[column], marker="o", label=label,
+                              markevery=[not s for s in shared])
+            if any(shared):  # the same points hollow: their step time measures the sharing of the CPUs
+                hollow = points[shared]
+                ax.plot(hollow["gpus"], hollow[column], marker="o", linestyle="none", markerfacecolor="white",
+                        color=line.get_color(), zorder=3)
+                oversubscribed = True
+            if metric == "efficiency":
+                for _, row in points[points["above_ideal"].eq(NOISE)].iterrows():
+                    ax.annotate(f"noise: within the 1-GPU run's\nstep-time spread ({row['baseline_spread']:.0%})",
+                                (row["gpus"], row["efficiency"]), fontsize=7, textcoords="offset points",
+                                xytext=(0, 6), ha="center", va="bottom", color=line.get_color(),
+                                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none"})
+                    top = max(top, row["efficiency"] * 1.3)  # room for the note inside the panel
             base = points[points["gpus"] == 1]
             if not base.empty and metric != "efficiency":
                 ideal_x = sorted(recs["gpus"].unique())
@@ -105,9 +124,14 @@ def _dp_plot(study: Study, frame: pd.DataFrame, path: Path, metric: str) -> Figu
         if metric == "efficiency" and plotted:
             ax.axhline(1.0, linestyle="--", color="0.5", alpha=0.6, label="ideal")
         ax.set_ylim(bottom=0)
+        if top > ax.get_ylim()[1]:
+            ax.set_ylim(top=top)
         _gpu_axis(ax, dp.loc[dp["model"] == model, "gpus"])
         ax.set_ylabel({"throughput": "tokens/s (whole job)", "efficiency": "efficiency S(N)/N",
                        "step_time": "median step time (s)"}[metric])
+        if oversubscribed:  # one legend entry, in no group's colour
+            ax.plot([], [], marker="o", linestyle="none", markerfacecolor="white", color="0.3",
+                    label=OVERSUBSCRIBED_LABEL)
         if plotted:
             ax.legend(fontsize=8)
         else:
@@ -185,12 +209,20 @@ def dense_vs_moe(study: Study, frame: pd.DataFrame, path: Path) -> Figure:
             ax.plot(points["gpus"], points["tokens_per_s_per_gpu"], marker="s" if moe else "o",
                     linestyle="--" if moe else "-", label=f"{model} ({'MoE' if moe else 'dense'})")
             if track == "model_parallel":
-                for _, row in points.iterrows():
+                last = best["gpus"].max()
+                for _, row in points.iterrows():  # at the largest GPU count the label reads leftwards
+                    right = row["gpus"] == last and last != best["gpus"].min()
                     ax.annotate(row["layout"], (row["gpus"], row["tokens_per_s_per_gpu"]), fontsize=7,
-                                textcoords="offset points", xytext=(4, 4))
+                                textcoords="offset points", xytext=(-4 if right else 4, 4),
+                                ha="right" if right else "left", va="bottom")
         _gpu_axis(ax, frame.loc[frame["track"] == track, "gpus"])
         ax.set_ylabel("tokens/s/GPU")
-        ax.set_ylim(bottom=0)
+        ax.margins(x=0.1)
+        top = max((line.get_ydata().max() for line in ax.lines if len(line.get_ydata())), default=0)
+        if top > 0:  # room above the highest point for its layout label, inside the panel
+            ax.set_ylim(0, top * 1.2)
+        else:
+            ax.set_ylim(bottom=0)
         if plotted:
             ax.legend(fontsize=8)
         else:

@@ -3,10 +3,17 @@
 One table per model and track, its sweep parameters as columns, sorted; a parameter that is the
 same in every row of a table is stated once above it instead. Each definition and note is written
 once, under the section it explains: the MFU formula in the introduction, speedup and efficiency
-under data parallel, the communication formulas under model parallel, the reference entries, the
-runs that are not ``ok`` and those the plan skipped in their own sections after the tables. Each
-table has the model state per GPU and the plan's errors against the measurement (``STATE_COLUMNS``).
-Every number goes through ``fmt_number``: one format.
+under data parallel, the communication formulas under model parallel, oversubscription (which may
+touch both tracks) in the introduction, the reference entries, the runs that are not ``ok`` and those
+the plan skipped in their own sections after the tables. Each table has the model state per GPU and
+the plan's errors against the measurement (``STATE_COLUMNS``); on a GPU the peak memory (CUDA max
+allocated) leads, on the CPU the model state does and the process's RSS follows it
+(``memory_columns``): the flat RSS, mostly the runtime, would hide what TP and EP divide. An
+efficiency above 1 says whether it is within its 1-GPU run's step-time spread (noise) or beyond it.
+Every number goes through ``fmt_number`` (a fraction through ``fmt_percent``) and every table through
+``markdown``, and a column shared by several tables has one header (``LABELS``): the same for
+results/tables.md, results/comparison.md (``ftscale.analyze.compare``) and results/plan.md
+(``ftscale.analyze.plan_report``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Callable, Mapping
 
 import pandas as pd
 
-from ftscale.analyze.frame import scaling_rows
+from ftscale.analyze.frame import BEYOND_SPREAD, NOISE, scaling_rows
 from ftscale.analyze.parse import NOT_FAILED
 from ftscale.analyze.provenance import LIBRARIES
 from ftscale.analyze.references import ASPECTS
@@ -49,6 +56,12 @@ PREDICTION_NOTE = ("*model state/GPU*: the bytes a rank's parameters, gradients 
                    "(predicted - measured) / measured.")
 PREDICTION_CPU_NOTE = ("On the CPU the predicted peak memory and step time are those of a GPU: the measured RSS and "
                        "CPU step time are not compared with them; the model state is.")
+NOISE_NOTE = ("*noise*: an efficiency above 1 by no more than the step-time spread of its 1-GPU run ((max - min) / "
+              "median of that run's timed steps, column `step_time_spread`): noise of the baseline's median, not "
+              "super-linear scaling.")
+BEYOND_SPREAD_NOTE = ("*beyond spread*: an efficiency above 1 by more than the 1-GPU run's step-time spread: a "
+                      "baseline slower than its steps' spread explains (look at that run's log), or real "
+                      "super-linear scaling (a per-GPU batch that fits a cache better).")
 OVERSUBSCRIBED_NOTE = ("*oversubscribed*: the job had fewer CPUs than processes per node, so its processes shared "
                        "CPUs: its step time measures that sharing, not the scaling of the method.")
 
@@ -71,8 +84,18 @@ def _num(value: object) -> str:
     return fmt_number(value.item() if hasattr(value, "item") else value)
 
 
-def _pct(value: object) -> str:
+def fmt_percent(value: object) -> str:
+    """The one format of a fraction: blank for none, else a percentage with one decimal (0.1234 -> '12.3%')."""
     return "" if value is None or pd.isna(value) else f"{float(value):.1%}"
+
+
+#: The header of a column wherever a table shows it (tables.md, comparison.md, plan.md).
+LABELS = {
+    "gpus": "GPUs", "tp": "TP", "ep": "EP", "dp": "DP", "sp": "SP", "micro_batch": "micro batch",
+    "seq_length": "sequence", "global_batch": "global batch", "step_time_s": "step time (s)", "tokens_per_s": "tokens/s",
+    "tokens_per_s_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOP/s/GPU", "mfu": "MFU",
+    "peak_mem_mib": "peak mem/GPU (MiB)", "state_mib": "model state/GPU (MiB)", "status": "status",
+}
 
 
 def _status(row: pd.Series) -> str:
@@ -90,6 +113,16 @@ def _mem_kind(row: pd.Series) -> str:
     return {"rss": "RSS", "cuda": "CUDA max allocated"}.get(row.get("mem_kind") or "", "")
 
 
+def _efficiency(row: pd.Series) -> str:
+    """The efficiency, with the verdict of ``frame.scaling_rows`` where it is above 1 ('1.12 (noise: spread 18%)')."""
+    text = _num(row["efficiency"])
+    verdict = row.get("above_ideal") or ""
+    if verdict:
+        spread = row.get("baseline_spread")
+        text += f" ({verdict}" + ("" if spread is None or pd.isna(spread) else f": 1-GPU spread {fmt_percent(spread)}") + ")"
+    return text
+
+
 def markdown(table: pd.DataFrame) -> str:
     """A frame of display strings as a Markdown table (pandas' to_markdown)."""
     return table.to_markdown(index=False, disable_numparse=True)
@@ -100,6 +133,11 @@ Cell = Callable[[pd.Series], str]
 
 def column(name: str) -> Cell:
     return lambda row: _num(row[name])
+
+
+def labelled(name: str) -> tuple[str, Cell]:
+    """The column ``name`` under its header of ``LABELS``, in the one number format."""
+    return LABELS[name], column(name)
 
 
 def error(name: str) -> Cell:
@@ -125,35 +163,49 @@ def _reference_column(rows: pd.DataFrame) -> list[tuple[str, Cell]]:
 
 
 def _perf_columns() -> list[tuple[str, Cell]]:
-    return [("FLOPs/token", column("flops_per_token")), ("TFLOP/s/GPU", column("tflops_per_gpu")),
-            ("MFU", lambda row: _pct(row["mfu"]))]
+    return [("FLOPs/token", column("flops_per_token")), labelled("tflops_per_gpu"),
+            (LABELS["mfu"], lambda row: fmt_percent(row["mfu"]))]
 
 
 BATCH_COLUMNS: list[tuple[str, Cell]] = [
     ("engine", lambda row: row["engine"]),
     ("options", lambda row: row.get("engine_options") or ""),
-    ("micro batch", column("micro_batch")),
-    ("sequence", column("seq_length")),
+    labelled("micro_batch"),
+    labelled("seq_length"),
 ]
 #: Model state and the prediction's errors (blank where not compared: such a column is left out).
 STATE_COLUMNS: list[tuple[str, Cell]] = [
-    ("model state/GPU (MiB)", column("state_mib")), ("state error", error("state_error_pct")),
+    labelled("state_mib"), ("state error", error("state_error_pct")),
     ("peak mem error", error("peak_mem_error_pct")), ("step time error", error("step_time_error_pct")),
 ]
-MOVABLE = {"scaling", "engine", "options", "micro batch", "sequence", "FLOPs/token", "peak memory", "CPUs",
+RSS_HEADER = "process RSS (MiB)"
+MOVABLE = {"scaling", "engine", "options", LABELS["micro_batch"], LABELS["seq_length"], "FLOPs/token", "peak memory", "CPUs",
            *(header for header, _ in STATE_COLUMNS)}
+
+
+def on_cpu(rows: pd.DataFrame) -> bool:
+    """Whether the rows' peak memory is all the process's RSS (CPU runs), none CUDA's."""
+    kinds = set(rows["mem_kind"].dropna()) - {""}
+    return kinds == {"rss"}
+
+
+def memory_columns(rows: pd.DataFrame, relative: tuple[tuple[str, Cell], ...] = ()) -> list[tuple[str, Cell]]:
+    """The memory columns of a table: on a GPU the peak (CUDA max allocated) first, then ``relative`` and the
+    model state; on the CPU the model state first, then ``relative``, then the process's peak RSS, marked as
+    such (flat across layouts: mostly the runtime, not what TP and EP divide)."""
+    if on_cpu(rows):
+        return [STATE_COLUMNS[0], *relative, *STATE_COLUMNS[1:], (RSS_HEADER, column("peak_mem_mib"))]
+    return [labelled("peak_mem_mib"), ("peak memory", _mem_kind), *relative, *STATE_COLUMNS]
 
 
 def dp_table(study: Study, frame: pd.DataFrame, model: str) -> str:
     rows = scaling_rows(study, frame)
     rows = rows[rows["model"] == model].sort_values(["engine", "option_set", "mode", "micro_batch", "seq_length", "gpus"])
     columns: list[tuple[str, Cell]] = [
-        ("scaling", lambda row: row["mode"]), *BATCH_COLUMNS, ("GPUs", column("gpus")), ("CPUs", _cpus),
-        ("global batch", column("global_batch")), ("step time (s)", column("step_time_s")),
-        ("tokens/s", column("tokens_per_s")), ("tokens/s/GPU", column("tokens_per_s_per_gpu")),
-        ("speedup", column("speedup")), ("efficiency", column("efficiency")), *_perf_columns(),
-        ("peak mem/GPU (MiB)", column("peak_mem_mib")), ("peak memory", _mem_kind), *STATE_COLUMNS,
-        ("wall-clock (s)", column("wall_s")), *_reference_column(rows), ("status", _status),
+        ("scaling", lambda row: row["mode"]), *BATCH_COLUMNS, labelled("gpus"), ("CPUs", _cpus),
+        labelled("global_batch"), labelled("step_time_s"), labelled("tokens_per_s"), labelled("tokens_per_s_per_gpu"),
+        ("speedup", column("speedup")), ("efficiency", _efficiency), *_perf_columns(), *memory_columns(rows),
+        ("wall-clock (s)", column("wall_s")), *_reference_column(rows), (LABELS["status"], _status),
     ]
     return render(rows, columns, MOVABLE)
 
@@ -161,24 +213,26 @@ def dp_table(study: Study, frame: pd.DataFrame, model: str) -> str:
 def mp_table(frame: pd.DataFrame, model: str) -> str:
     rows = frame[(frame["track"] == "model_parallel") & (frame["model"] == model)]
     rows = rows.sort_values(["engine", "micro_batch", "seq_length", "gpus", "tp", "ep", "sp"])
-    ok_mem = rows.loc[rows["status"].eq("ok"), "peak_mem_mib"].dropna()
+    cpu = on_cpu(rows)
+    measure = "state_mib" if cpu else "peak_mem_mib"  # what the table leads with (``memory_columns``)
+    ok_mem = pd.to_numeric(rows.loc[rows["status"].eq("ok"), measure], errors="coerce").dropna()
     smallest = ok_mem.min() if len(ok_mem) else None
 
     def vs_smallest(row: pd.Series) -> str:
-        if not smallest or row["status"] != "ok" or pd.isna(row["peak_mem_mib"]):
+        if not smallest or row["status"] != "ok" or pd.isna(row[measure]):
             return ""
-        return _num(row["peak_mem_mib"] / smallest)
+        return _num(row[measure] / smallest)
 
     columns: list[tuple[str, Cell]] = [
-        *BATCH_COLUMNS, ("GPUs", column("gpus")), ("CPUs", _cpus), ("TP", column("tp")), ("EP", column("ep")),
-        ("SP", lambda row: fmt_number(bool(row["sp"]))), ("DP", column("dp")),
-        ("global batch", column("global_batch")), ("step time (s)", column("step_time_s")),
-        ("tokens/s", column("tokens_per_s")), ("tokens/s/GPU", column("tokens_per_s_per_gpu")), *_perf_columns(),
-        ("peak mem/GPU (MiB)", column("peak_mem_mib")), ("peak memory", _mem_kind),
-        ("mem vs smallest", vs_smallest), *STATE_COLUMNS, ("params/GPU (run)", column("params_per_gpu")),
+        *BATCH_COLUMNS, labelled("gpus"), ("CPUs", _cpus), labelled("tp"), labelled("ep"),
+        (LABELS["sp"], lambda row: fmt_number(bool(row["sp"]))), labelled("dp"),
+        labelled("global_batch"), labelled("step_time_s"), labelled("tokens_per_s"), labelled("tokens_per_s_per_gpu"),
+        *_perf_columns(),
+        *memory_columns(rows, (("state vs smallest" if cpu else "mem vs smallest", vs_smallest),)),
+        ("params/GPU (run)", column("params_per_gpu")),
         ("params/GPU (formula)", column("params_per_gpu_formula")), ("TP comm (MiB)", column("comm_tp_mib")),
         ("EP all-to-all (MiB)", column("comm_ep_mib")), ("DP all-reduce (MiB)", column("comm_dp_mib")),
-        *_reference_column(rows), ("status", _status),
+        *_reference_column(rows), (LABELS["status"], _status),
     ]
     return render(rows, columns, MOVABLE)
 
@@ -209,10 +263,11 @@ def dense_vs_moe_section(study: Study, frame: pd.DataFrame) -> str:
     if best.empty:
         return ""
     columns: list[tuple[str, Cell]] = [
-        *BATCH_COLUMNS, ("GPUs", column("gpus")), ("model", lambda row: row["model"]), ("kind", lambda r: r["kind"]),
+        *BATCH_COLUMNS, labelled("gpus"), ("model", lambda row: row["model"]), ("kind", lambda r: r["kind"]),
         ("best layout", lambda row: row["layout"]), ("layouts run", column("layouts")),
-        ("tokens/s/GPU", column("tokens_per_s_per_gpu")), ("peak mem/GPU (MiB)", column("peak_mem_mib")),
-        ("peak memory", _mem_kind),
+        labelled("tokens_per_s_per_gpu"),
+        *([labelled("state_mib"), (RSS_HEADER, column("peak_mem_mib"))] if on_cpu(best)
+          else [labelled("peak_mem_mib"), ("peak memory", _mem_kind)]),
     ]
     return ("### Dense vs mixture of experts\n\nAt each GPU count where both ran, each model's model-parallel layout "
             "with the most tokens/s/GPU (the same points as the plot `dense_vs_moe.png`, which labels them).\n\n"
@@ -244,10 +299,12 @@ def track_section(study: Study, frame: pd.DataFrame, track: str) -> list[str]:
         out += [f"Speedup = tokens/s(N) / tokens/s(1 GPU) of the same {same} scaling mode and batch shape; "
                 "efficiency = speedup / N, T the median step time: "
                 + "; ".join(SCALING_DEFINITIONS[m] for m in modes) + ". " + FLOPS_LORA, ""]
+        verdicts = set(scaling_rows(study, frame)["above_ideal"])
+        for verdict, note in ((NOISE, NOISE_NOTE), (BEYOND_SPREAD, BEYOND_SPREAD_NOTE)):
+            if verdict in verdicts:
+                out += [note, ""]
     else:
         out += [COMM_NOTE + " " + FLOPS_FULL, ""]
-    if rows["oversubscribed"].eq(True).any():
-        out += [OVERSUBSCRIBED_NOTE, ""]
     for model in study.models:
         if (rows["model"] == model).any():
             table = dp_table(study, frame, model) if track == "data_parallel" else mp_table(frame, model)
@@ -324,8 +381,12 @@ def render_tables(study: Study, frame: pd.DataFrame, plots: Mapping[str, Path] |
              "Step time is the median over the steps after the warm-up. " + MFU_FORMULA + mfu_notes(frame))
     if frame["device"].eq("cpu").any():
         intro += (" On the CPU a \"GPU\" is a process; CPUs is how many CPUs the job had, shared by its processes; "
-                  "peak memory is the peak resident set size (RSS) of a process.")
-    out += [intro, "", PREDICTION_NOTE + (" " + PREDICTION_CPU_NOTE if frame["mem_kind"].eq("rss").any() else ""), ""]
+                  "its tables lead with the model state per process, which TP and EP divide, and give the "
+                  "process's peak resident set size (process RSS, mostly the runtime) after it.")
+    out += [intro, ""]
+    if frame["oversubscribed"].eq(True).any():
+        out += [OVERSUBSCRIBED_NOTE, ""]
+    out += [PREDICTION_NOTE + (" " + PREDICTION_CPU_NOTE if frame["mem_kind"].eq("rss").any() else ""), ""]
     synthetic = sorted(set(frame.loc[frame["weights"] == "synthetic", "model"]))
     if synthetic:
         out += [f"Models with synthetic (seeded random) weights: {', '.join(synthetic)}: step time and memory "
