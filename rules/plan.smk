@@ -1,6 +1,6 @@
 # plan: every run's predicted memory per GPU and step time, before any job (no GPU, no training):
 # snakemake results/plan.md --cores 1 [--configfile ...]
-from ftscale.estimate.plan import write_plan
+from ftscale.analyze.plan_report import write_plan
 from ftscale.workflow import plan_inputs
 
 

@@ -514,8 +514,8 @@ def test_comparison_of_participants(tmp_path):
     text = re.sub(r" +", " ", md.read_text())  # cells without their padding
     assert "6 runs of 2 participant(s)" in text  # alice_again.csv repeats a row of alice.csv: kept once
     assert "## tiny_llama: data parallel (LoRA)" in text
-    assert "| gpus1_mbs4_gbs8_seq128 | 1 | tp1 ep1 dp1 | alice | NVIDIA H100 80GB HBM3 | 34,556 | 100% |" in text
-    assert "| gpus1_mbs4_gbs8_seq128 | 1 | tp1 ep1 dp1 | carol | AMD EPYC | 23,037 | 67% |" in text
+    assert "| gpus1_mbs4_gbs8_seq128 | 1 | tp1 ep1 dp1 | alice | NVIDIA H100 80GB HBM3 | 34,556 | 100.0% |" in text  # fmt_percent, as tables.md
+    assert "| gpus1_mbs4_gbs8_seq128 | 1 | tp1 ep1 dp1 | carol | AMD EPYC | 23,037 | 66.7% |" in text
     assert "| alice | NVIDIA H100 80GB HBM3 | | | | | | | oom: out of GPU memory |" in text
     assert "[tokens/s/GPU per configuration and participant](plots/comparison.png)" in text
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1024

@@ -14,6 +14,8 @@ import pytest
 from runs import make_run
 
 from ftscale.analyze.parse import parse_run
+from ftscale.analyze.plan_report import write_plan
+from ftscale.analyze.tables import LABELS, fmt_number, fmt_percent
 from ftscale.estimate.plan import (
     FITS,
     GPUS,
@@ -24,7 +26,6 @@ from ftscale.estimate.plan import (
     plan_rows,
     predict,
     with_predicted_oom_skipped,
-    write_plan,
 )
 from ftscale.run.configure import write_run_files
 from ftscale.run.launch import run_job
@@ -128,9 +129,34 @@ def test_workshop_plan_flags_the_layouts_that_cannot_fit(tmp_path):
     assert fit["llama31_8b/nemo_gpus1_mbs1_gbs16_seq2048_bf16"] == FITS
     md = (tmp_path / "plan.md").read_text()
     hours = sum(r["predicted_gpu_hours"] for r in rows)
-    assert f"GPU-hours of the whole sweep: {hours:,.2f}" in md and hours > 0
+    assert f"GPU-hours of the whole sweep: {fmt_number(hours)}" in md and hours > 0
     assert md.count("| experiments/") == len(study.runs) == len(rows)
     assert (tmp_path / "plan.csv").read_text().count("\n") == len(rows) + 1
+
+
+def test_plan_md_has_the_number_and_table_format_of_tables_md(tmp_path):
+    """plan.md is rendered by the analysis (ftscale.analyze.plan_report) in the one format: numbers through
+    fmt_number, fractions through fmt_percent, pandas' Markdown table, the headers of tables.LABELS."""
+    study = load_study(_workshop(REPO), "config/workshop.yaml", root=REPO)
+    rows = write_plan(study, tmp_path / "plan.csv", tmp_path / "plan.md")
+    md = (tmp_path / "plan.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header[:8] == ["run", *(LABELS[k] for k in ("gpus", "tp", "ep", "dp", "sp", "micro_batch", "seq_length"))]
+    assert LABELS["step_time_s"] in header and LABELS["tokens_per_s_per_gpu"] in header
+    assert set(table[1].replace("|", "").replace(" ", "")) <= {"-", ":"}  # the markdown() separator line
+    first = dict(zip(header, (cell.strip() for cell in table[2].strip("|").split("|"))))
+    r = rows[0]
+    assert first["run"] == r["run_dir"]
+    assert first["sequence"] == fmt_number(r["seq_length"]) == "2,048"  # thousands separated, as in tables.md
+    assert first["SP"] == fmt_number(bool(r["sp"])) and first["SP"] in ("yes", "no")
+    assert first["peak"] == fmt_number(r["predicted_peak_mem_mib"])
+    assert first["% of GPU"] == fmt_percent(r["memory_fraction"])
+    assert first[LABELS["step_time_s"]] == fmt_number(r["predicted_step_time_s"])
+    assert first["GPU-h"] == fmt_number(r["predicted_gpu_hours"])
+    import ftscale.estimate.plan as estimate_plan
+
+    assert not hasattr(estimate_plan, "render_plan") and not hasattr(estimate_plan, "_fmt")  # one renderer
 
 
 def test_plan_memory_grows_with_micro_batch_and_falls_with_tp():

@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ftscale.analyze.provenance import LIBRARIES, SCHEMA_VERSION  # noqa: E402
-from ftscale.analyze.tables import fmt_number, markdown  # noqa: E402
+from ftscale.analyze.tables import LABELS, fmt_number, fmt_percent, markdown  # noqa: E402
 
 #: The training libraries whose versions the comparison shows (all but ftscale itself).
 TRAINING_LIBRARIES = [lib for lib in LIBRARIES if lib != "ftscale"]
@@ -147,16 +147,16 @@ def group_table(rows: pd.DataFrame) -> str:
 
     mem = figure("peak_mem_mib")
     table = pd.DataFrame({
-        "configuration": rows["run"], "GPUs": rows["gpus"].map(lambda g: fmt_number(int(g))),
+        "configuration": rows["run"], LABELS["gpus"]: rows["gpus"].map(lambda g: fmt_number(int(g))),
         "layout": rows["layout"], "participant": rows["participant"], "device": rows["device_shown"],
-        "tokens/s/GPU": figure("tokens_per_s_per_gpu"),
-        "vs best": relative.where(rows["ok"]).map(lambda v: "" if pd.isna(v) else f"{v:.0%}"),
-        "step time (s)": figure("step_time_s"),
-        "peak mem/GPU (MiB)": mem.where(mem == "", mem + rows["mem_kind"].map(
+        LABELS["tokens_per_s_per_gpu"]: figure("tokens_per_s_per_gpu"),
+        "vs best": relative.where(rows["ok"]).map(fmt_percent),
+        LABELS["step_time_s"]: figure("step_time_s"),
+        LABELS["peak_mem_mib"]: mem.where(mem == "", mem + rows["mem_kind"].map(
             lambda k: " (RSS)" if k == "rss" else " (CUDA)")),
-        "TFLOP/s/GPU": figure("tflops_per_gpu"),
-        "MFU": rows["mfu"].map(lambda v: "" if pd.isna(v) else f"{v:.1%}"),
-        "status": rows["status"].where((rows["reason"] == "") | rows["ok"], rows["status"] + ": " + rows["reason"]),
+        LABELS["tflops_per_gpu"]: figure("tflops_per_gpu"),
+        LABELS["mfu"]: rows["mfu"].map(fmt_percent),
+        LABELS["status"]: rows["status"].where((rows["reason"] == "") | rows["ok"], rows["status"] + ": " + rows["reason"]),
     })
     return markdown(table)
 

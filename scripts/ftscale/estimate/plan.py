@@ -24,14 +24,13 @@ R = (total + forward) / total with activation checkpointing (one more forward), 
 ``matmul_tflops`` (``plan.matmul_tflops``, default 798) is the dense bf16 matmul rate of an H100 or
 H200; the efficiency is the fraction of it a whole training step reaches, which each engine gives
 (``PlannerTerms.step_efficiency``, fitted on the GPU examples of results/examples: model TFLOP/s / 798).
-Figures for the CPU are not predicted: the plan is for the target GPU.
+Figures for the CPU are not predicted: the plan is for the target GPU. results/plan.csv and plan.md are
+written by the analysis (``ftscale.analyze.plan_report``), in the format of its tables.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-from pathlib import Path
 from typing import Any, Mapping
 
 from ftscale.estimate.comm import comm_bytes_per_step
@@ -249,57 +248,3 @@ def with_predicted_oom_skipped(study: Study, target: Target | None = None) -> St
             run = dataclasses.replace(run, skip_reason=reason)
         runs.append(run)
     return dataclasses.replace(study, runs=tuple(runs))
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-    return str(value)
-
-
-def render_plan(rows: list[dict[str, Any]], target: Target, source: str) -> str:
-    hours = sum(r["predicted_gpu_hours"] for r in rows)
-    runnable = sum(r["predicted_gpu_hours"] for r in rows if r["fit"] != PREDICTED_OOM)
-    counts = {flag: sum(r["fit"] == flag for r in rows) for flag in (FITS, TIGHT, PREDICTED_OOM)}
-    lines = [
-        "# Plan: predicted memory and step time of every run",
-        "",
-        f"Configuration: {source}. Target GPU: {target.label}, {target.usable_gib:g} GiB usable "
-        f"({target.gpu_memory_mib:,.0f} MiB), {target.matmul_tflops:g} TFLOP/s dense bf16 matmul. Nothing here "
-        "was measured: formulas in `scripts/ftscale/estimate/memory.py` and `plan.py`, calibration in "
-        "`docs/planner.md`. *needed* = peak + what the allocator cannot hand out + the engine's CUDA context.",
-        "",
-        f"**{len(rows)} runs: {counts[FITS]} fit, {counts[TIGHT]} tight (> {TIGHT_FRACTION:.0%}), "
-        f"{counts[PREDICTED_OOM]} predicted OOM. GPU-hours of the whole sweep: {hours:,.2f} "
-        f"({runnable:,.2f} without the predicted-OOM runs).**",
-        "",
-        "Memory per GPU in MiB.",
-        "",
-        "| run | GPUs | tp | ep | dp | sp | mbs | seq | weights | grads | optimizer | DDP buckets | activations "
-        "| logits | peak | needed | % of GPU | fit | step (s) | tokens/s/GPU | GPU-h | status |",
-        "|---|" + "---|" * 21,
-    ]
-    for r in rows:
-        cells = [r["run_dir"], r["gpus"], r["tp"], r["ep"], r["dp"], "yes" if r["sp"] else "", r["micro_batch"],
-                 r["seq_length"], r["predicted_weights_mib"], r["predicted_gradients_mib"],
-                 r["predicted_optimizer_mib"], r["predicted_ddp_buckets_mib"], r["predicted_activations_mib"],
-                 r["predicted_logits_mib"],
-                 r["predicted_peak_mem_mib"], r["predicted_needed_mib"], f"{r['memory_fraction']:.0%}", r["fit"],
-                 f"{r['predicted_step_time_s']:.3g}", r["predicted_tokens_per_s_per_gpu"],
-                 f"{r['predicted_gpu_hours']:.3g}", r["status"]]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def write_plan(study: Study, csv_path: Path, md_path: Path, target: Target | None = None) -> list[dict[str, Any]]:
-    """results/plan.csv (every column) and results/plan.md (the table and the sweep's GPU-hours)."""
-    target = target or Target.from_config(study.config)
-    rows = plan_rows(study, target)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PLAN_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in PLAN_COLUMNS} for row in rows)
-    md_path.write_text(render_plan(rows, target, study.source))
-    return rows
