@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from paths import REPO
 
 from ftscale.engines.embedded import fused_ce, options
 from ftscale.engines.embedded.fused_ce import ChunkedLinearCrossEntropy, chunked_linear_cross_entropy
