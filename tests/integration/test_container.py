@@ -177,7 +177,8 @@ def pyxis_batch(script: Path, submit_dir: Path, bin_dir: Path) -> subprocess.Com
     """The batch script run as Slurm runs it, from the submit directory, with pyxis's srun on its PATH."""
     bin_dir.mkdir(exist_ok=True)
     srun = bin_dir / "srun"
-    srun.write_text(FAKE_SRUN.format(python=sys.executable, paths=[str(Path(__file__).parent), str(TESTS / "support")]))
+    helpers = [str(Path(__file__).parent), str(TESTS / "support")]  # test_container and what it imports
+    srun.write_text(FAKE_SRUN.format(python=sys.executable, paths=helpers))
     srun.chmod(0o755)
     env = {**image_env(), "PATH": f"{bin_dir}:{image_env()['PATH']}", "SLURM_SUBMIT_DIR": str(submit_dir)}
     return subprocess.run(["bash", str(script)], cwd=submit_dir, env=env, capture_output=True, text=True,
