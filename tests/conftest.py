@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # test helpers (workflow.py, slurm_cluster.py, leftovers.py)
+# The test helpers (tests/support: paths.py, runs.py, workflow.py, leftovers.py) import by their bare names
+# from every folder of tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from leftovers import end_leftovers, mark_session  # noqa: E402
-from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the private Slurm cluster fixture)
+from paths import REPO  # noqa: E402
 
 mark_session()  # before any test starts a process: every one of them carries the mark
 
@@ -20,7 +21,7 @@ mark_session()  # before any test starts a process: every one of them carries th
 @pytest.fixture(autouse=True)
 def no_leftover_processes(request):
     """After each test, its Slurm jobs cancelled and every process it left behind ended, by process id
-    (tests/leftovers.py): an orphaned job step or training rank never outlives the test."""
+    (tests/support/leftovers.py): an orphaned job step or training rank never outlives the test."""
     yield
     if "slurm_cluster" in request.fixturenames:
         request.getfixturevalue("slurm_cluster").cancel_jobs()

@@ -3,8 +3,8 @@ and step time of each run against what it measured, with the error of each.
 
     PYTHONPATH=scripts python3 benchmarks/gpu/calibrate_plan.py      # prints the table (markdown)
 
-tests/test_plan.py runs the same comparison and holds the memory predictions to +-5% (and the OOM runs to a
-predicted OOM on the GPU they ran on).
+tests/unit/estimate/test_plan.py runs the same comparison and holds the memory predictions to +-5% (and the OOM
+runs to a predicted OOM on the GPU they ran on).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 
 Imports run forward only: the engines' specs, then study -> estimate -> importing -> run (with the engines'
 training code) -> analyze; ``cli``, ``dag`` and ``workflow`` (what the rules call) sit on top. The Snakefile
-and rules/ only wire files together. tests/test_structure.py keeps it so.
+and rules/ only wire files together. tests/integration/test_structure.py keeps it so.
 """
 
 from importlib.metadata import PackageNotFoundError, version

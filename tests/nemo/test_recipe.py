@@ -8,7 +8,8 @@ the tests read the settings back (recipe_fields), build every part NeMo can buil
 NeMo's own ``llm.api._validate_config``. The model itself cannot be built on CPU: its config needs
 Transformer Engine for ``apply_rope_fusion``, so the validation uses a copy with that one flag off.
 
-The pure checks of a NeMo run (ftscale.study.engines) are tested in the main suite (tests/test_engines.py).
+The pure checks of a NeMo run (ftscale.engines.nemo.spec) are tested in the main suite
+(tests/unit/engines/test_engines.py).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def workshop_runs() -> list[dict]:
 
 
 RUNS = workshop_runs()
-# The main suite (tests/test_nemo_recipes.py) hands over the plan of config/workshop.yaml, as the
+# The main suite (tests/integration/test_nemo_recipes.py) hands over the plan of config/workshop.yaml, as the
 # workflow expands it: then every run of the real workshop matrix is checked (plus the ones above).
 if os.environ.get("FTSCALE_NEMO_PLAN"):
     import json

@@ -36,7 +36,7 @@ PyTorch, Hugging Face Llama/Mixtral + peft, SDPA flash attention: nothing of siz
                      else one a·d_in per distinct input (q/k/v share one, gate/up share one, o_proj's
                      is the SDPA output); plus lora_A's output, adapter bytes·r per target
     dense MLP        3·a·I/t (gate, up, SiLU out) + a·h·[full] (input) + a·I/t·[full] (down input)
-    (checked tensor by tensor against autograd's saved tensors of a small model: tests/test_memory.py)
+    (checked tensor by tensor against autograd's saved tensors of a small model: tests/unit/estimate/test_memory.py)
     MoE MLP, Hugging Face experts (data-parallel track), per routed row (k per token):
                      3·a·I (gate_up kept whole by chunk, SiLU out) + a·h (down out, × fp32 router
                      weight) + (a·h + a·I)·[full]; router: a·h·[full] (input) + 4·E (fp32 softmax)

@@ -1,7 +1,7 @@
 """The workflow on a real (private, single-node) Slurm cluster through the SLURM executor plugin.
 
 Needs Debian's slurm-wlm and munge (.ci/slurm/install); in CI these tests fail rather than skip
-when Slurm is missing (tests/slurm_cluster.py).
+when Slurm is missing (tests/slurm/slurm_cluster.py).
 """
 
 from __future__ import annotations

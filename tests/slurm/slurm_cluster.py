@@ -1,8 +1,8 @@
 """Pytest plugin: a private, real, single-node Slurm cluster for tests.
 
-Enable it in a conftest.py (or a test module)::
+Enable it in a conftest.py beside the tests that use it, as tests/slurm/conftest.py does::
 
-    pytest_plugins = ["slurm_cluster"]        # tests/ is on sys.path (rootdir conftest)
+    from slurm_cluster import slurm_cluster  # noqa: F401
 
 then ask for the session-scoped ``slurm_cluster`` fixture::
 
@@ -38,10 +38,10 @@ from typing import Mapping, Sequence
 
 import pytest
 from leftovers import unmarked
+from paths import REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-START = REPO_ROOT / ".ci" / "slurm" / "start-cluster"
-STOP = REPO_ROOT / ".ci" / "slurm" / "stop-cluster"
+START = REPO / ".ci" / "slurm" / "start-cluster"
+STOP = REPO / ".ci" / "slurm" / "stop-cluster"
 REQUIRED = ("sbatch", "squeue", "scancel", "sinfo", "scontrol", "srun",
             "slurmctld", "slurmd", "munged", "mungekey")
 # squeue --Format fields of squeue_jobs(), in order

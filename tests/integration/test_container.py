@@ -26,7 +26,8 @@ from types import SimpleNamespace as NS
 import pytest
 import yaml
 from leftovers import MARK
-from workflow import REPO, copy_workflow
+from paths import REPO, TESTS
+from workflow import copy_workflow
 
 from ftscale.analyze.parse import parse_run
 from ftscale.run.command import PROJECT_PYTHONPATH
@@ -157,7 +158,7 @@ def in_container(mounts: list[tuple[str, str]], workdir: str, command: list[str]
 #: directory (the job's PYTHONPATH passed in, as srun passes the job's environment).
 FAKE_SRUN = """#!{python}
 import os, subprocess, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = {paths!r}
 from test_container import in_container
 args, options = sys.argv[1:], {{}}
 while args and args[0].startswith("--"):
@@ -176,7 +177,8 @@ def pyxis_batch(script: Path, submit_dir: Path, bin_dir: Path) -> subprocess.Com
     """The batch script run as Slurm runs it, from the submit directory, with pyxis's srun on its PATH."""
     bin_dir.mkdir(exist_ok=True)
     srun = bin_dir / "srun"
-    srun.write_text(FAKE_SRUN.format(python=sys.executable, tests=str(Path(__file__).parent)))
+    helpers = [str(Path(__file__).parent), str(TESTS / "support")]  # test_container and what it imports
+    srun.write_text(FAKE_SRUN.format(python=sys.executable, paths=helpers))
     srun.chmod(0o755)
     env = {**image_env(), "PATH": f"{bin_dir}:{image_env()['PATH']}", "SLURM_SUBMIT_DIR": str(submit_dir)}
     return subprocess.run(["bash", str(script)], cwd=submit_dir, env=env, capture_output=True, text=True,

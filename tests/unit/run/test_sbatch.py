@@ -11,12 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
 from ftscale.run.sbatch import render_import_sbatch, render_run_sbatch
 from ftscale.study.sweep import load_config_file
 from ftscale.workflow import workflow_study
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

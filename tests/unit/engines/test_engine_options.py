@@ -17,7 +17,8 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from paths import REPO
+from runs import make_run
 
 from ftscale.engines.embedded import fused_ce, options
 from ftscale.engines.embedded.fused_ce import ChunkedLinearCrossEntropy, chunked_linear_cross_entropy
@@ -137,10 +138,8 @@ SPEC = EmbeddedSpec()
 
 
 def _run(device="cpu", track="data_parallel", **opts) -> Run:
-    run = Run(track=track, model="tiny_llama", engine="embedded", gpus=1, tp=1, ep=1, dp=1, sp=False, micro_batch=1,
-              global_batch=2, seq_length=32, steps=3, warmup_steps=0, learning_rate=1e-2, seed=1, precision="fp32",
-              device=device, lora=LORA if track == "data_parallel" else None, engine_options=opts)
-    return run
+    return make_run(track=track, precision="fp32", device=device, lora=LORA if track == "data_parallel" else None,
+                    engine_options=opts)
 
 
 @pytest.mark.parametrize("opts, device, key, words", [

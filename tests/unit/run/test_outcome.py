@@ -1,10 +1,10 @@
 """ftscale.run.outcome: how every engine's job ends in its log, read back by the parser."""
 
 import pytest
+from runs import make_run
 
 from ftscale.analyze.parse import classify_failure
 from ftscale.run.outcome import EXIT_OOM, EXIT_REFUSED, refused, reported
-from ftscale.study.run import Run
 
 
 class OutOfMemoryError(RuntimeError):
@@ -35,9 +35,9 @@ def test_a_failed_job_leaves_its_traceback_and_an_error_line_the_parser_reads(ca
 
 
 def test_a_launch_that_does_not_match_the_run_is_refused_with_the_reasons(capsys):
-    run = Run(track="data_parallel", model="tiny_llama", engine="automodel", gpus=2, tp=1, ep=1, dp=2, sp=False,
-              micro_batch=1, global_batch=4, seq_length=128, steps=10, warmup_steps=2, learning_rate=1e-4, seed=1,
-              precision="bf16", device="cuda", lora={"rank": 8, "alpha": 16, "targets": ["q_proj"]})
+    run = make_run(engine="automodel", gpus=2, dp=2, global_batch=4, seq_length=128, steps=10, warmup_steps=2,
+                   learning_rate=1e-4, precision="bf16", device="cuda",
+                   lora={"rank": 8, "alpha": 16, "targets": ["q_proj"]})
     model = {"name": "tiny_llama", "synthetic_at_load": False}
     assert refused(run, model, {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) is None
     assert capsys.readouterr().out == ""

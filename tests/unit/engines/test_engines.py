@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from runs import make_run
 
 from ftscale.engines import names
 from ftscale.engines.base import HF_LINEAR, LORA_MODULES, hf_lora_targets
@@ -21,15 +22,16 @@ def spec(repo, name: str) -> dict:
     return load_model(name, repo).spec
 
 
-def make_run(track: str, model: str, tp: int, ep: int, dp: int, *, sp: bool = False, global_batch: int,
-             engine: str = "nemo", lora: dict | None = None, nodes: int = 1) -> Run:
-    return Run(track=track, model=model, engine=engine, gpus=tp * ep * dp, tp=tp, ep=ep, dp=dp, sp=sp, micro_batch=1,
-               global_batch=global_batch, seq_length=2048, steps=50, warmup_steps=5, learning_rate=1e-4,
-               seed=1234, precision="bf16", device="auto", lora=lora, nodes=nodes)
+def layout_run(track: str, model: str, tp: int, ep: int, dp: int, *, sp: bool = False, global_batch: int,
+               engine: str = "nemo", lora: dict | None = None, nodes: int = 1) -> Run:
+    """A run of the GPU workshop's kind (bf16, sequence 2048) with this layout."""
+    return make_run(track=track, model=model, engine=engine, gpus=tp * ep * dp, tp=tp, ep=ep, dp=dp, sp=sp,
+                    global_batch=global_batch, seq_length=2048, steps=50, warmup_steps=5, learning_rate=1e-4,
+                    seed=1234, precision="bf16", device="auto", lora=lora, nodes=nodes)
 
 
 def good_mixtral_mp() -> Run:
-    return make_run("model_parallel", "mixtral_8x7b", 2, 4, 1, sp=True, global_batch=64)
+    return layout_run("model_parallel", "mixtral_8x7b", 2, 4, 1, sp=True, global_batch=64)
 
 
 @pytest.mark.parametrize("change, key, value, words", [
@@ -53,25 +55,25 @@ def test_nemo_run_messages_name_the_run_key_and_value(repo, change, key, value, 
 
 def test_good_layouts_pass(repo):
     assert run_errors(good_mixtral_mp(), spec(repo, "mixtral_8x7b")) == []
-    dense = make_run("model_parallel", "llama31_8b", 8, 1, 1, sp=True, global_batch=16)
+    dense = layout_run("model_parallel", "llama31_8b", 8, 1, 1, sp=True, global_batch=16)
     assert run_errors(dense, spec(repo, "llama31_8b")) == []
 
 
 def test_sp_needs_tp_and_ep_needs_experts(repo):
-    run = make_run("model_parallel", "mixtral_8x7b", 1, 8, 1, sp=True, global_batch=8)
+    run = layout_run("model_parallel", "mixtral_8x7b", 1, 8, 1, sp=True, global_batch=8)
     assert any("sp = true needs tp > 1" in m for m in run_errors(run, spec(repo, "mixtral_8x7b")))
-    run = make_run("model_parallel", "llama31_8b", 2, 2, 1, sp=True, global_batch=8)
+    run = layout_run("model_parallel", "llama31_8b", 2, 2, 1, sp=True, global_batch=8)
     assert any("the model is dense" in m for m in run_errors(run, spec(repo, "llama31_8b")))
 
 
 def test_tp_must_divide_kv_heads(repo):
-    run = make_run("model_parallel", "llama31_8b", 16, 1, 1, sp=True, global_batch=8, nodes=2)
+    run = layout_run("model_parallel", "llama31_8b", 16, 1, 1, sp=True, global_batch=8, nodes=2)
     assert any("tp = 16 must divide the attention heads (32) and the key/value heads (8)" in m
                for m in run_errors(run, spec(repo, "llama31_8b")))
 
 
 def test_nemo_needs_its_model_section_and_a_convertible_source(repo):
-    run = make_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=LORA)
+    run = layout_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=LORA)
     no_nemo = {k: v for k, v in spec(repo, "llama31_8b").items() if k != "nemo"}
     assert any(m.startswith(f"run {run.name}: model.nemo = None") and "no 'nemo' section" in m
                for m in run_errors(run, no_nemo))
@@ -80,13 +82,13 @@ def test_nemo_needs_its_model_section_and_a_convertible_source(repo):
         assert any(m.startswith(f"run {run.name}: model.source = {source!r}") and words in m
                    for m in run_errors(run, model)), source
     at_load = {**spec(repo, "llama31_8b_synthetic"), "nemo": spec(repo, "llama31_8b")["nemo"]}
-    run = make_run("data_parallel", "llama31_8b_synthetic", 1, 1, 1, global_batch=8, lora=LORA)
+    run = layout_run("data_parallel", "llama31_8b_synthetic", 1, 1, 1, global_batch=8, lora=LORA)
     assert any("synthetic_at_load" in m for m in run_errors(run, at_load))
 
 
 def test_lora_targets_map_between_names(repo):
     partial = {**LORA, "targets": ["q_proj", "v_proj"]}
-    run = make_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=partial)
+    run = layout_run("data_parallel", "llama31_8b", 1, 1, 2, global_batch=32, lora=partial)
     assert any(m.startswith("key 'tracks.data_parallel.lora.targets' = ['q_proj', 'v_proj']") and "linear_qkv" in m
                for m in run_errors(run, spec(repo, "llama31_8b")))
     every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -107,7 +109,7 @@ MIXTRAL_MLP = {**LORA, "targets": ["gate_proj", "up_proj", "down_proj"]}
 ])
 def test_a_lora_target_the_model_lacks_is_refused_before_any_job(repo, engine, model, lora, bad):
     """One check, every engine: the message names the key, the value and the model's valid names."""
-    run = make_run("data_parallel", model, 1, 1, 1, global_batch=8, engine=engine, lora=lora)
+    run = layout_run("data_parallel", model, 1, 1, 1, global_batch=8, engine=engine, lora=lora)
     (message,) = [m for m in run_errors(run, spec(repo, model)) if "lora.targets" in m]
     assert message.startswith(f"key 'tracks.data_parallel.lora.targets' = {lora['targets']!r} (engine {engine}, "
                               f"model {model}): ")
@@ -122,7 +124,7 @@ def test_every_valid_target_is_accepted(repo, engine):
     attention = {**LORA, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     every = {**LORA, "targets": list(HF_LINEAR)}
     for model, lora in (("llama31_8b", every), ("mixtral_8x7b", attention)):
-        run = make_run("data_parallel", model, 1, 1, 1, global_batch=8, engine=engine, lora=lora)
+        run = layout_run("data_parallel", model, 1, 1, 1, global_batch=8, engine=engine, lora=lora)
         assert not [m for m in run_errors(run, spec(repo, model)) if "lora.targets" in m]
 
 
@@ -162,7 +164,7 @@ def test_the_embedded_engine_gives_peft_the_checked_names():
     with torch.device("meta"):
         model = MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-    ok = make_run("data_parallel", "tiny_mixtral", 1, 1, 1, global_batch=8, engine="embedded", lora=LORA)
+    ok = layout_run("data_parallel", "tiny_mixtral", 1, 1, 1, global_batch=8, engine="embedded", lora=LORA)
     assert lora_target_modules(model, ok) == LORA["targets"]
     bad = dataclasses.replace(ok, lora=MIXTRAL_MLP)
     with pytest.raises(ValueError, match="a mixtral model has no module"):
@@ -170,7 +172,7 @@ def test_the_embedded_engine_gives_peft_the_checked_names():
 
 
 def test_embedded_and_automodel_rules(repo):
-    ep_dp = make_run("data_parallel", "mixtral_8x7b", 1, 2, 1, global_batch=8, engine="embedded", lora=LORA)
+    ep_dp = layout_run("data_parallel", "mixtral_8x7b", 1, 2, 1, global_batch=8, engine="embedded", lora=LORA)
     assert any("model_parallel track only" in m for m in run_errors(ep_dp, spec(repo, "mixtral_8x7b")))
-    mp = make_run("model_parallel", "llama31_8b", 2, 1, 1, sp=True, global_batch=8, engine="automodel")
+    mp = layout_run("model_parallel", "llama31_8b", 2, 1, 1, sp=True, global_batch=8, engine="automodel")
     assert any("data_parallel track (LoRA) only" in m for m in run_errors(mp, spec(repo, "llama31_8b")))

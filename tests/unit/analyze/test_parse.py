@@ -8,12 +8,13 @@ import statistics
 from pathlib import Path
 
 import pytest
+from paths import FIXTURES
 from runs import make_run
 
 from ftscale.analyze.parse import ParseError, parse_run
 from ftscale.run.logformat import PATTERNS, parse_steps, step_line
 
-FIXTURES = Path(__file__).parent / "fixtures" / "embedded"
+EMBEDDED = FIXTURES / "embedded"
 
 
 def step_times(log: Path) -> list[float]:
@@ -21,10 +22,10 @@ def step_times(log: Path) -> list[float]:
 
 
 def test_complete_run():
-    rec = parse_run(FIXTURES / "complete")
+    rec = parse_run(EMBEDDED / "complete")
     assert rec.status == "ok" and rec.reason == ""
     assert rec.steps_done == 12
-    times = step_times(FIXTURES / "complete" / "train.log")
+    times = step_times(EMBEDDED / "complete" / "train.log")
     assert rec.step_time_s == pytest.approx(statistics.median(times[2:]))  # 2 warm-up steps left out
     assert rec.tokens_per_s == pytest.approx(16 * 128 / rec.step_time_s)
     assert rec.tokens_per_s_per_gpu == pytest.approx(rec.tokens_per_s / 2)
@@ -35,26 +36,26 @@ def test_complete_run():
 
 
 def test_truncated_log_is_incomplete_not_ok():
-    rec = parse_run(FIXTURES / "truncated")
+    rec = parse_run(EMBEDDED / "truncated")
     assert rec.status == "incomplete"
     assert "after 5 of 12 steps" in rec.reason and "never finished" in rec.reason
     assert rec.steps_done == 5
 
 
 def test_oom_is_recognised():
-    rec = parse_run(FIXTURES / "oom")
+    rec = parse_run(EMBEDDED / "oom")
     assert (rec.status, rec.reason) == ("oom", "out of GPU memory")
 
 
 def test_crashed_rank_is_failed_with_reason():
-    rec = parse_run(FIXTURES / "crashed_rank")
+    rec = parse_run(EMBEDDED / "crashed_rank")
     assert rec.status == "failed"
     assert "SIGKILL" in rec.reason
 
 
 def test_restarted_log_keeps_last_attempt(tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(FIXTURES / "complete", run)
+    shutil.copytree(EMBEDDED / "complete", run)
     log = run / "train.log"
     first = "".join(step_line(s, 12, 9.0, 5.0, 2048, 1.0, 0.0, "rss") + "\n" for s in range(1, 6))
     log.write_text(first + log.read_text())
@@ -65,7 +66,7 @@ def test_restarted_log_keeps_last_attempt(tmp_path):
 
 def test_ok_run_without_metrics_is_an_error_naming_file(tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(FIXTURES / "complete", run)
+    shutil.copytree(EMBEDDED / "complete", run)
     (run / "train.log").write_text("[ftscale] done steps=12\n" + "".join(
         f"[ftscale] step={s}/12 loss=1.0\n" for s in range(1, 13)))
     launch = json.loads((run / "launch.json").read_text())
@@ -78,14 +79,14 @@ def test_ok_run_without_metrics_is_an_error_naming_file(tmp_path):
 def test_missing_log_is_not_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(FIXTURES / "complete" / "run.json", run)
+    shutil.copy(EMBEDDED / "complete" / "run.json", run)
     rec = parse_run(run)
     assert rec.status == "not_run" and rec.step_time_s is None
 
 
 def test_nonzero_exit_without_known_pattern_is_failed(tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(FIXTURES / "complete", run)
+    shutil.copytree(EMBEDDED / "complete", run)
     launch = json.loads((run / "launch.json").read_text())
     launch["returncode"] = 7
     (run / "launch.json").write_text(json.dumps(launch))
@@ -100,7 +101,7 @@ def test_step_line_round_trips_through_the_parser():
     assert steps[0]["step"] == 3 and steps[0]["step_time_s"] == 0.25 and steps[0]["peak_mem_mib"] == 123.4
 
 
-NEMO_FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
+NEMO_FIXTURES = FIXTURES / "nemo"
 
 
 def nemo_run(tmp_path: Path, log: str, returncode: int | None) -> Path:
@@ -155,14 +156,14 @@ FIGURES = ("step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "peak_mem_mib"
 
 
 def test_a_run_killed_mid_training_keeps_no_figures():
-    rec = parse_run(FIXTURES / "truncated")
+    rec = parse_run(EMBEDDED / "truncated")
     assert rec.status == "incomplete" and rec.steps_done == 5
     assert all(getattr(rec, f) is None for f in FIGURES) and rec.mem_kind == "" and rec.source == ""
 
 
 @pytest.mark.parametrize("fixture", ["oom", "crashed_rank"])
 def test_a_failed_run_keeps_no_figures(fixture):
-    rec = parse_run(FIXTURES / fixture)
+    rec = parse_run(EMBEDDED / fixture)
     assert rec.status != "ok" and all(getattr(rec, f) is None for f in FIGURES)
 
 
@@ -182,7 +183,7 @@ def test_a_finished_log_whose_launcher_left_no_exit_code_says_so(tmp_path):
     """launch.json with returncode null beside a log with every step and its end line: not the
     self-contradicting 'finished 12 steps but only 12 lines matched', but what is missing."""
     run = tmp_path / "run"
-    shutil.copytree(FIXTURES / "complete", run)
+    shutil.copytree(EMBEDDED / "complete", run)
     launch = json.loads((run / "launch.json").read_text())
     (run / "launch.json").write_text(json.dumps({**launch, "returncode": None, "end": None}))
     rec = parse_run(run)
@@ -192,7 +193,7 @@ def test_a_finished_log_whose_launcher_left_no_exit_code_says_so(tmp_path):
 
 def test_an_engine_error_line_reads_once_and_is_cut_at_a_word(tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(FIXTURES / "truncated", run)
+    shutil.copytree(EMBEDDED / "truncated", run)
     message = "rank 0: RuntimeError: " + " ".join(f"word{i}" for i in range(80))
     with (run / "train.log").open("a") as log:
         log.write(f"[ftscale] error=failed {message}\n")
@@ -212,7 +213,7 @@ def test_half_written_last_line_is_ignored(tmp_path):
 
 def _stopped_run(tmp_path: Path, job_id: str) -> Path:
     run = tmp_path / "experiments/data_parallel/tiny_llama/gpus2_mbs4_gbs16_seq128"
-    shutil.copytree(FIXTURES / "truncated", run)
+    shutil.copytree(EMBEDDED / "truncated", run)
     with (run / "train.log").open("a") as log:
         log.write("[ftscale] error=cancelled the job received SIGTERM (scancel, time limit or Ctrl-C)\n")
     launch = json.loads((run / "launch.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from runs import make_run
 
 from ftscale.engines.automodel.train import automodel_config
 from ftscale.run.logformat import parse_steps
@@ -17,11 +18,11 @@ LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_pro
 
 
 def run_dict(**changes) -> Run:
-    fields = dict(track="data_parallel", model="llama31_8b_synthetic_files", engine="automodel", gpus=1, tp=1, ep=1,
-                  dp=1, sp=False, micro_batch=2, global_batch=32, seq_length=4096, steps=20, warmup_steps=5,
-                  learning_rate=1e-5, seed=42, precision="bf16", device="cuda", lora=LORA, data={"kind": "mock"})
-    fields.update(changes)
-    return Run(**fields)
+    """A one-GPU AutoModel run of the synthetic 8B, with ``changes``."""
+    return make_run(**{**dict(model="llama31_8b_synthetic_files", engine="automodel", dp=1, micro_batch=2,
+                              global_batch=32, seq_length=4096, steps=20, warmup_steps=5, learning_rate=1e-5,
+                              seed=42, precision="bf16", device="cuda", lora=LORA, data={"kind": "mock"}),
+                       **changes})
 
 
 def test_tree_carries_the_run(repo):

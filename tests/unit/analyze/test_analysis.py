@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from paths import FIXTURES, REPO, architecture
 from runs import make_run
 
 from ftscale.analyze.compare import CompareError, merge, write_comparison
@@ -26,12 +27,10 @@ from ftscale.study.models import load_model
 from ftscale.study.run import Run  # noqa: F401
 from ftscale.study.sweep import load_study
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
 COMPLETE = FIXTURES / "embedded" / "complete"
 ANALYSIS = FIXTURES / "analysis"
-TINY = yaml.safe_load((REPO / "models" / "tiny_llama" / "model.yaml").read_text())["architecture"]
-LLAMA_8B = yaml.safe_load((REPO / "models" / "llama31_8b" / "model.yaml").read_text())["architecture"]
+TINY = architecture("tiny_llama")
+LLAMA_8B = architecture("llama31_8b")
 LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 # tiny_llama (h 128, I 256, L 2, H 8, K 4, d 16, V 1024), seq 128, LoRA r 8 on q, k, v, o. Forward per token:
@@ -371,7 +370,7 @@ def _example_runs() -> list:
 @pytest.mark.parametrize("run_dir", _example_runs())
 def test_the_gpu_examples_get_predicted_columns_with_their_errors(run_dir):
     """What the analysis adds to each committed GPU example: CUDA peak and step time compared (the plan's
-    calibration, tests/test_plan.py), state compared where the log has state_mib, else blank with the reason."""
+    calibration, tests/unit/estimate/test_plan.py), state compared where the log has state_mib, else blank with the reason."""
     example = run_dir.parents[3]
     rec = parse_run(run_dir, root=example)
     cols = prediction_columns(load_model(rec.run.model, REPO).spec, rec, Target())
@@ -382,7 +381,7 @@ def test_the_gpu_examples_get_predicted_columns_with_their_errors(run_dir):
     if rec.status == "ok":
         assert rec.mem_kind == "cuda" and on_its_gpu["fit"] != PREDICTED_OOM
         if rec.peak_mem_mib >= 1024:  # below, the allocator's fixed overhead dominates (NeMo's tiny run)
-            assert abs(cols["peak_mem_error_pct"]) <= 5  # tests/test_plan.py MEMORY_TOLERANCE_PCT
+            assert abs(cols["peak_mem_error_pct"]) <= 5  # tests/unit/estimate/test_plan.py MEMORY_TOLERANCE_PCT
         assert cols["step_time_error_pct"] == pytest.approx((cols["predicted_step_time_s"] - rec.step_time_s)
                                                             / rec.step_time_s * 100)
         if rec.state_mib is None:  # logs before state_mib, and the NeMo/AutoModel step lines

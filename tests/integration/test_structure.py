@@ -14,10 +14,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
 from ftscale import engines
 
-PACKAGE = Path(__file__).resolve().parents[1] / "scripts" / "ftscale"
+PACKAGE = REPO / "scripts" / "ftscale"
 #: The stages in import order; an engine's spec layer comes first, its training code with the run stage.
 STAGES = ["engine specs", "study", "estimate", "importing", "run", "analyze"]
 TOP = len(STAGES)  # ftscale/cli.py, ftscale/dag.py, ftscale/workflow.py, ftscale/__init__.py

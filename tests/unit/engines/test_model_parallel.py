@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from runs import make_run
 
 from ftscale.analyze.parse import parse_steps
 from ftscale.engines.embedded import train as embedded
@@ -104,8 +105,8 @@ def launch(target, world: int, args: tuple, logdir: Path) -> list[str]:
 
 def _run_json(directory: Path, model: str, tp: int, ep: int, dp: int, sp: bool) -> Path:
     """The run's run.json in ``directory``; the job reads its checkpoint under its workflow directory (``root``)."""
-    run = Run(track="model_parallel", model=model, engine="embedded", gpus=tp * ep * dp, tp=tp, ep=ep, dp=dp,
-              sp=sp, warmup_steps=0, learning_rate=LR, seed=0, precision="fp32", device="cpu", lora=None, **BATCH)
+    run = make_run(track="model_parallel", model=model, gpus=tp * ep * dp, tp=tp, ep=ep, dp=dp, sp=sp,
+                   learning_rate=LR, seed=0, precision="fp32", lora=None, **BATCH)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "run.json"
     path.write_text(json.dumps(run.to_dict(), indent=2))

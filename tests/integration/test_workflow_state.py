@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from paths import REPO
 from workflow import copy_workflow, snakemake
 
 from ftscale.study.sweep import load_config_file
@@ -26,7 +27,7 @@ def test_config_files_are_named_relative_to_the_study(tmp_path):
 
 
 def test_the_plans_inputs_name_the_config_file_and_its_values(monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(REPO)
     config = load_config_file(CONFIG)
     one = plan_inputs(workflow_study(config, [Path.cwd() / CONFIG]))
     assert CONFIG in one and str(Path.cwd()) not in one

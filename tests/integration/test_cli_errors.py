@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import REPO
 from workflow import copy_workflow, snakemake
 
 from ftscale import __version__
@@ -15,7 +16,6 @@ from ftscale.analyze.results import ResultsError, write_results
 from ftscale.study.schema import ConfigError, load_yaml
 from ftscale.study.sweep import load_study
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'scripts'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 

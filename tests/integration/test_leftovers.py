@@ -1,4 +1,4 @@
-"""The clean-up after each test (tests/leftovers.py, conftest.py), on real processes: an orphan a test
+"""The clean-up after each test (tests/support/leftovers.py, tests/conftest.py), on real processes: an orphan a test
 left behind is ended by its process id; a process of someone else, or pytest's own child, is not."""
 
 from __future__ import annotations

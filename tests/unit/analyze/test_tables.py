@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from paths import FIXTURES, REPO
 from runs import make_run
 
 from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, csv_frame
@@ -15,7 +15,6 @@ from ftscale.analyze.parse import RunRecord
 from ftscale.analyze.tables import fmt_number, render_tables
 from ftscale.study.sweep import load_study
 
-REPO = Path(__file__).resolve().parents[1]
 SEQ = 100
 
 
@@ -128,7 +127,7 @@ def test_an_engine_error_reads_failed_once(tmp_path):
     from ftscale.analyze.parse import parse_run
 
     run_dir = tmp_path / "run"
-    shutil.copytree(REPO / "tests/fixtures/embedded/truncated", run_dir)
+    shutil.copytree(FIXTURES / "embedded" / "truncated", run_dir)
     with (run_dir / "train.log").open("a") as log:
         log.write("[ftscale] error=failed rank 0: RuntimeError: boom\n")
     record = parse_run(run_dir)

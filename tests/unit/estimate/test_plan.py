@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from paths import FIXTURES, REPO, architecture
 from runs import make_run
 
 from ftscale.analyze.parse import parse_run
@@ -31,8 +32,6 @@ from ftscale.run.configure import write_run_files
 from ftscale.run.launch import run_job
 from ftscale.run.logformat import parse_steps, step_line
 from ftscale.study.sweep import load_study
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _calibration():
@@ -173,9 +172,7 @@ def test_plan_memory_grows_with_micro_batch_and_falls_with_tp():
 
 def test_predict_reads_what_was_built_from_the_layout_line():
     run = make_run(global_batch=8, seq_length=4096, steps=6, device="auto", lora={"rank": 8, "targets": ["q_proj", "v_proj"]})
-    spec = {"architecture": {"type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-                             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                             "vocab_size": 128256}}
+    spec = {"architecture": architecture("llama31_8b")}
     gpu = predict(run, spec)
     cpu = predict(run, spec, built={"dtype": "float32", "compile": 0, "activation_checkpointing": 0})
     assert cpu["predicted_weights_mib"] > 1.9 * gpu["predicted_weights_mib"]
@@ -247,7 +244,7 @@ def test_a_skipped_run_is_shown_in_the_tables_and_fails_nothing(tmp_path):
     (kept,) = [r for r in study.runs if not r.skip_reason]
     assert skipped.track == "model_parallel" and kept.name == "embedded_gpus2_mbs4_gbs16_seq128"
 
-    shutil.copytree(REPO / "tests/fixtures/embedded/complete", tmp_path / kept.directory)  # a finished run
+    shutil.copytree(FIXTURES / "embedded" / "complete", tmp_path / kept.directory)  # a finished run
     run_dir = tmp_path / skipped.directory
     run_dir.mkdir(parents=True)
     write_run_files(skipped.to_dict(), "#!/bin/bash\n", str(run_dir / "run.json"), str(run_dir / "run.sbatch"),

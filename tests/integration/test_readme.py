@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml
+from paths import REPO
 from workflow import copy_workflow, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "config" / "README.md", README]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")

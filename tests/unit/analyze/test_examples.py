@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "results" / "examples"
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from paths import REPO
 
 spec = importlib.util.spec_from_file_location("profile_step", REPO / "benchmarks" / "gpu" / "profile_step.py")
 profile_step = importlib.util.module_from_spec(spec)

@@ -6,7 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO
+
 COPIED = ["Snakefile", "rules", "config", "models", "tests/config", "profiles"]
 
 

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from paths import FIXTURES, REPO
 
 from ftscale.analyze.results import (
     REDO_FILE,
@@ -21,8 +22,7 @@ from ftscale.analyze.results import (
 )
 from ftscale.study.sweep import load_study
 
-REPO = Path(__file__).resolve().parents[1]
-COMPLETE = Path(__file__).parent / "fixtures" / "embedded" / "complete"
+COMPLETE = FIXTURES / "embedded" / "complete"
 RUN = "experiments/data_parallel/tiny_llama/embedded_gpus2_mbs4_gbs16_seq128"
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+from paths import architecture
 
 from ftscale.estimate.flops import (
     PEAK_TFLOPS,
@@ -13,19 +14,9 @@ from ftscale.estimate.flops import (
     training_flops_per_token,
 )
 
-LLAMA_8B = {
-    "type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
-}
-MIXTRAL_8X7B = {
-    "type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-    "num_local_experts": 8, "num_experts_per_tok": 2,
-}
-TINY = {
-    "type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1024,
-}
+LLAMA_8B = architecture("llama31_8b")
+MIXTRAL_8X7B = architecture("mixtral_8x7b")
+TINY = architecture("tiny_llama")
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -2,6 +2,7 @@
 really saves for backward in small Hugging Face models (bf16 and fp32, LoRA and full, dense and MoE)."""
 
 import pytest
+from paths import architecture
 from runs import make_run
 
 from ftscale.engines import engine
@@ -14,11 +15,8 @@ from ftscale.estimate.memory import (
     state_bytes,
 )
 
-LLAMA_8B = {
-    "type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-}
-MIXTRAL_8X7B = {**LLAMA_8B, "type": "mixtral", "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2}
+LLAMA_8B = architecture("llama31_8b")
+MIXTRAL_8X7B = architecture("mixtral_8x7b")
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL = {"type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 1,
          "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512}

@@ -64,7 +64,7 @@ def test_model_parallel_rows_show_the_layout_that_ran(finished):
 
 def test_model_state_falls_with_tp_and_ep_as_predicted(finished):
     """The CPU default's lesson the RSS column cannot show: TP and EP divide the model state per GPU, in the
-    CSV and the tables (the plot: tests/test_analysis.py); the plan predicts it, and on the CPU only the
+    CSV and the tables (the plot: tests/unit/analyze/test_analysis.py); the plan predicts it, and on the CPU only the
     state is compared."""
     rows = {r["run"].split("_mbs")[0]: r for r in csv.DictReader((finished / "results" / "scaling.csv").open())
             if r["model"] == "tiny_mixtral" and r["track"] == "model_parallel"}
