@@ -87,9 +87,11 @@ def test_runs_the_tables_were_not_built_from_are_not_marked(finished):
     assert (finished / REDO_FILE).read_text() == "# as it was\n"
 
 
-def test_without_a_record_of_the_tables_every_run_to_redo_is_marked(tmp_path):
-    todo = mark_for_redo(one_run_study([2]), tmp_path)
-    assert todo == {RUN: "metrics.jsonl missing"} and RUN in (tmp_path / REDO_FILE).read_text()
+def test_a_first_run_has_nothing_to_do_again(tmp_path):
+    """No tables yet and no run finished: every run is still to do, none to do *again*."""
+    assert mark_for_redo(one_run_study([2]), tmp_path) == {}
+    redo = tmp_path / REDO_FILE
+    assert not redo.exists() or RUN not in redo.read_text()
 
 
 def test_an_unwritable_results_directory_is_one_line_naming_it(finished, monkeypatch):

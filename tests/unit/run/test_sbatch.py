@@ -40,8 +40,8 @@ def test_no_absolute_path_in_the_scripts(study):
 
 
 def study_tree(root: Path, study) -> Path:
-    """A study at ``root``: the rendered scripts, the files they check for, and an ``ftscale`` on PATH
-    that says where it was started and with what arguments."""
+    """A study at ``root``: the rendered scripts, the files they check for, and an ``ftscale`` and a
+    ``srun`` (the run script's container step) on PATH that say where they were started and with what."""
     for path, text in scripts(study).items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(text)
@@ -50,6 +50,8 @@ def study_tree(root: Path, study) -> Path:
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "ftscale").write_text('#!/bin/sh\necho "ftscale in $PWD: $*"\n')
     (bin_dir / "ftscale").chmod(0o755)
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "ftscale in $PWD: $*"\n')
+    (bin_dir / "srun").chmod(0o755)
     return bin_dir
 
 
