@@ -1,7 +1,6 @@
 # Bookkeeping done once: the validated study, wildcard constraints, named input functions.
 from ftscale.analyze.results import ResultsError, RunsNotOk, write_partial_results
 from ftscale.run.configure import write_run_files, write_text
-from ftscale.run.data import prepare_dataset_logged
 from ftscale.run.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
 from ftscale.study import paths
 from ftscale.study.schema import ConfigError

@@ -14,4 +14,7 @@ rule prepare_data:
     params:
         data=STUDY.config["data"],
     run:
+        # Imported here, not when the workflow is read: it imports torch, which no other rule needs.
+        from ftscale.run.data import prepare_dataset_logged
+
         prepare_dataset_logged(params.data, output[0], log[0])

@@ -40,7 +40,7 @@ def dry_run_lists(work: Path) -> list[str]:
 
 def launched(out) -> list[str]:  # noqa: ANN001 - a CompletedProcess
     return [line for line in (out.stdout + out.stderr).splitlines()
-            if line.startswith("[ftscale] embedded_gpus") and "torch.distributed.run" in line]
+            if line.startswith("[ftscale] embedded_gpus") and "(log: " in line]
 
 
 def statuses(work: Path) -> dict[str, str]:

@@ -26,12 +26,16 @@ from ftscale.study.run import Run
 
 def launch_command(run: Run, run_json: str, python: str | None = None) -> list[str]:
     """torchrun on one node; on several nodes, srun starts one torchrun per node (c10d rendezvous).
+    A job of one process runs the engine's module itself, with the environment torchrun would give it
+    (``single_process_env``): torchrun would add an interpreter that imports torch to start it.
     The interpreter is the engine's ``python`` option when set (an engine in its own environment),
     else this one."""
     module = run.spec.entry_module
     python = python or run.spec.python(run.engine_options) or sys.executable
     per_node = run.gpus_per_node
     torchrun = [python, "-m", "torch.distributed.run"]
+    if run.nodes == 1 and per_node == 1:
+        return [python, "-u", "-m", module, run_json]
     if run.nodes == 1:
         return [*torchrun, "--standalone", f"--nproc-per-node={per_node}", "-m", module, run_json]
     return [
@@ -39,6 +43,34 @@ def launch_command(run: Run, run_json: str, python: str | None = None) -> list[s
         f"--nnodes={run.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
         "--rdzv-endpoint=${MASTER_ADDR}:29500", "-m", module, run_json,
     ]
+
+
+def single_process_env(port: int) -> dict[str, str]:
+    """The variables torchrun --standalone sets for the one process of a one-process job (its local
+    elastic agent's worker environment); rank 0 serves the rendezvous store on ``port``."""
+    one = {name: "1" for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE")}
+    zero = {name: "0" for name in ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RESTART_COUNT",
+                                   "TORCHELASTIC_MAX_RESTARTS")}
+    return {**one, **zero, "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "False",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")}
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the kernel's choice, as torchrun --standalone makes it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def killed_line(code: int, pid: int) -> str:
+    """What the log says of a rank that a signal ended (exit code -N), in torchrun's words, which the analysis
+    reads (``Signal 9 (SIGKILL)``: out of host memory)."""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown signal"
+    return f"[ftscale] launcher: rank 0 exitcode : {code} (Signal {-code} ({name}) received by PID {pid})"
 
 
 PROGRESS_EVERY_S = 30.0
@@ -126,6 +158,9 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     cpus = cpus or available_cpus()
     per_rank = max(1, cpus // run.gpus_per_node)
     env.update(FTSCALE_THREADS_PER_RANK=str(per_rank), OMP_NUM_THREADS=str(per_rank))
+    single = run.nodes == 1 and run.gpus_per_node == 1
+    if single:
+        env.update(single_process_env(free_port()))
     if run.nodes > 1 and "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_JOB_NODELIST", "localhost")
         env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
@@ -158,6 +193,8 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
         if received:
             name = signal.Signals(received[0]).name
             out.write(f"[ftscale] error=cancelled the job received {name} (scancel, time limit or Ctrl-C)\n")
+        elif single and code < 0:
+            out.write(killed_line(code, proc.pid) + "\n")
     record.update(end=time.time(), returncode=code, signal=signal.Signals(received[0]).name if received else None)
     record["wall_s"] = round(record["end"] - record["start"], 3)
     metrics = RunPaths(Path(run_json).parent).metrics
@@ -173,4 +210,4 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     print(f"[ftscale] {run.name}: {status} after {record['wall_s']:.1f} s", flush=True)
     if received:
         return 128 + received[0]
-    return code
+    return 128 - code if code < 0 else code  # a signal's number, as a shell reports it

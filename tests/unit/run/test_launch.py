@@ -1,4 +1,5 @@
-"""The launch command of a run: torchrun on one node, one torchrun per node through srun on several."""
+"""The launch command of a run: torchrun on one node, one torchrun per node through srun on several; a job
+of one process runs the engine's module itself."""
 
 from __future__ import annotations
 
@@ -11,13 +12,28 @@ from pathlib import Path
 from runs import make_run
 
 from ftscale.analyze.parse import parse_run
-from ftscale.run.launch import launch_command, run_job
+from ftscale.run.launch import killed_line, launch_command, run_job, single_process_env
 
 
 def test_single_node_uses_torchrun_standalone():
     cmd = launch_command(make_run(gpus=4), "d/run.json", python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
                    "ftscale.engines.embedded.train", "d/run.json"]
+
+
+def test_one_process_runs_the_module_with_torchruns_environment():
+    cmd = launch_command(make_run(gpus=1), "d/run.json", python="py")
+    assert cmd == ["py", "-u", "-m", "ftscale.engines.embedded.train", "d/run.json"]
+    env = single_process_env(29511)
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_PORT": "29511"}
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["TORCHELASTIC_RUN_ID"]
+
+
+def test_a_rank_killed_by_a_signal_is_said_in_the_words_the_analysis_reads():
+    from ftscale.analyze.parse import classify_failure
+
+    assert classify_failure(killed_line(-9, 123)) == ("failed", "a rank was killed (SIGKILL: out of host memory?)")
 
 
 def test_several_nodes_start_one_torchrun_per_node_through_srun():
