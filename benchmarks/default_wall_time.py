@@ -1,4 +1,4 @@
-"""Wall time of the embedded default from scratch: import, every run, analysis (issue: < 5 min on 2 cores).
+"""Wall time of the embedded default from scratch: import, every run, analysis.
 
     python benchmarks/default_wall_time.py [--cores N]
 
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from workflow import copy_workflow, snakemake  # noqa: E402
 
 
