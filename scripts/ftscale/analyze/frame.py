@@ -3,7 +3,7 @@
 results/scaling.csv, the tables, the plots and the participant comparison all read this frame.
 Columns: ``CSV_COLUMNS`` first, in that order; any other field a record or its ``Extras`` carries
 (say, a site's ``energy_kwh``) follows them, into the CSV as well, without code changes here.
-``INTERNAL`` columns (the run directory) stay out of the CSV.
+``INTERNAL`` columns (the run directory, the option set, each step's loss and the data set) stay out of the CSV.
 
 Derived per run:
 - model FLOPs and MFU (``model_perf``): FLOPs/token from ``ftscale.estimate.flops.training_flops_per_token``
@@ -40,6 +40,7 @@ from ftscale.analyze.references import ASPECTS, RefResult
 from ftscale.estimate import flops as flops_mod
 from ftscale.estimate.comm import comm_bytes_per_step, params_per_gpu
 from ftscale.estimate.plan import Target, error_pct, predict
+from ftscale.study.data import dataset_name
 from ftscale.study.sweep import Study
 
 #: What the planner predicts for a run, the error of each against the run's measurement, and why an
@@ -59,8 +60,9 @@ CSV_COLUMNS = [
 ]
 #: ``scaling_rows``' verdicts on an efficiency above 1.
 NOISE, BEYOND_SPREAD = "noise", "beyond spread"
-#: In the frame, not in the CSV (the option set is in the run's name, and its options in ``engine_options``).
-INTERNAL = ["run_dir", "option_set"]
+#: In the frame, not in the CSV (the option set is in the run's name, and its options in ``engine_options``;
+#: ``losses``, a list of (step, loss) per run, and ``dataset``, the run's data, are what the loss curves read).
+INTERNAL = ["run_dir", "option_set", "losses", "dataset"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,8 @@ def record_row(study: Study, r: RunRecord, x: Extras) -> dict[str, object]:
     row.update(flops_per_token=x.perf.flops_per_token, tflops_per_gpu=x.perf.tflops_per_gpu, mfu=x.perf.mfu,
                mfu_note=x.perf.mfu_note, ref_name=x.ref.entry.name if x.ref.entry else "",
                ref_source=" ".join(x.ref.entry.source.split()) if x.ref.entry else "",
-               ref_summary=x.ref.summary(), engine_options=x.options, option_set=r.run.option_set)
+               ref_summary=x.ref.summary(), engine_options=x.options, option_set=r.run.option_set,
+               dataset=dataset_name(r.run.data) or "mock")
     row.update({f"ref_{a}": x.ref.flag(a) for a in ASPECTS})
     row.update(model_parallel_columns(study, r))
     row.update(x.predicted)

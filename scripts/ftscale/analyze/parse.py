@@ -6,7 +6,8 @@ to be complete but lacks a metric raises ``ParseError`` naming the file and the 
 silent zero. Warm-up steps are left out of the step-time median; a restarted log (steps seen
 again) keeps the last attempt; a truncated log yields status ``incomplete``. Only an ``ok`` run has
 figures: a failed, killed or incomplete one keeps its status, reason, steps done and wall time, and
-nothing it measured before it stopped.
+nothing it measured before it stopped but the loss of each step it logged (``RunRecord.losses``, for the
+loss curves: a loss is what the step computed, whatever happened after it).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class RunRecord:
     loss_first: float | None = None
     loss_last: float | None = None
     layout: dict = field(default_factory=dict)
+    # (step, loss) of every step line that has a loss, whatever the status: the loss curves (not in the CSV)
+    losses: list[tuple[int, float]] = field(default_factory=list)
     source: str = ""
     run_dir: str = ""
 
@@ -206,6 +209,7 @@ def parse_run(run_dir: Path | str, extra_logs: list[Path] | None = None, root: P
     steps, layout, done = parse_steps(text)
     record.layout = {k: v for k, v in layout.items() if k != "line"}
     record.steps_done = len(steps)
+    record.losses = [(s["step"], s["loss"]) for s in steps if s.get("loss") is not None]
     record.status, record.reason = sanity(run, steps, done, launch, text + "\n" + extra, log)
     if record.status == "ok":  # a run that did not finish measured nothing: its figures stay blank
         for key, value in performance(run, steps, log, require_memory=True).items():

@@ -3,7 +3,9 @@
 ``PLOTS`` names every file; each is written even when the study has nothing to show for it (a
 figure that says so), so that the workflow's outputs are the same for every configuration. Only
 runs with status ``ok`` are plotted: a failed run is left out, never drawn as zero, and the panel
-lists what it left out. Every plot reads the analysis frame (``ftscale.analyze.frame``), the same rows
+lists what it left out. The loss curves are the one exception: a run that stopped early is drawn
+dashed up to the last step it logged (its losses are real; only what it did not log is missing).
+Every plot reads the analysis frame (``ftscale.analyze.frame``), the same rows
 as the tables; axes of throughput, step time, efficiency and memory start at zero, so that a ratio to
 ideal scaling reads true. A run with fewer CPUs than processes (``oversubscribed``) is drawn hollow, with
 a legend entry that says so: its step time measures the sharing of the CPUs, not the scaling. An
@@ -22,9 +24,11 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ftscale.analyze.frame import NOISE, scaling_rows  # noqa: E402
-from ftscale.analyze.tables import best_layouts, layout_label  # noqa: E402
+from ftscale.analyze.parse import clipped  # noqa: E402
+from ftscale.analyze.tables import TRACK_TITLES, best_layouts, layout_label  # noqa: E402
 from ftscale.study.sweep import Study  # noqa: E402
 
 #: file stem -> title; the files are results/plots/<stem>.png.
@@ -34,6 +38,7 @@ PLOTS: dict[str, str] = {
     "dp_step_time": "Data parallel (LoRA): step time vs GPUs",
     "mp_memory": "Model parallel (full fine-tuning): memory per GPU by layout",
     "dense_vs_moe": "Dense vs mixture of experts: tokens/s/GPU vs GPUs",
+    "loss_curves": "Training loss vs optimizer step, per model and track",
 }
 DPI = 110
 OVERSUBSCRIBED_LABEL = "oversubscribed: fewer CPUs than processes"
@@ -62,9 +67,12 @@ def _empty(ax: Axes, text: str) -> None:
 
 
 def _left_out(ax: Axes, rows: pd.DataFrame, label: Callable[[pd.Series], str]) -> None:
-    bad = [f"{label(row)} ({row['status']})" for _, row in rows[~ok(rows)].iterrows()]
-    if bad:
-        ax.text(0.01, 0.01, "not plotted: " + ", ".join(bad), transform=ax.transAxes, fontsize=7, va="bottom",
+    _not_plotted(ax, [f"{label(row)} ({row['status']})" for _, row in rows[~ok(rows)].iterrows()])
+
+
+def _not_plotted(ax: Axes, items: list[str]) -> None:
+    if items:
+        ax.text(0.01, 0.01, "not plotted: " + ", ".join(items), transform=ax.transAxes, fontsize=7, va="bottom",
                 color="0.35", wrap=True)
 
 
@@ -232,6 +240,82 @@ def dense_vs_moe(study: Study, frame: pd.DataFrame, path: Path) -> Figure:
     return fig
 
 
+#: What makes two runs' losses comparable step by step, besides model and track: the same data, and the same
+#: tokens per optimizer step. Column -> how a label names it.
+LOSS_ALIKE = {"dataset": "data", "global_batch": "global batch", "seq_length": "seq"}
+
+
+def _alike(key: str, value: object) -> str:
+    return f"{value} data" if key == "dataset" else f"{LOSS_ALIKE[key]} {value}"
+
+
+def run_losses(row: pd.Series) -> list[tuple[int, float]]:
+    """The (step, loss) pairs of a frame row ([] where the run logged none, or the frame has no ``losses``)."""
+    losses = row.get("losses")
+    return list(losses) if isinstance(losses, (list, tuple)) else []
+
+
+def loss_label(row: pd.Series, differ: Iterable[str] = ()) -> str:
+    """A run as a loss curve's legend names it: GPUs (data parallel) or layout (model parallel), micro-batch,
+    the ``differ`` columns of ``LOSS_ALIKE``, the engine and its option set (else its options, shortened)."""
+    if row["track"] == "data_parallel":
+        gpus = int(row["gpus"])
+        where = f"{gpus} GPU{'' if gpus == 1 else 's'}" + (f" ep{row['ep']}" if int(row["ep"]) > 1 else "")
+    else:
+        where = layout_label(row)
+    batch = ", ".join([f"mbs {row['micro_batch']}", *(_alike(k, row[k]) for k in differ)])
+    option_set = row.get("option_set") or ""
+    options = option_set or clipped(str(row.get("engine_options") or ""), 44)
+    return f"{where}, {batch}: {row['engine']}" + (f" ({options})" if options else "")
+
+
+def loss_curves(study: Study, frame: pd.DataFrame, path: Path) -> Figure:
+    """One panel per model and track (the runs of one table), one line per run that logged a loss: training loss
+    against the optimizer step. An ``ok`` run is solid; one that stopped early is dashed up to its last logged
+    step, its status in the label; a run that logged no step is named in the panel. Runs of a panel that
+    differ in data, global batch or sequence length (``LOSS_ALIKE``) are not comparable step by step: the
+    panel's title says so and their labels name the difference; else the title names what they share."""
+    tables = [(model, track) for track in TRACK_TITLES for model in study.models
+              if ((frame["model"] == model) & (frame["track"] == track)).any()]
+    panels = max(len(tables), 1)
+    fig = Figure(figsize=(10.0, 1.2 + 3.0 * panels), layout="constrained")
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0].tolist()
+    fig.suptitle(PLOTS["loss_curves"])
+    if not tables:
+        _empty(axes[0], "no runs in this study")
+    for ax, (model, track) in zip(axes, tables):
+        rows = frame[(frame["model"] == model) & (frame["track"] == track)].sort_values(
+            ["engine", "option_set", "seq_length", "global_batch", "gpus", "tp", "ep", "micro_batch"])
+        logged = rows[[bool(run_losses(row)) for _, row in rows.iterrows()]]
+        shared = {k: sorted(set(logged[k].tolist())) for k in LOSS_ALIKE}
+        differ = [k for k, values in shared.items() if len(values) > 1]
+        title = f"{model}, {TRACK_TITLES[track][0].lower()}{TRACK_TITLES[track][1:]}"
+        if differ:
+            title += (": runs differ in " + ", ".join(f"{LOSS_ALIKE[k]} ({', '.join(map(str, shared[k]))})"
+                                                      for k in differ) + ": not comparable step by step")
+        elif not logged.empty:
+            title += ": " + ", ".join(_alike(k, shared[k][0]) for k in LOSS_ALIKE)
+        ax.set_title(title, fontsize=9)
+        for _, row in logged.iterrows():
+            steps, losses = zip(*run_losses(row))
+            stopped = row["status"] != "ok"
+            label = loss_label(row, differ) + (f" [{row['status']} after {len(steps)} of {row['steps']} steps]"
+                                               if stopped else "")
+            ax.plot(steps, losses, marker="o", markersize=3, linestyle="--" if stopped else "-", label=label)
+        if logged.empty:
+            _empty(ax, "no run logged a step")
+        else:
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("training loss")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        _not_plotted(ax, [f"{row['run']} ({row['status']}, no step logged)" for _, row in rows.iterrows()
+                          if not run_losses(row)])
+    fig.savefig(path, dpi=DPI)
+    return fig
+
+
 def write_plots(study: Study, frame: pd.DataFrame, directory: Path | str = "results/plots") -> dict[str, Path]:
     """Every plot of ``PLOTS`` under ``directory``; returns title -> path (for the links in tables.md)."""
     paths = plot_paths(directory)
@@ -241,4 +325,5 @@ def write_plots(study: Study, frame: pd.DataFrame, directory: Path | str = "resu
     _dp_plot(study, frame, paths["dp_step_time"], "step_time")
     mp_memory(study, frame, paths["mp_memory"])
     dense_vs_moe(study, frame, paths["dense_vs_moe"])
+    loss_curves(study, frame, paths["loss_curves"])
     return {PLOTS[stem]: path for stem, path in paths.items()}

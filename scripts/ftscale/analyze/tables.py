@@ -345,7 +345,8 @@ def references_section(frame: pd.DataFrame) -> list[str]:
 
 def plots_section(plots: Mapping[str, Path], tables_path: Path) -> list[str]:
     """Relative links from tables.md to the plots (``plots``: title -> PNG path)."""
-    out = ["## Plots", "", "Runs that are not `ok` are left out of the plots, never drawn as zero.", ""]
+    out = ["## Plots", "", "Runs that are not `ok` are left out of the plots, never drawn as zero; the loss curves "
+           "draw the steps such a run logged, dashed.", ""]
     for title, path in plots.items():
         out.append(f"- [{title}]({os.path.relpath(path, tables_path.parent).replace(os.sep, '/')})")
     return out + [""]

@@ -14,9 +14,9 @@ from paths import FIXTURES, REPO, architecture
 from runs import make_run
 
 from ftscale.analyze.compare import CompareError, merge, write_comparison
-from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, model_perf, prediction_columns
+from ftscale.analyze.frame import CSV_COLUMNS, Extras, Perf, build_frame, csv_frame, model_perf, prediction_columns
 from ftscale.analyze.parse import RunRecord, parse_run
-from ftscale.analyze.plots import OVERSUBSCRIBED_LABEL, PLOTS, _dp_plot, dense_vs_moe, mp_memory
+from ftscale.analyze.plots import OVERSUBSCRIBED_LABEL, PLOTS, _dp_plot, dense_vs_moe, loss_curves, mp_memory
 from ftscale.analyze.provenance import SCHEMA_VERSION, device_name
 from ftscale.analyze.references import ReferencesError, check, flag_value, load_references
 from ftscale.analyze.results import RunsNotOk, write_results, write_tables
@@ -250,9 +250,6 @@ def test_an_efficiency_above_one_within_the_baselines_spread_is_labelled_noise(t
 def test_dense_vs_moe_labels_stay_inside_the_figure(tmp_path):
     """The layouts of the default configuration, the best at the largest GPU count labelled at the right edge:
     every text's box, as the renderer draws it, lies within the figure."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.text import Text
-
     study = study_of(model_parallel={"layouts": {
         "tiny_llama": [{"tp": 2, "sp": True}, {"tp": 4, "sp": True}],
         "tiny_mixtral": [{"tp": 1, "ep": 2}, {"tp": 2, "sp": True}, {"tp": 2, "ep": 2, "sp": True}]}})
@@ -261,8 +258,20 @@ def test_dense_vs_moe_labels_stay_inside_the_figure(tmp_path):
     fig = dense_vs_moe(study, frame, tmp_path / "dense_vs_moe.png")
     mp_ax = fig.axes[1]
     assert {t.xy[0] for t in mp_ax.texts} == {2, 4}  # labels at the right edge of the axis too
+    renderer = texts_inside(fig)
+    for text in mp_ax.texts:  # and the layout labels inside their panel
+        box, panel = text.get_window_extent(renderer), mp_ax.get_window_extent(renderer)
+        assert box.x1 <= panel.x1 + 0.5 and box.y1 <= panel.y1 + 0.5, text.get_text()
+
+
+def texts_inside(fig):
+    """Assert that every text's box, as the renderer draws it (after the constrained layout, as savefig does
+    it), lies within the figure; returns the renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
     renderer = FigureCanvasAgg(fig).get_renderer()
-    fig.draw(renderer)  # the constrained layout, as savefig does it
+    fig.draw(renderer)
     frame_box = fig.bbox
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
     for ax in fig.axes:  # tick labels outside the view are not drawn
@@ -275,9 +284,7 @@ def test_dense_vs_moe_labels_stay_inside_the_figure(tmp_path):
         box = text.get_window_extent(renderer)
         assert (box.x0 >= frame_box.x0 - 0.5 and box.y0 >= frame_box.y0 - 0.5 and box.x1 <= frame_box.x1 + 0.5
                 and box.y1 <= frame_box.y1 + 0.5), f"{text.get_text()!r} at {box.extents} outside {frame_box.extents}"
-    for text in mp_ax.texts:  # and the layout labels inside their panel
-        box, panel = text.get_window_extent(renderer), mp_ax.get_window_extent(renderer)
-        assert box.x1 <= panel.x1 + 0.5 and box.y1 <= panel.y1 + 0.5, text.get_text()
+    return renderer
 
 
 def record_of(run, tokens_per_s_per_gpu: float, status: str = "ok") -> RunRecord:
@@ -329,6 +336,62 @@ def test_dense_vs_moe_plot_compares_like_with_like_and_labels_the_layouts(tmp_pa
     # The table's dense-vs-MoE rows are the same points.
     best = best_layouts(study, frame)
     assert sorted(zip(best["model"], best["layout"])) == [("tiny_llama", "tp2 ep1 dp1 sp"), ("tiny_mixtral", "tp1 ep2 dp1")]
+
+
+def log_losses(fixture: str) -> tuple[list[int], list[float]]:
+    """The steps and losses of an embedded fixture's step lines, read here without the parser."""
+    text = (FIXTURES / "embedded" / fixture / "train.log").read_text()
+    found = re.findall(r"\[ftscale\] step=(\d+)/\d+ loss=(\S+)", text)
+    return [int(step) for step, _ in found], [float(loss) for _, loss in found]
+
+
+def test_loss_curves_draw_each_run_that_logged_steps_with_the_losses_of_its_log(tmp_path):
+    """One line per run that logged steps, its points the (step, loss) of its log's step lines: the complete run
+    solid, the run that ran out of memory after 5 of its 12 steps dashed with its status; a failed run that
+    logged no step draws no line and is named in the panel."""
+    study = study_of(model_parallel={"enabled": False})
+    complete, oom = parse_run(COMPLETE), parse_run(FIXTURES / "embedded" / "oom")
+    assert (complete.status, oom.status, oom.steps_done) == ("ok", "oom", 5)
+    no_steps = dp_record(4, status="oom")
+    records = [complete, oom, no_steps]
+    frame = build_frame(study, records, {r.run_dir: Extras(Perf(None)) for r in records})
+    path = tmp_path / "loss_curves.png"
+    fig = loss_curves(study, frame, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1024
+    (ax,) = fig.axes
+    lines = {line.get_linestyle(): line for line in ax.get_lines()}
+    assert len(ax.get_lines()) == 2 and set(lines) == {"-", "--"}
+    for style, fixture in (("-", "complete"), ("--", "oom")):
+        steps, losses = log_losses(fixture)
+        assert list(lines[style].get_xdata()) == steps
+        assert list(lines[style].get_ydata()) == pytest.approx(losses)
+    assert len(log_losses("complete")[0]) == 12 and len(log_losses("oom")[0]) == 5
+    assert lines["-"].get_label() == "2 GPUs, mbs 4: embedded"
+    assert lines["--"].get_label() == "2 GPUs, mbs 4: embedded [oom after 5 of 12 steps]"
+    assert ax.get_title() == "tiny_llama, data parallel (LoRA): corpus data, global batch 16, seq 128"
+    assert any("embedded_gpus4_mbs4_gbs32_seq128 (oom, no step logged)" in t.get_text() for t in ax.texts)
+    assert "losses" not in csv_frame(frame) and "dataset" not in csv_frame(frame)  # the plot's, not the CSV's
+
+
+def test_loss_curves_say_when_runs_are_not_comparable_step_by_step(tmp_path):
+    """Weak scaling: each GPU count has its own global batch; the panel says so and the labels name it.
+    One panel per model and track, every text inside the figure."""
+    study = study_of(model_parallel={"layouts": {"tiny_llama": [{"tp": 2, "sp": True}]}})
+    records = [record_of(run, 1000.0) for run in study.runs]
+    for r in records:
+        r.losses = [(1, 7.0), (2, 6.5 + 0.01 * r.run.gpus), (3, 6.2)]
+    frame = build_frame(study, records, {r.run_dir: Extras(Perf(None)) for r in records})
+    fig = loss_curves(study, frame, tmp_path / "loss_curves.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "tiny_llama, data parallel (LoRA): runs differ in global batch (8, 16, 32): not comparable step by step",
+        "tiny_mixtral, data parallel (LoRA): runs differ in global batch (8, 16, 32): not comparable step by step",
+        "tiny_llama, model parallel (full fine-tuning): corpus data, global batch 8, seq 128"]
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["1 GPU, mbs 4, global batch 8: embedded", "2 GPUs, mbs 4, global batch 16: embedded",
+                      "4 GPUs, mbs 4, global batch 32: embedded"]
+    assert [line.get_label() for line in fig.axes[2].get_lines()] == ["tp2 ep1 dp1 sp, mbs 4: embedded"]
+    texts_inside(fig)
 
 
 # --------------------------------------------------------------------------- predicted vs measured
