@@ -143,27 +143,6 @@ class MemorySetting:
         """Base weights train (full fine-tuning)."""
         return self.lora is None
 
-    @property
-    def megatron(self) -> bool:
-        """Megatron-style mixed precision: fp32 main weights, gradients and Adam moments."""
-        return self.terms.fp32_main_weights
-
-    @property
-    def compile(self) -> bool:
-        return self.terms.fused_kernels
-
-    @property
-    def fused_ce(self) -> str:
-        return self.terms.fused_ce
-
-    @property
-    def activation_checkpointing(self) -> bool:
-        return self.terms.activation_checkpointing
-
-    @property
-    def local_spec(self) -> bool:
-        return self.terms.unfused_attention
-
     def lora_dict(self) -> dict | None:
         if self.lora is None:
             return None
@@ -232,7 +211,7 @@ def state_bytes(s: MemorySetting) -> StateBytes:
         train_dense, train_expert = trainable_params_per_gpu(s.arch_dict, lay.tp, lay.ep, s.lora_dict())
         adapters = train_dense + train_expert
     trainable = train_dense + train_expert
-    if s.megatron:
+    if s.terms.fp32_main_weights:
         weights = base * 2 + adapters * s.adapter_bytes
         grads = trainable * 4
         optimizer = 12 * (train_dense / lay.data_parallel_size + train_expert / lay.dp)
@@ -260,12 +239,12 @@ def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
     h, q, kv, inter = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim, d.intermediate
     full = 1 if s.full else 0
     # Megatron (NeMo) keeps the SP shard of a column-parallel input and re-gathers it in backward.
-    gathered = S if s.megatron else 1
+    gathered = S if s.terms.fp32_main_weights else 1
     if s.terms.norm_keeps == "input":  # a fused kernel: its input and an fp32 rstd
         norm = (a * h + 4) / S
     else:  # Hugging Face's RMSNorm: the fp32 upcast of its input (+ the normalised input if its weight trains)
         norm = (4 * h + a * h * full) / S
-    if s.local_spec:
+    if s.terms.unfused_attention:
         # Megatron's unfused attention: q, and k and v repeated to every head (GQA), kept by the two batched
         # matmuls; the context (linear_proj's input); each head's s x s probabilities (bf16 softmax), kept once
         # for the softmax's and the PV product's backward; RoPE's cos and sin, made in every layer for q and
@@ -314,10 +293,10 @@ def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
 def activation_bytes(s: MemorySetting) -> float:
     """Saved activations of all layers for one micro-batch, at their peak (start of backward)."""
     per_layer = sum(layer_activation_bytes(s).values())
-    if s.compile:
+    if s.terms.fused_kernels:
         per_layer *= COMPILE_LAYER_ACTIVATION_FACTOR
     tokens = s.micro_batch * s.seq_length
-    if s.activation_checkpointing:
+    if s.terms.activation_checkpointing:
         S = s.layout.tp if s.layout.sp else 1
         return tokens * (s.arch.layers * s.dtype_bytes * s.arch.hidden / S + per_layer)
     return tokens * s.arch.layers * per_layer
@@ -326,7 +305,7 @@ def activation_bytes(s: MemorySetting) -> float:
 def attention_workspace_bytes(s: MemorySetting) -> float:
     """Megatron's unfused attention computes the scores of a micro-batch, [b·H/t, s, s] in the model dtype,
     with a buffer it allocates once and keeps (``get_global_memory_buffer``); 0 for fused attention."""
-    if not s.local_spec:
+    if not s.terms.unfused_attention:
         return 0.0
     return s.dtype_bytes * s.micro_batch * s.arch.heads * s.seq_length ** 2 / s.layout.tp
 
@@ -349,12 +328,12 @@ def fused_ce_chunk_tokens(kind: str, tokens: int, vocab: int, hidden: int) -> in
 def logits_bytes(s: MemorySetting) -> float:
     """Logits and loss at their peak for one micro-batch (see the module docstring)."""
     tokens = s.micro_batch * s.seq_length
-    if s.megatron:
+    if s.terms.fp32_main_weights:
         return tokens * 6 * s.arch.vocab / s.layout.tp
-    if s.fused_ce != "off":
-        chunk = min(tokens, fused_ce_chunk_tokens(s.fused_ce, tokens, s.arch.vocab, s.arch.hidden))
+    if s.terms.fused_ce != "off":
+        chunk = min(tokens, fused_ce_chunk_tokens(s.terms.fused_ce, tokens, s.arch.vocab, s.arch.hidden))
         return tokens * s.dtype_bytes * s.arch.hidden + chunk * (4 + s.dtype_bytes) * s.arch.vocab
-    per_vocab = COMPILE_LOGITS_BYTES_PER_VOCAB if s.compile else EAGER_LOGITS_BYTES_PER_VOCAB
+    per_vocab = COMPILE_LOGITS_BYTES_PER_VOCAB if s.terms.fused_kernels else EAGER_LOGITS_BYTES_PER_VOCAB
     return tokens * per_vocab * s.arch.vocab
 
 

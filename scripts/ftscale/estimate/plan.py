@@ -59,8 +59,8 @@ class GpuModel:
 
 
 #: The GPUs ``plan.gpu`` may name. H100 80GB: "GPU 0 has a total capacity of 79.18 GiB" in both out-of-memory
-#: messages of results/examples (nvidia-smi: 81,559 MiB). H200 141GB: 139.8 GiB as torch reports it (nvidia-smi:
-#: 143,771 MiB); no committed example ran out of memory on it (docs/planner.md).
+#: messages of results/examples (nvidia-smi: 81,559 MiB). H200 141GB: 139.8 GiB, an assumed figure (nvidia-smi:
+#: 143,771 MiB, 140.4 GiB); no committed log states it, as no example ran out of memory there (docs/planner.md).
 GPUS: dict[str, GpuModel] = {
     "H100-80GB": GpuModel(79.18, ("NVIDIA H100 80GB HBM3",)),
     "H200-141GB": GpuModel(139.8, ("NVIDIA H200",)),
@@ -152,7 +152,7 @@ def setting_for(run: Run, arch: Mapping[str, Any], built: Mapping[str, Any] | No
 def step_time_s(run: Run, setting: MemorySetting, target: Target) -> float:
     """Predicted wall time of one optimizer step (formula in the module docstring)."""
     flops = training_flops_per_token(setting.arch_dict, setting.seq_length, setting.lora_dict())
-    recompute = (flops.total + flops.forward) / flops.total if setting.activation_checkpointing else 1.0
+    recompute = (flops.total + flops.forward) / flops.total if setting.terms.activation_checkpointing else 1.0
     tokens = run.global_batch * setting.seq_length
     efficiency = setting.terms.step_efficiency
     compute = flops.total * tokens / run.gpus * recompute / (target.matmul_tflops * 1e12 * efficiency)
@@ -224,8 +224,8 @@ def plan_rows(study: Study, target: Target | None = None) -> list[dict[str, Any]
                "gpus": run.gpus, "tp": run.tp, "ep": run.ep, "dp": run.dp, "sp": run.sp,
                "micro_batch": run.micro_batch, "global_batch": run.global_batch, "seq_length": run.seq_length,
                "steps": run.steps, "lora": "full" if run.lora is None else f"r{run.lora.get('rank', 8)}",
-               "precision_bytes": setting.dtype_bytes, "activation_checkpointing": setting.activation_checkpointing,
-               "compile": setting.compile}
+               "precision_bytes": setting.dtype_bytes, "activation_checkpointing": setting.terms.activation_checkpointing,
+               "compile": setting.terms.fused_kernels}
         row.update(predict(run, study.models[run.model].spec, target=target))
         row["status"] = f"skipped: {SKIPPED_REASON}" if run.skip_reason else "planned"
         rows.append(row)
