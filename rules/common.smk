@@ -1,7 +1,17 @@
 # Bookkeeping done once: the validated study, wildcard constraints, named input functions.
 from ftscale.analyze.results import ResultsError, RunsNotOk, write_partial_results
 from ftscale.run.configure import write_run_files, write_text
-from ftscale.run.sbatch import import_resources, render_import_sbatch, render_run_sbatch, train_resources
+from ftscale.run.sbatch import (
+    import_resources,
+    render_import_sbatch,
+    render_run_sbatch,
+    slurm_gpus,
+    slurm_gres,
+    slurm_mpi,
+    slurm_tasks,
+    slurm_tasks_per_gpu,
+    train_resources,
+)
 from ftscale.study import paths
 from ftscale.study.schema import ConfigError
 from ftscale.workflow import (
@@ -80,11 +90,27 @@ def train_threads(wildcards):
 
 
 def train_gpus(wildcards):
-    return train_job(wildcards).gpus
+    return slurm_gpus(train_job(wildcards))
+
+
+def train_gres(wildcards):
+    return slurm_gres(train_job(wildcards))
 
 
 def train_nodes(wildcards):
     return train_job(wildcards).nodes
+
+
+def train_mpi(wildcards):
+    return slurm_mpi(train_job(wildcards))
+
+
+def train_tasks(wildcards):
+    return slurm_tasks(train_job(wildcards))
+
+
+def train_tasks_per_gpu(wildcards):
+    return slurm_tasks_per_gpu(train_job(wildcards))
 
 
 def train_mem_mb(wildcards, attempt):

@@ -37,7 +37,11 @@ rule train:
     threads: train_threads
     resources:
         gpu=train_gpus,
+        gres=train_gres,
         nodes=train_nodes,
+        mpi=train_mpi,
+        tasks=train_tasks,
+        tasks_per_gpu=train_tasks_per_gpu,
         cpus_per_task=train_threads,
         mem_mb=train_mem_mb,
         runtime=train_runtime,

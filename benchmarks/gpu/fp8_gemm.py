@@ -29,6 +29,17 @@ def _time(fn, x: torch.Tensor, repeat: int = 20) -> float:
     return start.elapsed_time(end) / repeat
 
 
+def _step(layer: nn.Module, compiled: bool, grad: torch.Tensor):
+    """forward and the input gradient of ``layer`` (compiled or eager), for a given output gradient"""
+    body = torch.compile(layer) if compiled else layer
+
+    def run(inp: torch.Tensor):
+        out = body(inp)
+        (g,) = torch.autograd.grad(out, inp, grad)
+        return out, g
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=8192)
@@ -42,14 +53,7 @@ def main() -> None:
         layers = {"bf16": linear, "tw": FrozenFP8Linear(linear, "tensorwise"), "rw": FrozenFP8Linear(linear, "rowwise")}
         grad = torch.randn(args.tokens, n, device="cuda", dtype=torch.bfloat16)
         for mode in ("eager", "compile"):
-            def step(layer):
-                body = torch.compile(layer) if mode == "compile" else layer
-                def run(inp):
-                    out = body(inp)
-                    (g,) = torch.autograd.grad(out, inp, grad)
-                    return out, g
-                return run
-            runs = {key: step(layer) for key, layer in layers.items()}
+            runs = {key: _step(layer, mode == "compile", grad) for key, layer in layers.items()}
             times = {key: _time(run, x) for key, run in runs.items()}
             ref_out, ref_g = runs["bf16"](x)
             err = {}

@@ -1,3 +1,3 @@
-"""The private Slurm cluster fixture (slurm_cluster.py, beside this file) for the tests of this folder."""
+"""The private Slurm cluster fixtures (slurm_cluster.py, beside this file) for the tests of this folder."""
 
-from slurm_cluster import slurm_cluster  # noqa: F401
+from slurm_cluster import slurm_cluster, slurm_two_nodes  # noqa: F401

@@ -1,4 +1,4 @@
-"""Pytest plugin: a private, real, single-node Slurm cluster for tests.
+"""Pytest plugin: private, real Slurm clusters for tests, of one node or of two.
 
 Enable it in a conftest.py beside the tests that use it, as tests/slurm/conftest.py does::
 
@@ -16,8 +16,9 @@ then ask for the session-scoped ``slurm_cluster`` fixture::
 The cluster (``.ci/slurm/start-cluster``) has one node ``localhost`` with 16 CPUs
 (or nproc, if more), up to 16000 MB, 8 fake GPUs (``--gpus=N`` is scheduled and
 sets CUDA_VISIBLE_DEVICES, no real device), a default partition ``gpu``, no
-accounting (use squeue, not sacct). It is stopped at the end of the session
-(``.ci/slurm/stop-cluster``, by recorded pid).
+accounting (use squeue, not sacct). ``slurm_two_nodes`` is the same split over two
+nodes, ``n1`` and ``n2`` (8 CPUs and 4 GPUs each; one slurmd each, on this host).
+Each is stopped at the end of the session (``.ci/slurm/stop-cluster``, by recorded pid).
 
 When the Slurm/munge binaries are missing (or not running as root) the fixture
 skips, except when the CI environment variable is set: then it fails, so CI can
@@ -156,8 +157,8 @@ def _cluster_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def _cluster(tmp_path_factory, nodes: int):
+    """Start a cluster of ``nodes`` nodes, yield it, stop it."""
     sbin = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     missing = [b for b in REQUIRED if shutil.which(b, path=sbin) is None]
     if missing:
@@ -168,7 +169,7 @@ def slurm_cluster(tmp_path_factory):
     d = _cluster_dir(tmp_path_factory)
     # The daemons outlive every test: they must not carry the mark of the processes tests leave behind.
     p = subprocess.run([str(START), str(d)], text=True, capture_output=True, timeout=180,
-                       env=unmarked(dict(os.environ)))
+                       env=unmarked({**os.environ, "FTSCALE_TEST_SLURM_NODES": str(nodes)}))
     if p.returncode != 0:
         pytest.fail(f"start-cluster {d} failed (rc={p.returncode}):\n"
                     f"{p.stdout}\n{p.stderr}", pytrace=False)
@@ -182,3 +183,13 @@ def slurm_cluster(tmp_path_factory):
         yield SlurmCluster(conf_dir=d, env=env)
     finally:
         subprocess.run([str(STOP), str(d)], timeout=120)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    yield from _cluster(tmp_path_factory, nodes=1)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory):
+    yield from _cluster(tmp_path_factory, nodes=2)

@@ -34,6 +34,8 @@ FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
     ("cancelled", "cancelled", re.compile(r"\[ftscale\] error=cancelled|CANCELLED AT")),
     ("failed", "NCCL timeout", re.compile(r"Watchdog caught collective operation timeout|NCCL.{0,80}timed? ?out", re.I)),
     ("failed", "NCCL error", re.compile(r"NCCL error|ncclInternalError|ncclSystemError|ncclUnhandledCudaError")),
+    ("failed", "the nodes never all met at the rendezvous (torchrun's c10d rendezvous timed out or its host was "
+     "unreachable)", re.compile(r"Rendezvous(Timeout|Connection)Error")),
     ("failed", "missing checkpoint", re.compile(
         r"(FileNotFoundError|OSError).{0,200}(checkpoint|model|config\.json|No such file)|"
         r"does not appear to have a file named|Can't load the (model|configuration)")),

@@ -162,6 +162,15 @@ def _reference_column(rows: pd.DataFrame) -> list[tuple[str, Cell]]:
     return [("reference", lambda row: row["ref_summary"])]
 
 
+def nodes_column(rows: pd.DataFrame) -> tuple[str, Cell]:
+    """The nodes of each run, shown only where a run of the table spans several (a table of one-node runs has
+    no such column, nor a "nodes 1" line)."""
+    nodes = pd.to_numeric(rows["nodes"], errors="coerce") if len(rows) else pd.Series(dtype=float)
+    if not (nodes > 1).any():
+        return ("nodes", lambda row: "")
+    return ("nodes", lambda row: _num(int(row["nodes"])))
+
+
 def _perf_columns() -> list[tuple[str, Cell]]:
     return [("FLOPs/token", column("flops_per_token")), labelled("tflops_per_gpu"),
             (LABELS["mfu"], lambda row: fmt_percent(row["mfu"]))]
@@ -179,7 +188,7 @@ STATE_COLUMNS: list[tuple[str, Cell]] = [
     ("peak mem error", error("peak_mem_error_pct")), ("step time error", error("step_time_error_pct")),
 ]
 RSS_HEADER = "process RSS (MiB)"
-MOVABLE = {"scaling", "engine", "options", LABELS["micro_batch"], LABELS["seq_length"], "FLOPs/token", "peak memory", "CPUs",
+MOVABLE = {"scaling", "engine", "options", LABELS["micro_batch"], LABELS["seq_length"], "FLOPs/token", "peak memory", "CPUs", "nodes",
            *(header for header, _ in STATE_COLUMNS)}
 
 
@@ -202,7 +211,7 @@ def dp_table(study: Study, frame: pd.DataFrame, model: str) -> str:
     rows = scaling_rows(study, frame)
     rows = rows[rows["model"] == model].sort_values(["engine", "option_set", "mode", "micro_batch", "seq_length", "gpus"])
     columns: list[tuple[str, Cell]] = [
-        ("scaling", lambda row: row["mode"]), *BATCH_COLUMNS, labelled("gpus"), ("CPUs", _cpus),
+        ("scaling", lambda row: row["mode"]), *BATCH_COLUMNS, labelled("gpus"), nodes_column(rows), ("CPUs", _cpus),
         labelled("global_batch"), labelled("step_time_s"), labelled("tokens_per_s"), labelled("tokens_per_s_per_gpu"),
         ("speedup", column("speedup")), ("efficiency", _efficiency), *_perf_columns(), *memory_columns(rows),
         ("wall-clock (s)", column("wall_s")), *_reference_column(rows), (LABELS["status"], _status),
@@ -224,7 +233,7 @@ def mp_table(frame: pd.DataFrame, model: str) -> str:
         return _num(row[measure] / smallest)
 
     columns: list[tuple[str, Cell]] = [
-        *BATCH_COLUMNS, labelled("gpus"), ("CPUs", _cpus), labelled("tp"), labelled("ep"),
+        *BATCH_COLUMNS, labelled("gpus"), nodes_column(rows), ("CPUs", _cpus), labelled("tp"), labelled("ep"),
         (LABELS["sp"], lambda row: fmt_number(bool(row["sp"]))), labelled("dp"),
         labelled("global_batch"), labelled("step_time_s"), labelled("tokens_per_s"), labelled("tokens_per_s_per_gpu"),
         *_perf_columns(),

@@ -17,15 +17,33 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Mapping
 
 from ftscale.run.logformat import error_line, parse_steps, skipped_line
 from ftscale.study.paths import RunPaths
 from ftscale.study.run import Run
 
+#: How long the torchrun of each node waits for the others at the rendezvous (its ``join_timeout``, and
+#: ``read_timeout`` for reaching the rendezvous' store), unless FTSCALE_RENDEZVOUS_TIMEOUT_S says otherwise: a node
+#: that never arrives, or a rendezvous host no node can reach, ends the run with torchrun's RendezvousTimeoutError
+#: or RendezvousConnectionError after about this long, not a hang.
+RENDEZVOUS_TIMEOUT_S = 120
 
-def launch_command(run: Run, run_json: str, python: str | None = None) -> list[str]:
-    """torchrun on one node; on several nodes, srun starts one torchrun per node (c10d rendezvous).
+
+def rendezvous_timeout_s(env: Mapping[str, str]) -> int:
+    value = env.get("FTSCALE_RENDEZVOUS_TIMEOUT_S", "").strip()
+    if not value:
+        return RENDEZVOUS_TIMEOUT_S
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FTSCALE_RENDEZVOUS_TIMEOUT_S={value!r}: must be a whole number of seconds, 1 or more")
+    return int(value)
+
+
+def launch_command(run: Run, run_json: str, python: str | None = None, rendezvous: str = "HOST:PORT",
+                   rendezvous_timeout: int = RENDEZVOUS_TIMEOUT_S) -> list[str]:
+    """torchrun on one node; on several nodes, srun starts one torchrun per node, which meet at the c10d
+    rendezvous ``rendezvous`` (host:port of the launching node, ``rendezvous_endpoint``); srun's
+    --kill-on-bad-exit ends every node's torchrun when one fails, so no node waits for a dead peer.
     A job of one process runs the engine's module itself, with the environment torchrun would give it
     (``single_process_env``): torchrun would add an interpreter that imports torch to start it.
     The interpreter is the engine's ``python`` option when set (an engine in its own environment),
@@ -39,10 +57,18 @@ def launch_command(run: Run, run_json: str, python: str | None = None) -> list[s
     if run.nodes == 1:
         return [*torchrun, "--standalone", f"--nproc-per-node={per_node}", "-m", module, run_json]
     return [
-        "srun", f"--nodes={run.nodes}", "--ntasks-per-node=1", *torchrun,
+        "srun", f"--nodes={run.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *torchrun,
         f"--nnodes={run.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=${MASTER_ADDR}:29500", "-m", module, run_json,
+        f"--rdzv-endpoint={rendezvous}", f"--rdzv-conf=join_timeout={rendezvous_timeout},read_timeout={rendezvous_timeout}",
+        "-m", module, run_json,
     ]
+
+
+def rendezvous_endpoint(env: dict[str, str]) -> str:
+    """host:port of the rendezvous of a run across nodes: MASTER_ADDR and MASTER_PORT where the job sets them,
+    else this host (the launcher runs on the job's first node, where srun starts the first torchrun, which
+    serves the rendezvous) and a port free on it now."""
+    return f"{env.get('MASTER_ADDR') or socket.gethostname()}:{env.get('MASTER_PORT') or free_port()}"
 
 
 def single_process_env(port: int) -> dict[str, str]:
@@ -54,6 +80,21 @@ def single_process_env(port: int) -> dict[str, str]:
     return {**one, **zero, "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "False",
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")}
+
+
+def slurm_nodelist(env: dict[str, str]) -> str | None:
+    """The job's nodes (Slurm's hostlist, ``n[1-2]``): SLURM_JOB_NODELIST, which the SLURM executor plugin's job
+    step does not pass on, else squeue's answer for SLURM_JOB_ID; None outside Slurm or when squeue fails."""
+    if env.get("SLURM_JOB_NODELIST"):
+        return env["SLURM_JOB_NODELIST"]
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    try:
+        out = subprocess.run(["squeue", "--noheader", "--jobs", env["SLURM_JOB_ID"], "--format", "%N"],
+                             capture_output=True, text=True, timeout=20, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def free_port() -> int:
@@ -153,22 +194,27 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     run = Run.load(run_json)
     if run.skip_reason:
         return skip_job(run, log, launch_record, RunPaths(Path(run_json).parent).metrics)
-    command = launch_command(run, str(run_json))
     env = dict(os.environ)
+    if run.nodes > 1:
+        try:
+            timeout = rendezvous_timeout_s(env)
+        except ValueError as err:
+            print(f"[ftscale] {run.name}: {err}", file=sys.stderr, flush=True)
+            return 2
+        command = launch_command(run, str(run_json), rendezvous=rendezvous_endpoint(env), rendezvous_timeout=timeout)
+    else:
+        command = launch_command(run, str(run_json))
     cpus = cpus or available_cpus()
     per_rank = max(1, cpus // run.gpus_per_node)
     env.update(FTSCALE_THREADS_PER_RANK=str(per_rank), OMP_NUM_THREADS=str(per_rank))
     single = run.nodes == 1 and run.gpus_per_node == 1
     if single:
         env.update(single_process_env(free_port()))
-    if run.nodes > 1 and "MASTER_ADDR" not in env:
-        nodelist = env.get("SLURM_JOB_NODELIST", "localhost")
-        env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                            text=True).stdout.split()[0]
     record = {
         "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "cpus": cpus,
         "threads_per_rank": per_rank,
-        "slurm_job_id": env.get("SLURM_JOB_ID"), "start": time.time(), "end": None, "wall_s": None,
+        "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_nodelist": slurm_nodelist(env),
+        "start": time.time(), "end": None, "wall_s": None,
         "returncode": None, "signal": None,
     }
     try:

@@ -21,11 +21,48 @@ from ftscale.study.run import Run
 
 @dataclass(frozen=True)
 class Resources:
+    """What one job asks of Slurm. ``gpus`` is the whole job's; ``cpus`` and ``mem_mb`` are per node (one task
+    per node: the launcher, or one torchrun per node)."""
+
     gpus: int
     cpus: int
     mem_mb: int
     runtime_min: int
     nodes: int = 1
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus // self.nodes
+
+
+# A job of several nodes asks for its GPUs per node, not for the job (``--gpus=2 --nodes=2`` may put both on one
+# node), and its command starts its own tasks: one torchrun per node, with srun. The SLURM executor plugin calls
+# such a job an MPI job: given the ``mpi`` resource, its job step runs the rule's command as it is (without it,
+# the plugin wraps the command in a one-task srun on one node, where a second srun would not get the other
+# nodes). ``tasks`` = one per node; ``tasks_per_gpu`` 0 keeps the plugin from adding --ntasks-per-gpu. A job of
+# one node asks for none of these (the functions return None: Snakemake leaves the resource unset).
+
+
+def slurm_gpus(res: Resources) -> int | None:
+    """The ``gpu`` resource (``--gpus``, the job's GPUs) of a one-node job."""
+    return res.gpus if res.nodes == 1 else None
+
+
+def slurm_gres(res: Resources) -> str | None:
+    """The ``gres`` resource (``--gres=gpu:N``, per node) of a job of several nodes."""
+    return f"gpu:{res.gpus_per_node}" if res.nodes > 1 and res.gpus else None
+
+
+def slurm_mpi(res: Resources) -> str | None:
+    return "srun" if res.nodes > 1 else None
+
+
+def slurm_tasks(res: Resources) -> int | None:
+    return res.nodes if res.nodes > 1 else None
+
+
+def slurm_tasks_per_gpu(res: Resources) -> int | None:
+    return 0 if res.nodes > 1 else None
 
 
 def train_resources(run: Run, config: dict, attempt: int = 1) -> Resources:
@@ -40,12 +77,20 @@ def import_resources(config: dict, attempt: int = 1) -> Resources:
     return Resources(gpus=res["gpus"], cpus=res["cpus"], mem_mb=res["mem_mb"], runtime_min=res["runtime_min"] * attempt)
 
 
+#: A job that a node failure ends is not started again by Slurm: a second start would overwrite the log that says
+#: why the first one ended, and the workflow decides what to redo (``--retries``; the SLURM executor plugin then
+#: leaves the failed node out). The profile asks the same (``slurm-no-requeue``).
+NO_REQUEUE = "#SBATCH --no-requeue"
+
+
 def _header(job_name: str, res: Resources, output: str) -> list[str]:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={res.nodes}"]
+    if res.nodes > 1:
+        lines.append("#SBATCH --ntasks-per-node=1")
     if res.gpus:
-        lines.append(f"#SBATCH --gpus={res.gpus}")
+        lines.append(f"#SBATCH --gpus={res.gpus}" if res.nodes == 1 else f"#SBATCH --gpus-per-node={res.gpus_per_node}")
     lines += [f"#SBATCH --cpus-per-task={res.cpus}", f"#SBATCH --mem={res.mem_mb}M",
-              f"#SBATCH --time={res.runtime_min}", f"#SBATCH --output={output}"]
+              f"#SBATCH --time={res.runtime_min}", f"#SBATCH --output={output}", NO_REQUEUE]
     return lines
 
 

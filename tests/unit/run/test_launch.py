@@ -6,13 +6,23 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
+import pytest
 from runs import make_run
 
-from ftscale.analyze.parse import parse_run
-from ftscale.run.launch import killed_line, launch_command, run_job, single_process_env
+from ftscale.analyze.parse import classify_failure, parse_run
+from ftscale.run.launch import (
+    RENDEZVOUS_TIMEOUT_S,
+    killed_line,
+    launch_command,
+    rendezvous_endpoint,
+    rendezvous_timeout_s,
+    run_job,
+    single_process_env,
+)
 
 
 def test_single_node_uses_torchrun_standalone():
@@ -37,10 +47,27 @@ def test_a_rank_killed_by_a_signal_is_said_in_the_words_the_analysis_reads():
 
 
 def test_several_nodes_start_one_torchrun_per_node_through_srun():
-    cmd = launch_command(make_run(engine="nemo", gpus=16, nodes=2), "d/run.json", python="py")
-    assert cmd[:3] == ["srun", "--nodes=2", "--ntasks-per-node=1"]
+    cmd = launch_command(make_run(engine="nemo", gpus=16, nodes=2), "d/run.json", python="py",
+                         rendezvous="node1:29411", rendezvous_timeout=30)
+    assert cmd[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
+    assert "--rdzv-endpoint=node1:29411" in cmd and "--rdzv-conf=join_timeout=30,read_timeout=30" in cmd
     assert cmd[-3:] == ["-m", "ftscale.engines.nemo.train", "d/run.json"]
+
+
+def test_the_rendezvous_is_this_host_on_a_free_port_unless_the_job_says():
+    host, port = rendezvous_endpoint({}).rsplit(":", 1)
+    assert host == socket.gethostname() and 0 < int(port) < 65536
+    assert rendezvous_endpoint({"MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29999"}) == "10.0.0.7:29999"
+    assert rendezvous_timeout_s({}) == RENDEZVOUS_TIMEOUT_S
+    assert rendezvous_timeout_s({"FTSCALE_RENDEZVOUS_TIMEOUT_S": "15"}) == 15
+    with pytest.raises(ValueError, match="FTSCALE_RENDEZVOUS_TIMEOUT_S='soon'"):
+        rendezvous_timeout_s({"FTSCALE_RENDEZVOUS_TIMEOUT_S": "soon"})
+
+
+def test_a_rendezvous_that_never_completes_is_named_as_such():
+    log = "torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\nsrun: error: n1: task 0: Exited"
+    assert classify_failure(log)[1].startswith("the nodes never all met at the rendezvous")
 
 
 def test_run_job_records_a_failure_with_its_exit_code(tmp_path):

@@ -5,6 +5,7 @@ Slurm, which runs a copy of the script from its spool directory. Executed here w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -13,7 +14,16 @@ from pathlib import Path
 import pytest
 from paths import REPO
 
-from ftscale.run.sbatch import render_import_sbatch, render_run_sbatch
+from ftscale.run.sbatch import (
+    render_import_sbatch,
+    render_run_sbatch,
+    slurm_gpus,
+    slurm_gres,
+    slurm_mpi,
+    slurm_tasks,
+    slurm_tasks_per_gpu,
+    train_resources,
+)
 from ftscale.study.sweep import load_config_file
 from ftscale.workflow import workflow_study
 
@@ -85,3 +95,18 @@ def test_under_slurm_the_root_is_the_directory_sbatch_was_called_from(tmp_path, 
         assert elsewhere.returncode == 1 and not elsewhere.stdout
         marker = path.parent / ("run.json" if path.name == "run.sbatch" else "model.yaml")
         assert elsewhere.stderr.strip() == f"{path}: no {marker} under {tmp_path}: submit from the study's root directory"
+
+
+def test_a_run_across_nodes_asks_for_its_gpus_per_node_and_one_task_per_node(study):
+    """``--gpus=2 --nodes=2`` may put both GPUs on one node: a job of several nodes asks per node, one task per
+    node (its torchrun), and the SLURM executor plugin runs its command unwrapped (the ``mpi`` resource)."""
+    run = dataclasses.replace(study.runs[0], gpus=16, nodes=2, dp=16)
+    header = render_run_sbatch(run, study.config).splitlines()
+    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8"} <= set(header)
+    assert not any(line.startswith("#SBATCH --gpus=") for line in header)
+    res = train_resources(run, study.config)
+    assert (slurm_gpus(res), slurm_gres(res), slurm_mpi(res), slurm_tasks(res), slurm_tasks_per_gpu(res)) == (
+        None, "gpu:8", "srun", 2, 0)
+    one = train_resources(dataclasses.replace(run, gpus=4, nodes=1, dp=4), study.config)
+    assert (slurm_gpus(one), slurm_gres(one), slurm_mpi(one), slurm_tasks(one), slurm_tasks_per_gpu(one)) == (
+        4, None, None, None, None)

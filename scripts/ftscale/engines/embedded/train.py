@@ -14,6 +14,7 @@ the format of ``ftscale.run.logformat`` and appends a record to RUN_DIR/metrics.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -99,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(run.seed)
         prepared, tokens, options, dtype = build(run, device)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        # The node of each rank (Slurm's name for it where srun started the rank): the layout line says where
+        # the run ran, so a run across nodes shows that it did.
+        node_names: list[str] = [""] * world
+        dist.all_gather_object(node_names, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
         if rank == 0:
             print(kv_line("layout", **prepared.layout, device=device.type, device_name=device_name.replace(" ", "_"),
-                          dtype=str(dtype).removeprefix("torch."), **layout_fields(options)), flush=True)
+                          dtype=str(dtype).removeprefix("torch."), nodes=len(set(node_names)),
+                          node_names=",".join(sorted(set(node_names))), **layout_fields(options)), flush=True)
         with attention_context(options.attention):
             train(run, prepared, tokens, device, RunPaths(run_json.parent).metrics)
 
