@@ -48,7 +48,8 @@ def test_workshop_plan_has_every_run(repo):
         + [f"mixtral_8x7b/data_parallel/nemo_gpus{g}{'' if g == 1 else f'_ep{g}'}" for g in (1, 2, 4, 8)]
         + [f"llama31_8b/model_parallel/nemo_tp{t}_ep1_dp1_sp" for t in (2, 4, 8)]
         + [f"mixtral_8x7b/model_parallel/nemo_{n}" for n in ("tp1_ep2_dp1", "tp2_ep2_dp1_sp", "tp1_ep4_dp1",
-                                                              "tp2_ep4_dp1_sp", "tp1_ep8_dp1")]
+                                                              "tp2_ep4_dp1_sp", "tp1_ep8_dp1", "tp1_pp2_ep8_dp1",
+                                                              "tp1_ep8_dp2", "tp1_pp2_ep8_dp2", "tp1_pp4_ep8_dp1")]
     )
     assert all(r.name.endswith("_bf16") for r in study.runs)
     assert all(r.lora for r in study.runs_of("data_parallel"))

@@ -29,6 +29,7 @@ os.environ.setdefault("NEMO_HOME", os.path.join(tempfile.gettempdir(), "ftscale-
 
 llm = pytest.importorskip("nemo.collections.llm", reason="needs the NeMo venv (.ci/nemo-venv)")
 fdl = pytest.importorskip("fiddle")
+import torch  # noqa: E402
 
 from ftscale.engines.nemo import convert as nemo_import  # noqa: E402
 from ftscale.engines.nemo import train as engine  # noqa: E402
@@ -64,23 +65,25 @@ LORA_NEMO_TARGETS = ["linear_qkv", "linear_proj"]  # what LORA's Hugging Face na
 
 def make_run(track: str, model: str, tp: int, ep: int, dp: int, *, sp: bool = False, micro_batch: int = 1,
              global_batch: int, seq_length: int = 2048, nodes: int = 1, lora: dict | None = None,
-             scaling: str | None = None) -> dict:
-    """A run dict as ftscale.study.run.Run.to_dict writes it (gpus = tp x ep x dp)."""
-    gpus = tp * ep * dp
+             scaling: str | None = None, pp: int = 1, engine_options: dict | None = None) -> dict:
+    """A run dict as ftscale.study.run.Run.to_dict writes it (gpus = tp x pp x ep x dp)."""
+    gpus = tp * pp * ep * dp
     if track == "data_parallel":
         name = f"nemo_gpus{gpus}{f'_ep{ep}' if ep > 1 else ''}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}_bf16"
     else:
-        name = f"nemo_tp{tp}_ep{ep}_dp{dp}{'_sp' if sp else ''}_mbs{micro_batch}_gbs{global_batch}_seq{seq_length}_bf16"
+        stages = f"_pp{pp}" if pp > 1 else ""
+        name = (f"nemo_tp{tp}{stages}_ep{ep}_dp{dp}{'_sp' if sp else ''}_mbs{micro_batch}_gbs{global_batch}"
+                f"_seq{seq_length}_bf16")
     return {
         "track": track, "model": model, "engine": "nemo", "gpus": gpus, "nodes": nodes,
-        "gpus_per_node": gpus // nodes, "tp": tp, "ep": ep, "sp": sp, "dp": dp,
+        "gpus_per_node": gpus // nodes, "tp": tp, "pp": pp, "ep": ep, "sp": sp, "dp": dp,
         "data_parallel_size": ep * dp, "micro_batch": micro_batch, "global_batch": global_batch,
         "grad_accum": global_batch // (micro_batch * ep * dp), "seq_length": seq_length, "steps": 50,
         "warmup_steps": 5, "learning_rate": 1.0e-4 if lora else 5.0e-6, "seed": 1234, "precision": "bf16",
         "device": "auto", "lora": copy.deepcopy(lora), "scaling": scaling, "weights": "pretrained",
         "checkpoint": f"models/{model}/nemo", "run_dir": f"experiments/{track}/{model}/{name}", "name": name,
         "data": {"kind": "corpus"}, "dataset_dir": "experiments/data/corpus", "tokenizer": f"models/{model}/model",
-        "engine_options": {},
+        "engine_options": dict(engine_options or {}),
     }
 
 
@@ -107,6 +110,13 @@ def workshop_runs() -> list[dict]:
     # Mixtral 8x7B, model-parallel track: full fine-tuning, TP x EP, sequence parallel where TP > 1.
     for tp, ep in ((1, 2), (2, 2), (1, 4), (2, 4), (1, 8)):
         runs.append(make_run("model_parallel", "mixtral_8x7b", tp, ep, 1, sp=tp > 1, global_batch=16 * ep))
+    # ... and across nodes, where it fits: pipeline stages, the distributed optimizer over dp (NeMo's recipes).
+    for pp, dp in ((2, 1), (1, 2), (2, 2), (4, 1)):
+        runs.append(make_run("model_parallel", "mixtral_8x7b", 1, 8, dp, pp=pp, global_batch=16 * 8 * dp,
+                             nodes=pp * dp))
+    # the distributed optimizer off (a NeMo engine option; micro batch 2 for a name of its own)
+    runs.append(make_run("model_parallel", "mixtral_8x7b", 1, 8, 1, pp=2, micro_batch=2, global_batch=128, nodes=2,
+                         engine_options={"distributed_optimizer": False}))
     return runs
 
 
@@ -137,13 +147,14 @@ def test_recipe_carries_the_run(built):
     run, recipe = built
     fields = engine.recipe_fields(recipe)
     # The run dict's keys, read back from the recipe.
-    for key in ("tp", "ep", "sp", "gpus", "gpus_per_node", "nodes", "global_batch", "micro_batch", "seq_length",
+    for key in ("tp", "pp", "ep", "sp", "gpus", "gpus_per_node", "nodes", "global_batch", "micro_batch", "seq_length",
                 "seed", "warmup_steps", "name", "learning_rate"):
         assert fields[key] == run[key], (key, fields[key], run[key])
     assert fields["steps"] == run["steps"]
     # Explicit layout, whatever the recipe's defaults (Llama full FT: TP 2; Mixtral: EP 8, PP 4, VP 8).
-    assert (fields["pp"], fields["vp"], fields["cp"]) == (1, None, 1)
-    assert recipe.trainer.strategy.pipeline_dtype is None
+    assert (fields["vp"], fields["cp"]) == (None, 1)
+    assert fields["pipeline_dtype"] == (torch.bfloat16 if run.get("pp", 1) > 1 else None)
+    assert fields["distributed_optimizer"] is (run["engine_options"] or {}).get("distributed_optimizer", True)
     assert recipe.trainer.strategy.expert_tensor_parallel_size is None
     assert fields["model_seq_length"] == run["seq_length"]
     assert fields["lr_max_steps"] == run["steps"]
@@ -194,8 +205,17 @@ def test_recipe_builds_and_passes_nemo_validation(built):
     trainer, strategy = p["trainer"], p["trainer"].strategy
     assert isinstance(strategy, nl.MegatronStrategy)
     par = strategy.parallelism
+    pp = run.get("pp", 1)
     assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size,
-            par.expert_model_parallel_size, par.sequence_parallel) == (run["tp"], 1, 1, run["ep"], run["sp"])
+            par.expert_model_parallel_size, par.sequence_parallel) == (run["tp"], pp, 1, run["ep"], run["sp"])
+    if pp > 1:  # what the stages send each other (NeMo fills it from the precision plugin when pp = 1)
+        assert par.pipeline_dtype == torch.bfloat16
+    # Megatron's optimizer config as NeMo builds it: the distributed optimizer unless the run turns it off.
+    from megatron.core.optimizer import OptimizerConfig
+
+    assert isinstance(p["optim"].config, OptimizerConfig)
+    assert p["optim"].config.use_distributed_optimizer is (run["engine_options"] or {}).get(
+        "distributed_optimizer", True)
     assert par.virtual_pipeline_model_parallel_size is None
     assert (trainer.num_devices, trainer.num_nodes, trainer.max_steps) == (run["gpus_per_node"], run["nodes"],
                                                                           run["steps"])
@@ -213,15 +233,17 @@ def test_recipe_builds_and_passes_nemo_validation(built):
                      model_transform=p["peft"])
     # Unchanged by the validation: it silently rewrites SP / VP / pipeline_dtype when they clash.
     assert (strategy.sequence_parallel, strategy.virtual_pipeline_model_parallel_size) == (run["sp"], None)
-    # NeMo's data-parallel size (what the global batch is split over) is ep x dp = gpus / tp.
-    nemo_dp = trainer.num_devices * trainer.num_nodes // run["tp"]
+    # NeMo's data-parallel size (what the global batch is split over) is ep x dp = gpus / (tp x pp).
+    nemo_dp = trainer.num_devices * trainer.num_nodes // (run["tp"] * pp)
     assert nemo_dp == run["ep"] * run["dp"] == run["data_parallel_size"]
     assert run["global_batch"] // (run["micro_batch"] * nemo_dp) == run["grad_accum"]
 
 
 def test_matrix_is_the_workshop_matrix():
-    mp_mixtral = {(r["tp"], r["ep"]) for r in RUNS if r["model"] == "mixtral_8x7b" and r["track"] == "model_parallel"}
-    assert mp_mixtral == {(1, 2), (2, 2), (1, 4), (2, 4), (1, 8)}
+    mp_mixtral = {(r["tp"], r["pp"], r["ep"], r["dp"]) for r in RUNS
+                  if r["model"] == "mixtral_8x7b" and r["track"] == "model_parallel"}
+    assert mp_mixtral == {(1, 1, 2, 1), (2, 1, 2, 1), (1, 1, 4, 1), (2, 1, 4, 1), (1, 1, 8, 1),
+                          (1, 2, 8, 1), (1, 1, 8, 2), (1, 2, 8, 2), (1, 4, 8, 1)}
     assert {r["tp"] for r in RUNS if r["model"] == "llama31_8b" and r["track"] == "model_parallel"} == {2, 4, 8}
     assert {r["gpus"] for r in RUNS if r["model"] == "llama31_8b" and r["track"] == "data_parallel"} >= {1, 2, 4, 8}
     assert len({run_id(r) for r in RUNS}) == len(RUNS)

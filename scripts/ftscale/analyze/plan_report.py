@@ -30,7 +30,7 @@ def plan_table(rows: list[dict[str, Any]]) -> str:
     GPU-hours."""
     cells = [{
         "run": r["run_dir"],
-        **{LABELS[key]: fmt_number(r[key]) for key in ("gpus", "tp", "ep", "dp")},
+        **{LABELS[key]: fmt_number(r[key]) for key in ("gpus", "tp", "pp", "ep", "dp")},
         LABELS["sp"]: fmt_number(bool(r["sp"])),
         **{LABELS[key]: fmt_number(r[key]) for key in ("micro_batch", "seq_length")},
         **{header: fmt_number(r[key]) for header, key in MEMORY_COLUMNS.items()},
@@ -41,6 +41,47 @@ def plan_table(rows: list[dict[str, Any]]) -> str:
         "GPU-h": fmt_number(r["predicted_gpu_hours"]),
         LABELS["status"]: r["status"],
     } for r in rows]
+    return markdown(pd.DataFrame(cells))
+
+
+def layout_text(row: dict[str, Any]) -> str:
+    """``tp1 pp4 ep8 dp1`` (+ `` sp``; pp only when > 1), then the engine options that differ from their
+    defaults."""
+    pp = f" pp{row['pp']}" if row["pp"] > 1 else ""
+    text = f"tp{row['tp']}{pp} ep{row['ep']} dp{row['dp']}" + (" sp" if row["sp"] else "")
+    return text + (f" ({row['options']})" if row.get("options") else "")
+
+
+def smallest_fitting(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and track (in plan order), the planned run with the fewest GPUs that does not run out of memory
+    (fits or tight; among as many GPUs, the least memory needed), or the model and track alone (``run`` None)
+    when none does."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["track"]), []).append(r)
+    out = []
+    for (model, track), group in groups.items():
+        fitting = [r for r in group if r["fit"] != PREDICTED_OOM]
+        best = min(fitting, key=lambda r: (r["gpus"], r["predicted_needed_mib"])) if fitting else None
+        out.append({"model": model, "track": track, "runs": len(group), "run": best})
+    return out
+
+
+def smallest_table(rows: list[dict[str, Any]]) -> str:
+    """One line per model and track: its smallest layout that fits (``smallest_fitting``)."""
+    cells = []
+    for entry in smallest_fitting(rows):
+        r = entry["run"]
+        cells.append({
+            "model": entry["model"], "track": entry["track"],
+            "smallest layout that fits": layout_text(r) if r else f"none of its {entry['runs']} runs",
+            LABELS["gpus"]: fmt_number(r["gpus"]) if r else "",
+            LABELS["nodes"]: fmt_number(r["nodes"]) if r else "",
+            "needed": fmt_number(r["predicted_needed_mib"]) if r else "",
+            "% of GPU": fmt_percent(r["memory_fraction"]) if r else "",
+            "fit": r["fit"] if r else PREDICTED_OOM,
+            "run": r["run_dir"] if r else "",
+        })
     return markdown(pd.DataFrame(cells))
 
 
@@ -60,9 +101,13 @@ def render_plan(rows: list[dict[str, Any]], target: Target, source: str) -> str:
         f"{counts[PREDICTED_OOM]} predicted OOM. GPU-hours of the whole sweep: {fmt_number(hours)} "
         f"({fmt_number(runnable)} without the predicted-OOM runs).**",
         "",
-        "Memory per GPU in MiB.",
-        "",
     ]
+    if rows:
+        lines += ["## The smallest layout that fits, per model and track", "",
+                  "The fewest GPUs whose predicted need is within the usable memory (memory in MiB per GPU).", "",
+                  smallest_table(rows), "", "## Every run", ""]
+    lines += ["Memory per GPU in MiB; with pipeline parallelism (PP > 1), of the stage with the larger peak "
+              "(the first: the embedding and PP micro-batches in flight; the last: the LM head and the logits).", ""]
     if rows:
         lines += [plan_table(rows), ""]
     return "\n".join(lines)

@@ -91,7 +91,8 @@ def fmt_percent(value: object) -> str:
 
 #: The header of a column wherever a table shows it (tables.md, comparison.md, plan.md).
 LABELS = {
-    "gpus": "GPUs", "tp": "TP", "ep": "EP", "dp": "DP", "sp": "SP", "micro_batch": "micro batch",
+    "gpus": "GPUs", "nodes": "nodes", "tp": "TP", "pp": "PP", "ep": "EP", "dp": "DP", "sp": "SP",
+    "micro_batch": "micro batch",
     "seq_length": "sequence", "global_batch": "global batch", "step_time_s": "step time (s)", "tokens_per_s": "tokens/s",
     "tokens_per_s_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOP/s/GPU", "mfu": "MFU",
     "peak_mem_mib": "peak mem/GPU (MiB)", "state_mib": "model state/GPU (MiB)", "status": "status",

@@ -171,6 +171,9 @@ class PlannerTerms:
     #: still in use, after the allocator has released its cached blocks), as a fraction of the allocated
     #: memory: read from the same message; the largest measured where an engine has none.
     reserve_fraction: float = 0.013
+    #: With ``fp32_main_weights``: the fp32 main weights and Adam moments sharded over the data-parallel ranks
+    #: (Megatron's distributed optimizer); False: every rank holds them whole.
+    sharded_optimizer: bool = True
     #: Fraction of the dense matmul rate a whole step reaches (fitted on the GPU examples).
     step_efficiency: float = 0.37
     #: Bytes held beside each parameter of the decoder layers' linear modules (not the experts'): float8
@@ -205,6 +208,8 @@ class EngineSpec:
     model_files: ClassVar[dict[str, str]] = {}
     #: Python distributions whose versions the provenance reports (column name -> distribution).
     packages: ClassVar[dict[str, str]] = {}
+    #: Whether it runs pipeline parallelism (a layout's ``pp`` > 1); the common checks refuse pp > 1 otherwise.
+    pipeline_parallel: ClassVar[bool] = False
     #: Options read once per study, not per run (the checkpoint conversion's): every option set of a config
     #: that lists several must give them the same value.
     study_options: ClassVar[tuple[str, ...]] = ()

@@ -19,10 +19,19 @@ Model state (persistent from the first optimizer step on)::
                    of the gradients, allocated when the model is wrapped (counted in the peak; not in
                    the state, which is what a rank's measured ``state_mib`` sums: parameters, their
                    ``.grad`` and the optimizer's tensors)
-    nemo / automodel (Megatron mixed precision, distributed optimizer as in NeMo's recipes):
-      weights    = N_gpu·2 (+ N_lora·2) ; gradients = N_train·4 (fp32 main grads)
-      optimizer  = 12·N_train / DP_param       (fp32 master + 2 moments, sharded over the param's
-                                                data-parallel ranks: ep·dp dense, dp experts)
+    nemo (Megatron mixed precision; ``PlannerTerms.fp32_main_weights``):
+      weights    = N_gpu·2 (+ N_lora·2) ; gradients = N_train·4 (fp32 grad buffer, whole on every rank)
+      optimizer  = 12·N_train / DP_param       (fp32 main weights + 2 Adam moments; with the distributed
+                                                optimizer, as in NeMo's recipes, sharded over the param's
+                                                data-parallel ranks: ep·dp dense, dp experts; without it
+                                                DP_param = 1): Megatron's 6 + 12/d bytes per parameter
+
+Pipeline parallelism (pp > 1, Megatron's 1F1B without interleaving): a GPU of a stage holds L/pp layers'
+parameters, the first stage also the embedding, the last the final norm and the LM head (N_gpu, N_train of
+that stage: ``ftscale.estimate.comm.trainable_params_per_gpu``). The first stage starts min(pp, m)
+micro-batches (m per step and data-parallel rank) before the first backward, so it holds their
+activations of its L/pp layers; the last holds one micro-batch's, and the logits. Each is predicted; the
+larger peak is the run's (an inner stage holds less than the first).
 
 Activations saved for backward, per token of a micro-batch and per layer (embedded engine, eager
 PyTorch, Hugging Face Llama/Mixtral + peft, SDPA flash attention: nothing of size s² is kept)::
@@ -90,7 +99,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ftscale.engines.base import PlannerTerms
-from ftscale.estimate.comm import trainable_params_per_gpu
+from ftscale.estimate.comm import STAGES, trainable_params_per_gpu
 from ftscale.estimate.flops import ATTENTION_MODULES, MLP_MODULES, ArchDims, LoraSpec, arch_dims, lora_spec
 from ftscale.study.layout import Layout
 
@@ -132,6 +141,28 @@ class MemorySetting:
     dtype_bytes: int
     terms: PlannerTerms
     track: str = "data_parallel"
+    #: Micro-batches per optimizer step on one data-parallel rank (None: as many as the pipeline holds).
+    microbatches: int | None = None
+    #: The pipeline stage predicted (``ftscale.estimate.comm.STAGES``); pp = 1: the one stage is both.
+    stage: str = "first"
+
+    @property
+    def stage_layers(self) -> int:
+        """Decoder layers one GPU holds: L/pp."""
+        return self.arch.layers // self.layout.pp
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches whose activations the stage holds at once (1F1B: the first stage min(pp, m))."""
+        pp = self.layout.pp
+        if pp == 1 or self.stage != "first":
+            return 1
+        return min(pp, self.microbatches) if self.microbatches else pp
+
+    @property
+    def has_logits(self) -> bool:
+        """The stage computes the logits and the loss (the last one)."""
+        return self.layout.pp == 1 or self.stage == "last"
 
     @property
     def adapter_bytes(self) -> int:
@@ -155,7 +186,8 @@ DEFAULT_TERMS = PlannerTerms(adapter_bytes=4)
 
 def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layout: Layout | Mapping[str, Any], *,
                    micro_batch: int, seq_length: int, dtype_bytes: int, track: str = "data_parallel",
-                   terms: PlannerTerms = DEFAULT_TERMS, **changes: Any) -> MemorySetting:
+                   terms: PlannerTerms = DEFAULT_TERMS, microbatches: int | None = None,
+                   **changes: Any) -> MemorySetting:
     """The setting of a run; ``changes`` replace fields of ``terms`` (e.g. ``fused_ce="chunked"``)."""
     if "architecture" in arch:
         arch = arch["architecture"]
@@ -165,7 +197,8 @@ def memory_setting(arch: Mapping[str, Any], lora: Mapping[str, Any] | None, layo
         raise ValueError(f"micro_batch and seq_length must be >= 1, got {micro_batch}, {seq_length}")
     return MemorySetting(arch=arch_dims(arch), arch_dict=dict(arch), lora=lora_spec(lora),
                          layout=Layout.coerce(layout), micro_batch=micro_batch, seq_length=seq_length,
-                         dtype_bytes=dtype_bytes, terms=dataclasses.replace(terms, **changes), track=track)
+                         dtype_bytes=dtype_bytes, terms=dataclasses.replace(terms, **changes), track=track,
+                         microbatches=microbatches)
 
 
 # --------------------------------------------------------------------------- model state
@@ -188,8 +221,8 @@ class StateBytes:
 
 
 def _params_per_gpu(s: MemorySetting) -> tuple[int, int]:
-    """(non-expert, expert) base parameters held by one GPU."""
-    return trainable_params_per_gpu(s.arch_dict, s.layout.tp, s.layout.ep, None)
+    """(non-expert, expert) base parameters held by one GPU (of the setting's pipeline stage)."""
+    return trainable_params_per_gpu(s.arch_dict, s.layout.tp, s.layout.ep, None, pp=s.layout.pp, stage=s.stage)
 
 
 def _linear_params_per_gpu(s: MemorySetting) -> int:
@@ -197,7 +230,7 @@ def _linear_params_per_gpu(s: MemorySetting) -> int:
     GPU holds."""
     shapes = s.arch.linear_shapes()
     names = ATTENTION_MODULES + (() if s.arch.is_moe else MLP_MODULES)
-    return s.arch.layers * sum(shapes[n][0] * shapes[n][1] for n in names) // s.layout.tp
+    return s.stage_layers * sum(shapes[n][0] * shapes[n][1] for n in names) // s.layout.tp
 
 
 def state_bytes(s: MemorySetting) -> StateBytes:
@@ -208,13 +241,17 @@ def state_bytes(s: MemorySetting) -> StateBytes:
         train_dense, train_expert = dense, expert
         adapters = 0
     else:
-        train_dense, train_expert = trainable_params_per_gpu(s.arch_dict, lay.tp, lay.ep, s.lora_dict())
+        train_dense, train_expert = trainable_params_per_gpu(s.arch_dict, lay.tp, lay.ep, s.lora_dict(), pp=lay.pp,
+                                                             stage=s.stage)
         adapters = train_dense + train_expert
     trainable = train_dense + train_expert
     if s.terms.fp32_main_weights:
         weights = base * 2 + adapters * s.adapter_bytes
         grads = trainable * 4
-        optimizer = 12 * (train_dense / lay.data_parallel_size + train_expert / lay.dp)
+        # Megatron's distributed optimizer shards main weights and moments over each parameter's data-parallel
+        # ranks (the expert-data-parallel ones for experts); the grad buffer stays whole.
+        dense_shards, expert_shards = (lay.data_parallel_size, lay.dp) if s.terms.sharded_optimizer else (1, 1)
+        optimizer = 12 * (train_dense / dense_shards + train_expert / expert_shards)
         return StateBytes(weights, grads, optimizer, 0.0)
     g = a if s.full else s.adapter_bytes
     weights = base * a + adapters * s.adapter_bytes + s.terms.fp8_copy_bytes * _linear_params_per_gpu(s)
@@ -291,15 +328,16 @@ def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
 
 
 def activation_bytes(s: MemorySetting) -> float:
-    """Saved activations of all layers for one micro-batch, at their peak (start of backward)."""
+    """Saved activations of the stage's layers for the micro-batches it holds at once (one without
+    pipeline parallelism), at their peak (start of backward)."""
     per_layer = sum(layer_activation_bytes(s).values())
     if s.terms.fused_kernels:
         per_layer *= COMPILE_LAYER_ACTIVATION_FACTOR
     tokens = s.micro_batch * s.seq_length
     if s.terms.activation_checkpointing:
         S = s.layout.tp if s.layout.sp else 1
-        return tokens * (s.arch.layers * s.dtype_bytes * s.arch.hidden / S + per_layer)
-    return tokens * s.arch.layers * per_layer
+        return tokens * (s.in_flight * s.stage_layers * s.dtype_bytes * s.arch.hidden / S + per_layer)
+    return tokens * s.in_flight * s.stage_layers * per_layer
 
 
 def attention_workspace_bytes(s: MemorySetting) -> float:
@@ -326,7 +364,10 @@ def fused_ce_chunk_tokens(kind: str, tokens: int, vocab: int, hidden: int) -> in
 
 
 def logits_bytes(s: MemorySetting) -> float:
-    """Logits and loss at their peak for one micro-batch (see the module docstring)."""
+    """Logits and loss at their peak for one micro-batch (see the module docstring); 0 on a pipeline stage
+    other than the last."""
+    if not s.has_logits:
+        return 0.0
     tokens = s.micro_batch * s.seq_length
     if s.terms.fp32_main_weights:
         return tokens * 6 * s.arch.vocab / s.layout.tp
@@ -353,6 +394,8 @@ class MemoryPrediction:
     sync_buffer_mib: float
     ddp_buckets_mib: float = 0.0
     attention_backward_mib: float = 0.0
+    #: The pipeline stage these figures are of ("" without pipeline parallelism).
+    stage: str = ""
 
     @property
     def state_mib(self) -> float:
@@ -366,9 +409,18 @@ class MemoryPrediction:
 
 
 def predict_memory(s: MemorySetting) -> MemoryPrediction:
+    """The prediction of one GPU; with pipeline parallelism, of the stage with the larger peak."""
+    if s.layout.pp > 1:
+        return max((_stage_memory(dataclasses.replace(s, stage=stage), stage) for stage in STAGES),
+                   key=lambda p: p.peak_mib)
+    return _stage_memory(s, "")
+
+
+def _stage_memory(s: MemorySetting, stage: str) -> MemoryPrediction:
     state = state_bytes(s)
     return MemoryPrediction(
         weights_mib=state.weights / MIB, gradients_mib=state.gradients / MIB, optimizer_mib=state.optimizer / MIB,
         activations_mib=(activation_bytes(s) + attention_workspace_bytes(s)) / MIB, logits_mib=logits_bytes(s) / MIB,
         overhead_mib=ALLOCATOR_OVERHEAD_MIB, sync_buffer_mib=state.sync_buffer / MIB,
-        ddp_buckets_mib=state.ddp_buckets / MIB, attention_backward_mib=attention_backward_bytes(s) / MIB)
+        ddp_buckets_mib=state.ddp_buckets / MIB, attention_backward_mib=attention_backward_bytes(s) / MIB,
+        stage=stage)

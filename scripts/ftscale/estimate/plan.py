@@ -15,12 +15,14 @@ and is flagged against the memory CUDA reports usable on the target GPU (``plan.
 
 Step time, from the model FLOPs of ``ftscale.estimate.flops`` (the MFU convention)::
 
-    compute_s = FLOPs/token x global_batch x seq_length / GPUs x R / (matmul_tflops x 1e12 x efficiency)
+    compute_s = FLOPs/token x global_batch x seq_length / GPUs x R x B / (matmul_tflops x 1e12 x efficiency)
     comm_s    = bytes per GPU per step (ftscale.estimate.comm) / (BUS_GB_S x 1e9)      (not overlapped)
     step_time_s = compute_s + comm_s ;  tokens/s/GPU = global_batch x seq_length / step_time_s / GPUs
     GPU-hours = step_time_s x steps x GPUs / 3600                             (start-up not counted)
 
-R = (total + forward) / total with activation checkpointing (one more forward), else 1.
+R = (total + forward) / total with activation checkpointing (one more forward), else 1. B = (m + pp - 1) / m,
+the pipeline's bubble (1F1B: each stage idles for pp - 1 of the m + pp - 1 micro-batch slots of a step; m
+micro-batches per step and data-parallel rank), 1 without pipeline parallelism.
 ``matmul_tflops`` (``plan.matmul_tflops``, default 798) is the dense bf16 matmul rate of an H100 or
 H200; the efficiency is the fraction of it a whole training step reaches, which each engine gives
 (``PlannerTerms.step_efficiency``, fitted on the GPU examples of results/examples: model TFLOP/s / 798).
@@ -146,7 +148,8 @@ def setting_for(run: Run, arch: Mapping[str, Any], built: Mapping[str, Any] | No
     and engine options as they really were)."""
     nbytes = dtype_bytes(run, built)
     return memory_setting(arch, run.lora, run.layout, micro_batch=run.micro_batch, seq_length=run.seq_length,
-                          dtype_bytes=nbytes, track=run.track, terms=run.spec.planner_terms(run, nbytes, built))
+                          dtype_bytes=nbytes, track=run.track, terms=run.spec.planner_terms(run, nbytes, built),
+                          microbatches=max(run.grad_accum, 1))
 
 
 def step_time_s(run: Run, setting: MemorySetting, target: Target) -> float:
@@ -155,9 +158,10 @@ def step_time_s(run: Run, setting: MemorySetting, target: Target) -> float:
     recompute = (flops.total + flops.forward) / flops.total if setting.terms.activation_checkpointing else 1.0
     tokens = run.global_batch * setting.seq_length
     efficiency = setting.terms.step_efficiency
-    compute = flops.total * tokens / run.gpus * recompute / (target.matmul_tflops * 1e12 * efficiency)
     lay = setting.layout
     grad_accum = run.global_batch // (setting.micro_batch * lay.data_parallel_size)
+    bubble = (max(grad_accum, 1) + lay.pp - 1) / max(grad_accum, 1)
+    compute = flops.total * tokens / run.gpus * recompute * bubble / (target.matmul_tflops * 1e12 * efficiency)
     comm = comm_bytes_per_step(setting.arch_dict, lay, micro_batch=setting.micro_batch,
                                seq_length=setting.seq_length, grad_accum=max(grad_accum, 1),
                                act_bytes=setting.dtype_bytes, grad_bytes=4 if setting.lora else setting.dtype_bytes,
@@ -187,6 +191,7 @@ def predict(run: Run, model_spec: Mapping[str, Any], *, target: Target = Target(
         "predicted_state_mib": mem.state_mib,
         "predicted_peak_mem_mib": mem.peak_mib,
         "predicted_needed_mib": needed,
+        "peak_stage": mem.stage,
         "gpu_memory_mib": target.gpu_memory_mib,
         "memory_fraction": needed / target.gpu_memory_mib,
         "fit": fit_flag(needed, target),
@@ -205,11 +210,11 @@ def error_pct(predicted: float | None, measured: float | None) -> float | None:
 
 # --------------------------------------------------------------------------- the study's plan
 
-PLAN_COLUMNS = ("run_dir", "model", "track", "engine", "gpus", "tp", "ep", "dp", "sp", "micro_batch", "global_batch",
+PLAN_COLUMNS = ("run_dir", "model", "track", "engine", "options", "gpus", "nodes", "tp", "pp", "ep", "dp", "sp", "micro_batch", "global_batch",
                 "seq_length", "steps", "lora", "precision_bytes", "activation_checkpointing", "compile",
                 "predicted_weights_mib", "predicted_gradients_mib", "predicted_optimizer_mib",
                 "predicted_ddp_buckets_mib", "predicted_activations_mib", "predicted_logits_mib", "predicted_overhead_mib",
-                "predicted_state_mib", "predicted_peak_mem_mib", "predicted_needed_mib", "gpu_memory_mib",
+                "predicted_state_mib", "predicted_peak_mem_mib", "peak_stage", "predicted_needed_mib", "gpu_memory_mib",
                 "memory_fraction", "fit",
                 "predicted_step_time_s", "predicted_tokens_per_s_per_gpu", "predicted_gpu_hours", "status")
 
@@ -221,7 +226,8 @@ def plan_rows(study: Study, target: Target | None = None) -> list[dict[str, Any]
     for run in study.runs:
         setting = setting_for(run, study.models[run.model].arch)
         row = {"run_dir": run.directory, "model": run.model, "track": run.track, "engine": run.engine,
-               "gpus": run.gpus, "tp": run.tp, "ep": run.ep, "dp": run.dp, "sp": run.sp,
+               "gpus": run.gpus, "nodes": run.nodes, "tp": run.tp, "pp": run.pp, "ep": run.ep, "dp": run.dp,
+               "sp": run.sp, "options": run.spec.options_label(run),
                "micro_batch": run.micro_batch, "global_batch": run.global_batch, "seq_length": run.seq_length,
                "steps": run.steps, "lora": "full" if run.lora is None else f"r{run.lora.get('rank', 8)}",
                "precision_bytes": setting.dtype_bytes, "activation_checkpointing": setting.terms.activation_checkpointing,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ftscale.engines import names
+from ftscale.engines import engine, names
 from ftscale.engines.base import Errors
 from ftscale.study.layout import Layout
 from ftscale.study.run import TRACKS, Run
@@ -30,19 +30,23 @@ def common_errors(run: Run, model: Mapping[str, Any]) -> list[str]:
     if run.model != model.get("name"):
         errs.add("model", run.model, f"does not match the model's name {model.get('name')!r}")
     gpus, nodes, per_node = _int(run, errs, "gpus"), _int(run, errs, "nodes"), _int(run, errs, "gpus_per_node")
-    tp, ep, dp = _int(run, errs, "tp"), _int(run, errs, "ep"), _int(run, errs, "dp")
+    tp, ep, dp, pp = _int(run, errs, "tp"), _int(run, errs, "ep"), _int(run, errs, "dp"), _int(run, errs, "pp")
     if gpus and nodes and per_node and nodes * per_node != gpus:
         errs.add("gpus", gpus, f"must equal nodes x gpus_per_node = {nodes} x {per_node} = {nodes * per_node}")
     sp = run.sp
     if not isinstance(sp, bool):
         errs.add("sp", sp, "must be true or false")
     seq = _int(run, errs, "seq_length")
-    if tp and ep and dp and isinstance(sp, bool):
-        layout = Layout(tp, ep, dp, sp)
+    if pp and pp > 1 and run.engine in names() and not run.spec.pipeline_parallel:
+        able = [n for n in names() if engine(n).pipeline_parallel]
+        errs.add("pp", pp, f"the {run.engine} engine has no pipeline parallelism: pp must be 1 (engines with "
+                           f"pp > 1: {able})")
+    if tp and ep and dp and pp and isinstance(sp, bool):
+        layout = Layout(tp, ep, dp, sp, pp)
         if gpus and layout.world_size != gpus:
-            errs.add("gpus", gpus, f"must equal tp x ep x dp = {tp} x {ep} x {dp} = {layout.world_size}")
+            errs.add("gpus", gpus, f"must equal tp x pp x ep x dp = {tp} x {pp} x {ep} x {dp} = {layout.world_size}")
         for why in layout.errors(model.get("architecture") or {}, seq):
-            errs.add("layout", f"tp{tp}_ep{ep}_dp{dp}{'_sp' if sp else ''}", why)
+            errs.add("layout", layout.label, why)
     mbs, gbs = _int(run, errs, "micro_batch"), _int(run, errs, "global_batch")
     if mbs and gbs and ep and dp:
         dps = ep * dp

@@ -1,9 +1,12 @@
 """The parallel layout of a run, and the one place its rules are written.
 
-GPUs = tp x ep x dp (pipeline parallelism 1). Megatron's convention, which every engine here
-follows: experts are carved out of the data-parallel ranks, so the dense and attention layers see
-ep x dp replicas and the experts dp; expert tensor parallelism equals tp. ``sp`` (sequence
-parallelism) shards the activations between the tensor-parallel regions along the sequence.
+GPUs = tp x pp x ep x dp. Megatron's convention, which every engine here follows: experts are carved
+out of the data-parallel ranks, so the dense and attention layers see ep x dp replicas and the experts
+dp; expert tensor parallelism equals tp. ``sp`` (sequence parallelism) shards the activations between
+the tensor-parallel regions along the sequence. ``pp`` (pipeline parallelism) splits the decoder layers
+into pp stages of L/pp consecutive layers each (the embedding on the first stage, the final norm and
+the LM head on the last); every stage has its own tp x ep x dp grid, so the data-parallel sizes are
+those of pp = 1. Only engines that declare it (``EngineSpec.pipeline_parallel``) run pp > 1.
 
 ``Layout.errors(architecture)`` is used by the configuration's validation, by the engines before
 they build anything, and by the analytic models (communication, memory) of ``ftscale.estimate``.
@@ -28,16 +31,18 @@ def num_experts(arch: Mapping[str, Any]) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """A training layout; GPUs = tp·ep·dp. ``sp`` = sequence parallelism (only with tp > 1)."""
+    """A training layout; GPUs = tp·pp·ep·dp. ``sp`` = sequence parallelism (only with tp > 1); ``pp`` =
+    pipeline stages (last, so that ``Layout(tp, ep, dp, sp)`` keeps its meaning)."""
 
     tp: int = 1
     ep: int = 1
     dp: int = 1
     sp: bool = False
+    pp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.ep * self.dp
+        return self.tp * self.pp * self.ep * self.dp
 
     @property
     def data_parallel_size(self) -> int:
@@ -46,21 +51,31 @@ class Layout:
 
     @classmethod
     def coerce(cls, layout: Layout | Mapping[str, Any]) -> Layout:
-        """Accept a ``Layout`` or a dict like ``{tp: 2, sp: true}`` (missing keys default)."""
+        """Accept a ``Layout`` or a dict like ``{tp: 2, pp: 2, sp: true}`` (missing keys default)."""
         if isinstance(layout, Layout):
             return layout
-        return cls(tp=int(layout.get("tp", 1)), ep=int(layout.get("ep", 1)),
-                   dp=int(layout.get("dp", 1)), sp=bool(layout.get("sp", False)))
+        return cls(tp=int(layout.get("tp", 1)), ep=int(layout.get("ep", 1)), dp=int(layout.get("dp", 1)),
+                   sp=bool(layout.get("sp", False)), pp=int(layout.get("pp", 1)))
+
+    @property
+    def label(self) -> str:
+        """``tp2_ep4_dp1_sp``, with ``_pp2`` after tp when pp > 1 (as the run names spell a layout)."""
+        pp = f"_pp{self.pp}" if self.pp > 1 else ""
+        return f"tp{self.tp}{pp}_ep{self.ep}_dp{self.dp}{'_sp' if self.sp else ''}"
 
     def errors(self, arch: Mapping[str, Any], seq_length: int | None = None) -> list[str]:
         """Every rule this layout breaks for a model architecture (empty when it is valid).
 
         ``arch`` holds the architecture keys of a model.yaml (or of a Hugging Face config).
         """
-        tp, ep, dp = self.tp, self.ep, self.dp
-        if min(tp, ep, dp) < 1:
-            return [f"tp, ep and dp must be >= 1, got tp = {tp}, ep = {ep}, dp = {dp}"]
+        tp, ep, dp, pp = self.tp, self.ep, self.dp, self.pp
+        if min(tp, ep, dp, pp) < 1:
+            return [f"tp, pp, ep and dp must be >= 1, got tp = {tp}, pp = {pp}, ep = {ep}, dp = {dp}"]
         errs = []
+        layers = arch.get("num_hidden_layers")
+        if pp > 1 and layers and layers % pp:
+            errs.append(f"pp = {pp} must divide the decoder layers (num_hidden_layers = {layers}): each stage "
+                        "holds L/pp layers")
         heads, kv_heads = arch.get("num_attention_heads"), arch.get("num_key_value_heads") or arch.get(
             "num_attention_heads")
         if heads and (heads % tp or kv_heads % tp):
@@ -83,4 +98,5 @@ class Layout:
         """Raise ValueError with every broken rule."""
         errs = self.errors(arch, seq_length)
         if errs:
-            raise ValueError(f"layout tp={self.tp} ep={self.ep} dp={self.dp} sp={self.sp}: " + "; ".join(errs))
+            raise ValueError(f"layout tp={self.tp} pp={self.pp} ep={self.ep} dp={self.dp} sp={self.sp}: "
+                             + "; ".join(errs))

@@ -5,6 +5,7 @@ batch and the precision. The name encodes it (model and track are in the directo
 
     experiments/data_parallel/tiny_llama/embedded_gpus4_mbs4_gbs32_seq128
     experiments/model_parallel/tiny_mixtral/nemo_tp2_ep2_dp1_sp_mbs4_gbs16_seq128_bf16
+    experiments/model_parallel/mixtral_8x7b/nemo_tp1_pp4_ep8_dp1_mbs1_gbs128_seq2048_bf16   (pp > 1 only)
     experiments/data_parallel/llama31_8b/embedded_gpus1_mbs2_gbs8_seq4096_bf16_compile
 
 The precision is part of the name unless it is ``auto`` (bf16 on a GPU, fp32 on the CPU); the option set's
@@ -28,8 +29,8 @@ from ftscale.study.paths import RunPaths, data_dir, model_paths, run_dir
 TRACKS = ("data_parallel", "model_parallel")
 
 #: What makes two runs the same configuration (the participant comparison keys on these).
-IDENTITY_KEYS = ("track", "model", "engine", "option_set", "precision", "gpus", "tp", "ep", "dp", "sp", "micro_batch",
-                 "global_batch", "seq_length")
+IDENTITY_KEYS = ("track", "model", "engine", "option_set", "precision", "gpus", "tp", "pp", "ep", "dp", "sp",
+                 "micro_batch", "global_batch", "seq_length")
 
 #: What run.json holds besides the fields of ``Run``: derived from them, written for the engines' and the
 #: reader's convenience, never read back.
@@ -66,6 +67,7 @@ class Run:
     device: str
     lora: dict | None
     scaling: str | None = None  # data-parallel track: weak or strong
+    pp: int = 1  # pipeline stages (model-parallel track; ftscale.study.layout)
     nodes: int = 1
     weights: str = "pretrained"
     engine_options: dict = field(default_factory=dict)  # the config's section named after the engine
@@ -123,7 +125,7 @@ class Run:
 
     @property
     def layout(self) -> Layout:
-        return Layout(tp=self.tp, ep=self.ep, dp=self.dp, sp=self.sp)
+        return Layout(tp=self.tp, ep=self.ep, dp=self.dp, sp=self.sp, pp=self.pp)
 
     @property
     def data_parallel_size(self) -> int:
@@ -149,8 +151,7 @@ class Run:
         if self.track == "data_parallel":
             ep = f"_ep{self.ep}" if self.ep > 1 else ""
             return f"{self.engine}_gpus{self.gpus}{ep}_{batch}{precision}{options}"
-        sp = "_sp" if self.sp else ""
-        return f"{self.engine}_tp{self.tp}_ep{self.ep}_dp{self.dp}{sp}_{batch}{precision}{options}"
+        return f"{self.engine}_{self.layout.label}_{batch}{precision}{options}"
 
     @property
     def directory(self) -> str:

@@ -293,14 +293,18 @@ def load_study(config: dict, source: str = "config", root: Path = Path(".")) -> 
                     layout = Layout.coerce(lay)
                     errs = layout.errors(model.arch, batch["seq_length"])
                     if layout.world_size < 2:
-                        errs.append(f"model-parallel runs need 2 or more GPUs, this one has tp x ep x dp = "
+                        errs.append(f"model-parallel runs need 2 or more GPUs, this one has tp x pp x ep x dp = "
                                     f"{layout.world_size}")
+                    if layout.pp > 1 and not engine(engine_name).pipeline_parallel:
+                        errs.append(f"pp = {layout.pp}: the {engine_name} engine has no pipeline parallelism "
+                                    f"(engines with pp > 1: {[n for n in names() if engine(n).pipeline_parallel]})")
                     if errs:
                         errors.extend(f"{key}: {e}" for e in errs)
                         continue
                     gbs = batch["global_batch"] * layout.data_parallel_size
-                    add(Run(**common, model=name, track=track, gpus=layout.world_size, tp=layout.tp, ep=layout.ep,
-                            dp=layout.dp, sp=layout.sp, global_batch=gbs, lora=None, weights=model.spec["weights"]))
+                    add(Run(**common, model=name, track=track, gpus=layout.world_size, tp=layout.tp, pp=layout.pp,
+                            ep=layout.ep, dp=layout.dp, sp=layout.sp, global_batch=gbs, lora=None,
+                            weights=model.spec["weights"]))
 
     for track in TRACKS:
         if not tracks[track]["enabled"]:

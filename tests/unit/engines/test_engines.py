@@ -37,7 +37,9 @@ def good_mixtral_mp() -> Run:
 @pytest.mark.parametrize("change, key, value, words", [
     ({"ep": 3, "gpus": 6, "tp": 2, "global_batch": 6},
      "layout", "'tp2_ep3_dp1_sp'", "ep = 3 must divide the number of experts (8)"),
-    ({"gpus": 16}, "gpus", "16", "tp x ep x dp = 2 x 4 x 1 = 8"),
+    ({"gpus": 16}, "gpus", "16", "tp x pp x ep x dp = 2 x 1 x 4 x 1 = 8"),
+    ({"pp": 3, "gpus": 24, "nodes": 3}, "layout", "'tp2_pp3_ep4_dp1_sp'",
+     "pp = 3 must divide the decoder layers (num_hidden_layers = 32)"),
     ({"nodes": 3}, "gpus", "8", "nodes x gpus_per_node = 3 x 2"),
     ({"lora": LORA}, "lora", "{'rank': 8", "model_parallel track is full fine-tuning"),
     ({"sp": False}, "sp", "False", "sequence parallelism when tp (2) and ep (4)"),
@@ -57,6 +59,28 @@ def test_good_layouts_pass(repo):
     assert run_errors(good_mixtral_mp(), spec(repo, "mixtral_8x7b")) == []
     dense = layout_run("model_parallel", "llama31_8b", 8, 1, 1, sp=True, global_batch=16)
     assert run_errors(dense, spec(repo, "llama31_8b")) == []
+
+
+def test_pipeline_parallelism_runs_on_nemo_and_is_refused_before_any_job_elsewhere(repo):
+    piped = dataclasses.replace(good_mixtral_mp(), pp=2, gpus=16, nodes=2)
+    assert run_errors(piped, spec(repo, "mixtral_8x7b")) == []
+    assert "_tp2_pp2_ep4_dp1_sp_" in piped.name and piped.layout.world_size == 16
+    assert "_pp" not in good_mixtral_mp().name  # pp = 1 keeps the names of before
+    for other in ("embedded", "automodel"):
+        msgs = run_errors(dataclasses.replace(piped, engine=other), spec(repo, "mixtral_8x7b"))
+        assert any(f"pp = 2: the {other} engine has no pipeline parallelism" in m for m in msgs), msgs
+
+
+def test_nemo_distributed_optimizer_is_an_engine_option(repo):
+    run = good_mixtral_mp()
+    assert run.options.distributed_optimizer is True  # NeMo's recipes' default
+    off = dataclasses.replace(run, engine_options={"distributed_optimizer": False})
+    assert run_errors(off, spec(repo, "mixtral_8x7b")) == []
+    assert off.spec.planner_terms(off, 2).sharded_optimizer is False and run.spec.planner_terms(run, 2).sharded_optimizer
+    assert off.spec.options_label(off) == "distributed_optimizer=false"
+    bad = dataclasses.replace(run, engine_options={"distributed_optimizer": "yes"})
+    assert any("nemo.distributed_optimizer = 'yes': must be one of [True, False]" in m
+               for m in run_errors(bad, spec(repo, "mixtral_8x7b")))
 
 
 def test_sp_needs_tp_and_ep_needs_experts(repo):

@@ -128,3 +128,19 @@ def test_invalid_layouts():
         comm_bytes_per_step(DENSE, Layout(tp=4), **COMMON)  # 2 heads over 4 ranks
     with pytest.raises(ValueError):
         comm_bytes_per_step(DENSE, Layout(tp=0), **COMMON)
+
+
+def test_pipeline_stage_params_and_its_point_to_point_bytes():
+    # a layer: attention 256 + MLP 384 + 2 norms 16 = 656; embedding and LM head 256 each; final norm 8
+    assert trainable_params_per_gpu(DENSE, 1, 1, pp=2, stage="first") == (656 + 256, 0)
+    assert trainable_params_per_gpu(DENSE, 1, 1, pp=2, stage="last") == (656 + 256 + 8, 0)
+    with pytest.raises(ValueError, match="pp = 3 must divide the decoder layers"):
+        trainable_params_per_gpu(DENSE, 1, 1, pp=3)
+    c = comm_bytes_per_step(DENSE, Layout(dp=2, pp=2), **COMMON)
+    # dp: the first stage's gradients 2·(1/2)·912·4; pp: 3 micro-batches x (activations forward + gradients
+    # backward) of b·s·h·a = 2·4·8·2 = 128 bytes
+    zero_except(c, dp_allreduce=3648, pp_p2p=768)
+    assert c.pp_p2p == 768
+    # tp's collectives run over the stage's L/pp layers
+    assert (comm_bytes_per_step(DENSE, Layout(tp=2, pp=2), **COMMON).tp_allreduce
+            == comm_bytes_per_step(DENSE, Layout(tp=2), **COMMON).tp_allreduce / 2)

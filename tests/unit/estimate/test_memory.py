@@ -1,6 +1,8 @@
 """ftscale.estimate.memory: hand-computed cases, and the activation formula against the tensors autograd
 really saves for backward in small Hugging Face models (bf16 and fp32, LoRA and full, dense and MoE)."""
 
+import dataclasses
+
 import pytest
 from paths import architecture
 from runs import make_run
@@ -9,7 +11,9 @@ from ftscale.engines import engine
 from ftscale.estimate.memory import (
     ALLOCATOR_OVERHEAD_MIB,
     MIB,
+    activation_bytes,
     layer_activation_bytes,
+    logits_bytes,
     memory_setting,
     predict_memory,
     state_bytes,
@@ -151,3 +155,54 @@ def test_fused_ce_keeps_one_chunk_of_logits_by_hand():
     # not on the model-parallel track (the engine leaves it off there: the head is split by TP)
     mp = make_run(track="model_parallel", gpus=2, tp=2, sp=True, engine_options={"fused_ce": "chunked"})
     assert engine("embedded").planner_terms(mp, 2).fused_ce == "off"
+
+
+# Mixtral 8x7B by hand: one layer's non-expert parameters (q, k, v, o; 2 norms; the router), one expert's,
+# and the untied embedding / LM head.
+MIXTRAL_LAYER = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 2 * 4096 + 4096 * 8  # 41,984,000
+MIXTRAL_EXPERT = 3 * 4096 * 14336  # 176,160,768
+MIXTRAL_VOCAB = 32000 * 4096  # 131,072,000
+
+
+def _nemo(layout: dict, **options) -> object:
+    run = make_run(engine="nemo", track="model_parallel", engine_options=options)
+    return memory_setting(MIXTRAL_8X7B, None, layout, micro_batch=1, seq_length=2048, dtype_bytes=2,
+                          terms=engine("nemo").planner_terms(run, 2), track="model_parallel", microbatches=16)
+
+
+def test_distributed_optimizer_shards_main_weights_and_moments_over_the_data_parallel_ranks():
+    """Megatron's 6 + 12/d bytes per parameter: d = ep x dp for the dense part, dp for the experts; off: 18."""
+    dense = 32 * MIXTRAL_LAYER + 2 * MIXTRAL_VOCAB + 4096  # 1,605,636,096
+    expert = 32 * MIXTRAL_EXPERT  # one expert per GPU at ep 8: 5,637,144,576
+    sharded = state_bytes(_nemo({"ep": 8, "dp": 2}))
+    assert sharded.weights == (dense + expert) * 2 and sharded.gradients == (dense + expert) * 4  # not sharded
+    assert sharded.optimizer == 12 * (dense / 16 + expert / 2)
+    whole = state_bytes(_nemo({"ep": 8, "dp": 2}, distributed_optimizer=False))
+    assert whole.optimizer == 12 * (dense + expert)
+    assert (whole.weights, whole.gradients) == (sharded.weights, sharded.gradients)
+
+
+def test_pipeline_stages_split_the_layers_embedding_first_lm_head_last():
+    s = _nemo({"ep": 8, "pp": 2})
+    first, last = state_bytes(s), state_bytes(dataclasses.replace(s, stage="last"))
+    layers = 16 * MIXTRAL_LAYER + 16 * MIXTRAL_EXPERT  # half the layers, one expert each
+    assert first.weights == (layers + MIXTRAL_VOCAB) * 2  # the embedding
+    assert last.weights == (layers + MIXTRAL_VOCAB + 4096) * 2  # the LM head and the final norm
+    assert first.optimizer == 12 * ((16 * MIXTRAL_LAYER + MIXTRAL_VOCAB) / 8 + 16 * MIXTRAL_EXPERT)
+
+
+def test_the_first_stage_holds_pp_micro_batches_and_the_last_the_logits():
+    one, two, four = _nemo({"ep": 8}), _nemo({"ep": 8, "pp": 2}), _nemo({"ep": 8, "pp": 4})
+    per_layer = 2048 * sum(layer_activation_bytes(one).values())
+    assert activation_bytes(one) == 32 * per_layer
+    # 1F1B: the first stage starts min(pp, m) micro-batches before its first backward, of its L/pp layers
+    assert activation_bytes(two) == 2 * 16 * per_layer and activation_bytes(four) == 4 * 8 * per_layer
+    assert activation_bytes(dataclasses.replace(four, microbatches=2)) == 2 * 8 * per_layer
+    last = dataclasses.replace(four, stage="last")
+    assert activation_bytes(last) == 8 * per_layer
+    assert logits_bytes(four) == 0 and logits_bytes(last) == logits_bytes(one) == 2048 * 6 * 32000
+    # the run's prediction is its larger stage: here the first (4 micro-batches of 8 layers > 1 and the logits)
+    pred = predict_memory(four)
+    assert pred.stage == "first" and pred.logits_mib == 0
+    assert pred.activations_mib == activation_bytes(four) / MIB
+    assert predict_memory(one).stage == ""

@@ -120,8 +120,20 @@ def test_workshop_plan_flags_the_layouts_that_cannot_fit(tmp_path):
     study = load_study(_workshop(REPO), "config/workshop.yaml", root=REPO)
     rows = write_plan(study, tmp_path / "plan.csv", tmp_path / "plan.md")
     fit = {r["run_dir"].split("/", 2)[2]: r["fit"] for r in rows}
-    # Mixtral full fine-tuning at 18 bytes per parameter: no workshop layout fits 80 GB.
-    assert {f for d, f in fit.items() if d.startswith("mixtral_8x7b/") and "_tp" in d} == {PREDICTED_OOM}
+    # Mixtral full fine-tuning at 6 + 12/d bytes per parameter: no layout of one 8-GPU node fits 80 GB ...
+    one_node = {d: r for d, r in fit.items() if d.startswith("mixtral_8x7b/nemo_tp") and "_pp" not in d
+                and "_dp1_" in d}
+    assert len(one_node) == 5 and set(one_node.values()) == {PREDICTED_OOM}
+    # ... nor 16 GPUs of which the distributed optimizer halves only the expert state (dp 2); pipeline stages do.
+    assert fit["mixtral_8x7b/nemo_tp1_ep8_dp2_mbs1_gbs256_seq2048_bf16"] == PREDICTED_OOM
+    assert fit["mixtral_8x7b/nemo_tp1_pp2_ep8_dp1_mbs1_gbs128_seq2048_bf16"] in (FITS, TIGHT)
+    assert fit["mixtral_8x7b/nemo_tp1_pp4_ep8_dp1_mbs1_gbs128_seq2048_bf16"] == FITS
+    assert fit["mixtral_8x7b/nemo_tp1_pp2_ep8_dp2_mbs1_gbs256_seq2048_bf16"] == FITS
+    # The workshop skips what cannot fit, and keeps its row.
+    assert {r["status"] == "planned" for r in rows if r["fit"] != PREDICTED_OOM} == {True}
+    skipped = with_predicted_oom_skipped(study)
+    assert {r.directory for r in skipped.runs if r.skip_reason} == {r["run_dir"] for r in rows
+                                                                      if r["fit"] == PREDICTED_OOM}
     # Mixtral's 93 GB of bf16 weights on one GPU do not fit; split over 2 or more with EP they do.
     assert fit["mixtral_8x7b/nemo_gpus1_mbs1_gbs16_seq2048_bf16"] == PREDICTED_OOM
     assert fit["mixtral_8x7b/nemo_gpus2_ep2_mbs1_gbs32_seq2048_bf16"] == FITS
@@ -129,7 +141,7 @@ def test_workshop_plan_flags_the_layouts_that_cannot_fit(tmp_path):
     md = (tmp_path / "plan.md").read_text()
     hours = sum(r["predicted_gpu_hours"] for r in rows)
     assert f"GPU-hours of the whole sweep: {fmt_number(hours)}" in md and hours > 0
-    assert md.count("| experiments/") == len(study.runs) == len(rows)
+    assert sum(line.startswith("| experiments/") for line in md.splitlines()) == len(study.runs) == len(rows)
     assert (tmp_path / "plan.csv").read_text().count("\n") == len(rows) + 1
 
 
@@ -139,9 +151,10 @@ def test_plan_md_has_the_number_and_table_format_of_tables_md(tmp_path):
     study = load_study(_workshop(REPO), "config/workshop.yaml", root=REPO)
     rows = write_plan(study, tmp_path / "plan.csv", tmp_path / "plan.md")
     md = (tmp_path / "plan.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("|")]
+    table = [line for line in md.split("## Every run")[1].splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
-    assert header[:8] == ["run", *(LABELS[k] for k in ("gpus", "tp", "ep", "dp", "sp", "micro_batch", "seq_length"))]
+    assert header[:9] == ["run", *(LABELS[k] for k in ("gpus", "tp", "pp", "ep", "dp", "sp", "micro_batch",
+                                                       "seq_length"))]
     assert LABELS["step_time_s"] in header and LABELS["tokens_per_s_per_gpu"] in header
     assert set(table[1].replace("|", "").replace(" ", "")) <= {"-", ":"}  # the markdown() separator line
     first = dict(zip(header, (cell.strip() for cell in table[2].strip("|").split("|"))))
@@ -268,3 +281,32 @@ def test_a_skipped_run_is_shown_in_the_tables_and_fails_nothing(tmp_path):
     # once the plan no longer skips it, it is a run to do
     unskipped = load_study({**cfg, "plan": {}}, "skip.yaml", root=REPO)
     assert skipped.directory in runs_to_redo(unskipped, tmp_path)
+
+
+def test_plan_md_names_the_smallest_layout_that_fits_for_every_model_and_track(tmp_path):
+    study = load_study(_workshop(REPO), "config/workshop.yaml", root=REPO)
+    rows = write_plan(study, tmp_path / "plan.csv", tmp_path / "plan.md")
+    section = (tmp_path / "plan.md").read_text().split("## The smallest layout that fits")[1].split("## Every run")[0]
+    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in section.splitlines()
+             if line.startswith("| ") and not line.startswith("| model")}
+    assert set(lines) == {(r["model"], r["track"]) for r in rows}
+    mixtral = lines[("mixtral_8x7b", "model_parallel")]
+    best = next(r for r in rows if r["run_dir"].endswith("/nemo_tp1_pp2_ep8_dp1_mbs1_gbs128_seq2048_bf16"))
+    assert "| tp1 pp2 ep8 dp1 " in mixtral and f"| {fmt_number(best['predicted_needed_mib'])} " in mixtral
+    assert f"| {fmt_percent(best['memory_fraction'])} " in mixtral and "| 16 " in mixtral and "| 2 " in mixtral
+    assert "| tp1 ep2 dp1 " in lines[("mixtral_8x7b", "data_parallel")]  # 1 GPU does not fit, 2 do
+
+
+def test_smallest_fitting_prefers_fewer_gpus_then_less_memory_and_says_when_none_fits():
+    from ftscale.analyze.plan_report import smallest_fitting
+
+    def row(model, gpus, needed, fit, name):
+        return {"model": model, "track": "model_parallel", "gpus": gpus, "predicted_needed_mib": needed, "fit": fit,
+                "run_dir": name}
+
+    rows = [row("a", 8, 90_000, PREDICTED_OOM, "a8"), row("a", 16, 70_000, TIGHT, "a16t"),
+            row("a", 16, 50_000, FITS, "a16f"), row("a", 32, 40_000, FITS, "a32"),
+            row("b", 2, 99_000, PREDICTED_OOM, "b2")]
+    out = smallest_fitting(rows)
+    assert [(e["model"], e["run"]["run_dir"] if e["run"] else None, e["runs"]) for e in out] == [
+        ("a", "a16f", 4), ("b", None, 1)]

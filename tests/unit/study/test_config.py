@@ -87,6 +87,10 @@ def test_bad_config_is_rejected_naming_file_key_value(default_config, repo, edit
         ("tiny_llama", {"tp": 1, "ep": 2}, "tiny_llama[0]' = {\"tp\": 1, \"ep\": 2, \"dp\": 1, \"sp\": false}: ep = 2 but the model is dense"),
         ("tiny_mixtral", {"tp": 1, "ep": 8}, "ep = 8 must divide the number of experts (4)"),
         ("tiny_mixtral", {"tp": 1, "ep": 2, "sp": True}, "sp = true needs tp > 1"),
+        ("tiny_llama", {"tp": 1, "pp": 4}, "pp = 4 must divide the decoder layers (num_hidden_layers = 2)"),
+        ("tiny_llama", {"tp": 1, "pp": 2}, "pp = 2: the embedded engine has no pipeline parallelism "
+                                           "(engines with pp > 1: ['nemo'])"),
+        ("tiny_mixtral", {"tp": 1, "pp": 0}, "tiny_mixtral[0].pp' = 0: 0 is less than the minimum of 1"),
     ],
 )
 def test_bad_layouts_are_rejected(default_config, repo, model, layout, expected):

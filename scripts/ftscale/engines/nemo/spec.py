@@ -37,6 +37,9 @@ class NemoOptions:
     transformer_impl: str = choice("transformer_engine", "local",
                                    doc="Megatron's Transformer Engine layers, or its local spec (no TE)")
     python: str | None = text("the interpreter of the engine's jobs and of the conversion")
+    distributed_optimizer: bool = choice(
+        True, False, doc="Megatron's distributed optimizer (as NeMo's recipes): fp32 main weights and Adam moments "
+                         "sharded over the data-parallel ranks (experts: the expert-data-parallel ranks)")
 
 
 def nemo_lora_targets(targets: list[str], architecture: Mapping[str, Any] | None = None) -> list[str]:
@@ -74,6 +77,7 @@ class NemoSpec(EngineSpec):
     model_files = {"nemo_checkpoint": "nemo", "nemo_import_log": "nemo-import.log"}
     packages = {"nemo": "nemo_toolkit"}
     study_options = ("python", "transformer_impl")
+    pipeline_parallel = True
 
     def conversion_command(self, section: Mapping[str, Any], ftscale: str) -> str:
         """``ftscale import-nemo`` (``llm.import_ckpt``)."""
@@ -113,9 +117,9 @@ class NemoSpec(EngineSpec):
         elif source == "synthetic" and model.get("synthetic_at_load"):
             errs.add("model.synthetic_at_load", True, "NeMo converts weights from files: a synthetic model for NeMo "
                                                       "needs synthetic_at_load: false")
-        tp, ep, gpus = run.tp, run.ep, run.gpus
-        if tp * ep and gpus % (tp * ep):
-            errs.add("ep", ep, f"tp x ep = {tp * ep} must divide gpus = {gpus} (Megatron's expert grid, pp = 1)")
+        tp, ep, pp, gpus = run.tp, run.ep, run.pp, run.gpus
+        if tp * ep * pp and gpus % (tp * ep * pp):
+            errs.add("ep", ep, f"tp x pp x ep = {tp * ep * pp} must divide gpus = {gpus} (Megatron's expert grid)")
         if tp > 1 and ep > 1 and run.sp is False:
             errs.add("sp", False, f"Megatron requires sequence parallelism when tp ({tp}) and ep ({ep}) are both > 1")
         if not isinstance(run.seed, int) or run.seed <= 0:
@@ -129,9 +133,13 @@ class NemoSpec(EngineSpec):
         # Megatron's DDP holds the gradients in its fp32 buffer: no second copy. Context and reserve: read from
         # the NeMo run that ran out of memory on the H100 (docs/planner.md).
         return PlannerTerms(adapter_bytes=2, fp32_main_weights=True, unfused_attention=local, norm_keeps="input",
-                            unfused_glu=local, gradient_buckets=False, cuda_context_mib=2022.0,
+                            unfused_glu=local, gradient_buckets=False,
+                            sharded_optimizer=self.options(run).distributed_optimizer, cuda_context_mib=2022.0,
                             reserve_fraction=0.013,
                             step_efficiency=STEP_EFFICIENCY["local" if local else "transformer_engine"])
 
     def options_label(self, run: Run, built: Mapping[str, Any] | None = None) -> str:
-        return "transformer_impl=local" if self.local_spec(run) else ""
+        shown = ["transformer_impl=local"] if self.local_spec(run) else []
+        if not self.options(run).distributed_optimizer:
+            shown.append("distributed_optimizer=false")
+        return ", ".join(shown)

@@ -5,10 +5,12 @@ and Mixtral 8x7B recipes), with nemo_run 0.11.1 (see .ci/nemo-venv for the pins)
 imports NeMo at module level (the pure checks are ``ftscale.engines.nemo.spec``): the functions import
 ``nemo``/``nemo_run`` inside, so ``ftscale`` stays importable without NeMo.
 
-Layout vocabulary (``ftscale.study.run.Run``): ``gpus = tp x ep x dp`` with pipeline
-parallelism 1. Megatron carves expert parallelism out of the data-parallel ranks (expert tensor
-parallelism = tp, as NeMo leaves it), so the dense/attention layers see a data-parallel size of
-``ep x dp`` (= gpus / tp, what NeMo divides the global batch by) and the experts one of ``dp``.
+Layout vocabulary (``ftscale.study.run.Run``): ``gpus = tp x pp x ep x dp``. Megatron carves expert
+parallelism out of the data-parallel ranks (expert tensor parallelism = tp, as NeMo leaves it), so the
+dense/attention layers see a data-parallel size of ``ep x dp`` (= gpus / (tp x pp), what NeMo divides the
+global batch by) and the experts one of ``dp``; ``pp`` stages run Megatron's 1F1B schedule (no
+interleaving). The ``distributed_optimizer`` option (default on, as in NeMo's recipes) shards the fp32
+main weights and Adam moments over those data-parallel ranks.
 
 Entry point (started by ftscale.run.launch)::
 
@@ -52,9 +54,9 @@ def build_recipe(run: Run, model: dict):
     full fine-tuning)::
 
         trainer.strategy.tensor_model_parallel_size          = tp
-        trainer.strategy.pipeline_model_parallel_size        = 1
-        trainer.strategy.virtual_pipeline_model_parallel_size= None
-        trainer.strategy.pipeline_dtype                      = None   (no pipeline)
+        trainer.strategy.pipeline_model_parallel_size        = pp
+        trainer.strategy.virtual_pipeline_model_parallel_size= None   (1F1B, no interleaving)
+        trainer.strategy.pipeline_dtype                      = bf16 with pp > 1 (what stages send), else None
         trainer.strategy.expert_model_parallel_size          = ep
         trainer.strategy.expert_tensor_parallel_size         = None   (Megatron: = tp)
         trainer.strategy.context_parallel_size               = 1
@@ -69,6 +71,7 @@ def build_recipe(run: Run, model: dict):
         model.config TE-only settings, layer spec            = off / local, with transformer_impl: local
         optim.lr_scheduler.warmup_steps / max_steps          = warmup_steps / steps
         optim.config.lr                                      = learning_rate (when the run has one)
+        optim.config.use_distributed_optimizer               = nemo.distributed_optimizer (default true)
         resume.restore_config.path                           = abspath(checkpoint)  (not nemo://...)
         resume.resume_if_exists                              = False (always start from the import)
         peft.dim / alpha / target_modules                    = lora rank / alpha / targets
@@ -81,6 +84,7 @@ def build_recipe(run: Run, model: dict):
     if errors:
         raise ValueError("cannot build a NeMo recipe:\n  " + "\n  ".join(errors))
     import nemo_run as nr
+    import torch
     from nemo.collections import llm
     from nemo.utils.exp_manager import TimingCallback
 
@@ -98,9 +102,9 @@ def build_recipe(run: Run, model: dict):
 
     strategy = recipe.trainer.strategy
     strategy.tensor_model_parallel_size = run.tp
-    strategy.pipeline_model_parallel_size = 1
+    strategy.pipeline_model_parallel_size = run.pp
     strategy.virtual_pipeline_model_parallel_size = None
-    strategy.pipeline_dtype = None
+    strategy.pipeline_dtype = torch.bfloat16 if run.pp > 1 else None
     strategy.expert_model_parallel_size = run.ep
     strategy.expert_tensor_parallel_size = None
     strategy.context_parallel_size = 1
@@ -131,6 +135,7 @@ def build_recipe(run: Run, model: dict):
     recipe.optim.lr_scheduler.max_steps = run.steps
     if run.learning_rate is not None:
         recipe.optim.config.lr = run.learning_rate
+    recipe.optim.config.use_distributed_optimizer = NemoSpec().options(run).distributed_optimizer
 
     recipe.resume.restore_config.path = _abs(run.checkpoint)
     recipe.resume.resume_if_exists = False
@@ -204,6 +209,8 @@ def recipe_fields(recipe) -> dict:
         "warmup_steps": recipe.optim.lr_scheduler.warmup_steps,
         "lr_max_steps": recipe.optim.lr_scheduler.max_steps,
         "learning_rate": recipe.optim.config.lr,
+        "distributed_optimizer": recipe.optim.config.use_distributed_optimizer,
+        "pipeline_dtype": s.pipeline_dtype,
         "precision": t.plugins.precision,
         "peft": cls.__name__.lower() if cls is not None else None,
         "lora_rank": getattr(peft, "dim", None) if peft is not None else None,
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             f = recipe_fields(recipe)
             print(kv_line("layout", world=f["gpus"], tp=f["tp"], ep=f["ep"], dp=run.dp, pp=f["pp"], cp=f["cp"],
+                          distributed_optimizer=int(f["distributed_optimizer"]),
                           sp=int(f["sp"]), micro_batch=f["micro_batch"], global_batch=f["global_batch"],
                           seq_length=f["seq_length"], peft=f["peft"] or "none", lora_rank=f["lora_rank"],
                           restore=f["checkpoint"], device="cuda",
