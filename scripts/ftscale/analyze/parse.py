@@ -31,7 +31,9 @@ FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
         r"\[ftscale\] error=oom|CUDA out of memory|OutOfMemoryError(?!: out of resource)")),
     ("failed", "Slurm time limit", re.compile(r"DUE TO TIME LIMIT")),
     ("failed", "node failure", re.compile(r"DUE TO NODE FAILURE|NODE_FAIL")),
-    ("cancelled", "cancelled", re.compile(r"\[ftscale\] error=cancelled|CANCELLED AT")),
+    # the job cancelled (scancel), not one of its steps: srun --kill-on-bad-exit cancels the step of a run across
+    # nodes when one node's torchrun fails ("*** STEP 9.0 ON n1 CANCELLED AT"), and that failure is the reason
+    ("cancelled", "cancelled", re.compile(r"\[ftscale\] error=cancelled|\*\*\* JOB \d+ ON \S+ CANCELLED AT")),
     ("failed", "NCCL timeout", re.compile(r"Watchdog caught collective operation timeout|NCCL.{0,80}timed? ?out", re.I)),
     ("failed", "NCCL error", re.compile(r"NCCL error|ncclInternalError|ncclSystemError|ncclUnhandledCudaError")),
     ("failed", "the nodes never all met at the rendezvous (torchrun's c10d rendezvous timed out or its host was "
