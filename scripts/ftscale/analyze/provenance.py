@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 from ftscale.engines import engine, names
+from ftscale.run.launch import cpu_model
 from ftscale.study.paths import CODE_ROOT
 from ftscale.study.run import Run
 
@@ -94,26 +95,15 @@ def device_name(layout: dict) -> str:
     return str(layout.get("device", ""))
 
 
-def cpu_model() -> str:
-    """This machine's CPU model (Linux /proc/cpuinfo), or 'unknown'."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def run_provenance(layout: dict, run: Run, launch: dict, env: dict) -> dict[str, object]:
     """The provenance columns of one row.
 
-    ``device_model``: the GPU name; for a CPU run the CPU model when the run ran on this host
-    (launch.json ``host``), else 'unknown' (the log does not name the CPU).
+    ``device_model``: the GPU name; for a CPU run the CPU model its launcher recorded (launch.json
+    ``cpu_model``), or this host's when the run ran here and its record has none, else 'unknown'.
     """
     device = device_name(layout)
     if device == "cpu":
-        model = cpu_model() if launch.get("host") == socket.gethostname() else "unknown"
+        model = launch.get("cpu_model") or (cpu_model() if launch.get("host") == socket.gethostname() else "unknown")
     elif device and device != "cuda":
         model = device
     else:

@@ -97,6 +97,17 @@ def slurm_nodelist(env: dict[str, str]) -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def cpu_model() -> str:
+    """This machine's CPU model (Linux /proc/cpuinfo), or 'unknown'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def free_port() -> int:
     """A TCP port free on this host now (the kernel's choice, as torchrun --standalone makes it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -211,7 +222,8 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     if single:
         env.update(single_process_env(free_port()))
     record = {
-        "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "cpus": cpus,
+        "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "cpu_model": cpu_model(),
+        "cpus": cpus,
         "threads_per_rank": per_rank,
         "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_nodelist": slurm_nodelist(env),
         "start": time.time(), "end": None, "wall_s": None,
