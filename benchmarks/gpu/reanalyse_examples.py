@@ -93,6 +93,8 @@ EXAMPLES: dict[str, Call | list[Call]] = {
         Call(H2H, {"engine": ["nemo"], "batch": {"micro_batch": 1, "seq_length": 2048}}, GPU + "nemo_8b_seq2048.yaml"),
         Call(H2H, {**H2H_FAST, "batch": {"micro_batch": 1, "seq_length": 2048, "steps": 10}},
              GPU + "h2h_seq2048.yaml")],
+    # On the CPU, across the two nodes of the private Slurm test cluster (tests/slurm/test_two_nodes.py)
+    "2026-12-07-cpu-two-nodes": Call("tests/config/slurm_two_nodes.yaml"),
 }
 
 
