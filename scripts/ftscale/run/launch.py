@@ -166,7 +166,7 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
         env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                                             text=True).stdout.split()[0]
     record = {
-        "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "cpus": cpus,
+        "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "pid": os.getpid(), "cpus": cpus,
         "threads_per_rank": per_rank,
         "slurm_job_id": env.get("SLURM_JOB_ID"), "start": time.time(), "end": None, "wall_s": None,
         "returncode": None, "signal": None,
