@@ -126,7 +126,9 @@ def _in_progress(run: Run, paths: RunPaths, launch: dict, now: float, state: str
 
 def _slurm_job_state(run: Run, paths: RunPaths, launch: dict, job: SlurmJob, now: float) -> RunState:
     if job.waiting:
-        return RunState(run, "queued", reason=job.reason or job.state.lower(), job_id=job.job_id)
+        # squeue's reason (Priority, Resources, ...; none before the scheduler has looked), or its state
+        reason = job.reason if job.state == "PENDING" else ", ".join(filter(None, (job.state.lower(), job.reason)))
+        return RunState(run, "queued", reason=reason, job_id=job.job_id)
     if launch.get("end") is None and str(launch.get("slurm_job_id")) == job.job_id:
         return _in_progress(run, paths, launch, now, "running", job_id=job.job_id, nodes=job.nodes)
     return RunState(run, "running", reason="starting: its launch record is not written yet", job_id=job.job_id,
@@ -153,17 +155,20 @@ def _unended_state(run: Run, paths: RunPaths, launch: dict, view: SlurmView, hos
                         reason=f"no end recorded and {why}: cannot tell whether it still runs")
 
 
-def _ended_state(run: Run, directory: Path, root: Path) -> RunState:
-    """The state of a run that is not running, from the analysis of its files."""
+def _ended_state(run: Run, directory: Path, root: Path, launch: dict) -> RunState:
+    """The state of a run that is not running, from the analysis of its files; the Slurm job that ran it (its
+    logs are named by it), and the measured median step time of a run that is ok."""
     try:
         record = parse_run(directory, root=root)
     except (ParseError, RunFileError, OSError, ValueError) as err:
         return RunState(run, "failed", reason=str(err))
     state = ENDED.get(record.status, "failed")
-    reason = record.reason if record.status in (state, "incomplete") else f"{record.status}: {record.reason}"
     if state == "planned":
         return RunState(run, state)
-    return RunState(run, state, reason=reason.rstrip(": "), step=record.steps_done, elapsed_s=record.wall_s)
+    reason = record.reason if record.status in (state, "incomplete") else f"{record.status}: {record.reason}"
+    return RunState(run, state, reason="" if reason == state else reason.rstrip(": "),
+                    job_id=str(launch.get("slurm_job_id") or ""), step=record.steps_done, elapsed_s=record.wall_s,
+                    step_time_s=record.step_time_s)
 
 
 def run_state(run: Run, root: Path, view: SlurmView, host: str | None = None, now: float | None = None) -> RunState:
@@ -187,7 +192,7 @@ def run_state(run: Run, root: Path, view: SlurmView, host: str | None = None, no
         unended = _unended_state(run, paths, launch, view, host, now)
         if unended is not None:
             return unended
-    return _ended_state(run, directory, root)
+    return _ended_state(run, directory, root, launch)
 
 
 def study_states(study: Study, root: Path, view: SlurmView, host: str | None = None,
@@ -198,7 +203,7 @@ def study_states(study: Study, root: Path, view: SlurmView, host: str | None = N
 
 
 def summary(states: list[RunState]) -> str:
-    """'11 runs: 2 ok, 1 running, 8 planned' (the states present, in ``STATES`` order)."""
+    """'11 runs: 8 planned, 1 running, 2 ok' (the states present, in ``STATES`` order)."""
     counts = {state: sum(s.state == state for s in states) for state in STATES}
     parts = [f"{n} {state}" for state, n in counts.items() if n]
     return f"{len(states)} run{'s' if len(states) != 1 else ''}" + (": " + ", ".join(parts) if parts else "")

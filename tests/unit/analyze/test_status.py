@@ -18,6 +18,7 @@ from runs import make_run
 from workflow import copy_workflow
 
 from ftscale.analyze.jobs import SlurmView, parse_squeue, plugin_comment, query_squeue
+from ftscale.analyze.parse import parse_run
 from ftscale.analyze.status import fmt_duration, render_status, run_state, summary
 from ftscale.importing.checkpoint import import_model
 from ftscale.run.launch import run_job
@@ -77,7 +78,8 @@ def root(tmp_path_factory) -> Path:
 
 def test_runs_that_ended_have_the_analysis_state_and_reason(root):
     ok = run_state(OK, root, NO_JOBS)
-    assert (ok.state, ok.reason, ok.step) == ("ok", "", 3)
+    assert (ok.state, ok.reason, ok.step, ok.job_id) == ("ok", "", 3, "")
+    assert ok.step_time_s == parse_run(root / OK.directory).step_time_s  # the tables' median
     assert ok.elapsed_s == json.loads((root / OK.directory / "launch.json").read_text())["wall_s"]
     failed = run_state(FAILED, root, NO_JOBS)
     assert (failed.state, failed.reason) == ("failed", "missing checkpoint"), (root / FAILED.directory / "train.log").read_text()
@@ -140,7 +142,7 @@ def test_a_running_run_shows_its_step_and_time_left_then_how_it_ended(root):
         job.send_signal(signal.SIGTERM)  # what scancel sends
         job.communicate(timeout=120)
     cancelled = run_state(LONG, root, NO_JOBS)
-    assert (cancelled.state, cancelled.reason) == ("cancelled", "cancelled") and cancelled.step >= 4
+    assert (cancelled.state, cancelled.reason) == ("cancelled", "") and cancelled.step >= 4  # its reason: its state
 
     # Killed outright (its record never got an end, its launcher is gone): interrupted.
     for name, text in snapshot.items():
