@@ -43,7 +43,8 @@ def wait_until(check, proc: subprocess.Popen, cluster, timeout: float = 240) -> 
 
 def test_status_follows_a_study_on_slurm(slurm_cluster, tmp_path):
     work = copy_workflow(tmp_path)
-    blocker = slurm_cluster.run(["sbatch", "--parsable", "--gpus=8", "--wrap", "sleep 600"]).stdout.strip()
+    blocker = slurm_cluster.run(["sbatch", "--parsable", "--gpus=8", "--output=/dev/null", "--wrap", "sleep 600"],
+                                cwd=tmp_path).stdout.strip()
     cmd = ["snakemake", "results/tables.md", "--profile", "profiles/slurm", "--configfile", CONFIG, "--keep-going",
            "--retries", "0", *FAST]
     proc = subprocess.Popen(cmd, cwd=work, env=slurm_cluster.environ(), stdout=subprocess.PIPE,
