@@ -5,6 +5,7 @@
                                                       NeMo's conversion of it, once (models/<m>/nemo)
     ftscale train RUN_DIR/run.json [--cpus N] [--log FILE] [--launch-record FILE]
     ftscale check-config FILE [FILE ...]              validate config files as the workflow would
+    ftscale status [--configfile FILE ...] [--json]   every run of the study: its state, step and time left
     ftscale --version
 
 Run from the workflow's root directory (the repository checkout): models/ and experiments/ are
@@ -14,6 +15,7 @@ found there.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,8 +26,7 @@ from ftscale.study.models import load_model
 from ftscale.study.paths import RunPaths
 from ftscale.study.run import Run, RunFileError
 from ftscale.study.schema import ConfigError
-from ftscale.study.sweep import load_config_file
-from ftscale.workflow import workflow_study
+from ftscale.workflow import DEFAULT_CONFIGFILE, study_of_files
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,26 +51,40 @@ def _parser() -> argparse.ArgumentParser:
                            description="Snakemake reads --configfile itself, before the workflow starts, and its "
                            "message for a YAML syntax error names neither the file nor the line: this does.")
     check.add_argument("configfiles", nargs="+", type=Path, metavar="FILE")
+    status = sub.add_parser("status", help="every run of the study: its state, Slurm job, step and time left",
+                            description="The study as `snakemake [--configfile FILE ...]` runs it, from the "
+                            "workflow's root directory: each run's state (planned, skipped, queued, running, ok, "
+                            "failed, cancelled, interrupted, unknown), its Slurm job and nodes, and for a running "
+                            "run its step and the time left (median step time so far x steps left).")
+    status.add_argument("--configfile", nargs="+", type=Path, default=[DEFAULT_CONFIGFILE], metavar="FILE",
+                        dest="configfiles", help=f"as Snakemake's --configfile (default: {DEFAULT_CONFIGFILE})")
+    status.add_argument("--json", action="store_true", help="one JSON object: the summary and every run")
     return parser
 
 
 def _check_config(files: list[Path]) -> int:
-    """Each file read (file and line of a YAML error), merged as Snakemake merges --configfile FILE
-    FILE ..., then the whole study validated and planned; prints the number of runs."""
-    config: dict = {}
-    for path in files:
-        config = _merged(config, load_config_file(path))
-    study = workflow_study(config, files, root=Path.cwd())
+    """The files read and merged as Snakemake merges --configfile FILE FILE ..., then the whole study validated
+    and planned; prints the number of runs."""
+    study = study_of_files(files, root=Path.cwd())
     print(f"{study.source}: valid: {len(study.runs)} runs of {len(study.models)} model(s)")
     return 0
 
 
-def _merged(base: dict, update: dict) -> dict:
-    """Snakemake's update_config: nested mappings merged key by key, anything else replaced."""
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+def _status(files: list[Path], as_json: bool) -> int:
+    """The state of every run of the study (``ftscale.analyze.status``), Slurm asked first."""
+    from ftscale.analyze.jobs import query_squeue  # the tables' pandas, which a training job need not load
+    from ftscale.analyze.status import render_status, study_states, summary
+
+    root = Path.cwd()
+    study = study_of_files(files, root=root)
+    view = query_squeue()
+    states = study_states(study, root, view)
+    if as_json:
+        print(json.dumps({"source": study.source, "summary": summary(states), "slurm": view.note or "squeue",
+                          "runs": [s.to_dict() for s in states]}, indent=2))
+    else:
+        print(render_status(states, view))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -99,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check-config":
             return _check_config(args.configfiles)
+        if args.command == "status":
+            return _status(args.configfiles, args.json)
         return _train(args)
     except ConfigError as err:
         print(f"ftscale: error: {err}", file=sys.stderr)

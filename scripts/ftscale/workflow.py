@@ -13,7 +13,10 @@ from ftscale.engines import engine
 from ftscale.estimate.plan import with_predicted_oom_skipped
 from ftscale.run.command import ftscale_cli
 from ftscale.study import paths
-from ftscale.study.sweep import Study, load_study
+from ftscale.study.sweep import Study, load_config_file, load_study
+
+#: The configuration the Snakefile reads when no --configfile is given.
+DEFAULT_CONFIGFILE = Path("config/config.yaml")
 
 
 def relative_configfiles(configfiles: Iterable[str | Path], root: Path | None = None) -> list[str]:
@@ -39,6 +42,25 @@ def workflow_study(config: dict, configfiles: Iterable[str | Path], root: Path =
     """The validated study of Snakemake's ``config``; with ``plan.skip_predicted_oom``, the runs the plan
     predicts out of memory are marked to be skipped (they keep their row)."""
     return with_predicted_oom_skipped(load_study(config, source=config_source(configfiles), root=root))
+
+
+def merged_config(base: dict, update: dict) -> dict:
+    """Snakemake's update_config: nested mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged_config(out[key], value) if nested else value
+    return out
+
+
+def study_of_files(configfiles: Iterable[Path], root: Path = Path(".")) -> Study:
+    """The study that ``snakemake --configfile FILE ...`` runs: each file read (file and line of a YAML error),
+    merged in order as Snakemake merges them, then ``workflow_study``."""
+    config: dict = {}
+    files = list(configfiles)
+    for path in files:
+        config = merged_config(config, load_config_file(path))
+    return workflow_study(config, files, root=root)
 
 
 def job_image(study: Study) -> str:

@@ -222,8 +222,8 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     if single:
         env.update(single_process_env(free_port()))
     record = {
-        "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "cpu_model": cpu_model(),
-        "cpus": cpus,
+        "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "pid": os.getpid(),
+        "cpu_model": cpu_model(), "cpus": cpus,
         "threads_per_rank": per_rank,
         "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_nodelist": slurm_nodelist(env),
         "start": time.time(), "end": None, "wall_s": None,

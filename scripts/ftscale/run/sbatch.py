@@ -125,12 +125,17 @@ def _cd_study_root(script: Path, marker: Path) -> list[str]:
     ]
 
 
+def run_job_name(run: Run) -> str:
+    """The Slurm job name of a run's standalone ``run.sbatch`` (``ftscale status`` finds the job by it)."""
+    return f"ftscale-{run.track}-{run.model}-{run.name}"
+
+
 def render_run_sbatch(run: Run, config: dict, container: str = "") -> str:
     res = train_resources(run, config)
     d, p = run.directory, run.paths
     cmd = ["train", str(p.run), "--log", str(p.log), "--launch-record", str(p.launch)]
     return "\n".join([
-        *_header(f"ftscale-{run.track}-{run.model}-{run.name}", res, f"{d}/slurm-%j.out"),
+        *_header(run_job_name(run), res, f"{d}/slurm-%j.out"),
         "#",
         f"# The {run.track.replace('_', '-')} run {run.name} of {run.model}, standalone: the same command as the",
         "# workflow's train job. From the study's root directory: sbatch [-p PARTITION -A ACCOUNT] "
