@@ -124,6 +124,8 @@ def test_a_rank_killed_on_one_node_ends_the_run_and_only_it_is_redone(faults_stu
     with subprocess.Popen(cmd, cwd=work, env=slurm_two_nodes.environ(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
         wait_for_steps(work / LONG, proc)
+        watched = status(work, slurm_two_nodes)[Path(LONG).name]
+        assert (watched["state"], watched["nodes"]) == ("running", "n[1-2]") and watched["step"] >= 1, watched
         os.kill(rank_on("n2", work / LONG), signal.SIGKILL)
         killed = time.monotonic()
         output, _ = proc.communicate(timeout=300)
@@ -135,6 +137,8 @@ def test_a_rank_killed_on_one_node_ends_the_run_and_only_it_is_redone(faults_stu
     failed = table[f"model_parallel/tiny_llama/{Path(LONG).name}"]
     assert (failed["status"], failed["reason"]) == ("failed", "a rank was killed (SIGKILL: out of host memory?)"), (
         failed, output[-3000:])
+    ended = status(work, slurm_two_nodes)[Path(LONG).name]
+    assert (ended["state"], ended["nodes"], ended["reason"]) == ("failed", "n[1-2]", failed["reason"]), ended
 
     before = {j["JobID"] for j in slurm_two_nodes.squeue_jobs()}
     cfg = work / FAULTS
@@ -145,6 +149,12 @@ def test_a_rank_killed_on_one_node_ends_the_run_and_only_it_is_redone(faults_stu
            if j["JobID"] not in before]
     assert len(new) == 1 and "embedded_tp2_ep1_dp1_sp" in new[0], new
     assert rows(work)[f"model_parallel/tiny_llama/{Path(LONG).name}"]["status"] == "ok"
+
+
+def status(work: Path, cluster) -> dict[str, dict]:
+    """``ftscale status --json`` of the faults study, by run name."""
+    out = cluster.run(["ftscale", "status", "--configfile", FAULTS, "--json"], cwd=work).stdout
+    return {row["run"]: row for row in json.loads(out)["runs"]}
 
 
 def prepared(work: Path, cluster) -> None:

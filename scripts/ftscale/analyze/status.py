@@ -139,7 +139,7 @@ def _unended_state(run: Run, paths: RunPaths, launch: dict, view: SlurmView, hos
     """The state of a run whose launch record has no end and whose job Slurm does not list: running (its
     local launcher is alive), unknown (nothing here can tell), or None: it has stopped."""
     job_id = str(launch.get("slurm_job_id") or "")
-    where = str(launch.get("host") or "")
+    where = str(launch.get("slurm_nodelist") or launch.get("host") or "")
     if job_id:
         if view.asked:
             return None  # squeue lists every job that has not ended
@@ -167,7 +167,8 @@ def _ended_state(run: Run, directory: Path, root: Path, launch: dict) -> RunStat
         return RunState(run, state)
     reason = record.reason if record.status in (state, "incomplete") else f"{record.status}: {record.reason}"
     return RunState(run, state, reason="" if reason == state else reason.rstrip(": "),
-                    job_id=str(launch.get("slurm_job_id") or ""), step=record.steps_done, elapsed_s=record.wall_s,
+                    job_id=str(launch.get("slurm_job_id") or ""), nodes=str(launch.get("slurm_nodelist") or ""),
+                    step=record.steps_done, elapsed_s=record.wall_s,
                     step_time_s=record.step_time_s)
 
 
