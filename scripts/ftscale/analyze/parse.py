@@ -36,13 +36,15 @@ FAILURES: list[tuple[str, str, re.Pattern[str]]] = [
     ("cancelled", "cancelled", re.compile(r"\[ftscale\] error=cancelled|\*\*\* JOB \d+ ON \S+ CANCELLED AT")),
     ("failed", "NCCL timeout", re.compile(r"Watchdog caught collective operation timeout|NCCL.{0,80}timed? ?out", re.I)),
     ("failed", "NCCL error", re.compile(r"NCCL error|ncclInternalError|ncclSystemError|ncclUnhandledCudaError")),
-    ("failed", "the nodes never all met at the rendezvous (torchrun's c10d rendezvous timed out or its host was "
-     "unreachable)", re.compile(r"Rendezvous(Timeout|Connection)Error")),
     ("failed", "missing checkpoint", re.compile(
         r"(FileNotFoundError|OSError).{0,200}(checkpoint|model|config\.json|No such file)|"
         r"does not appear to have a file named|Can't load the (model|configuration)")),
     ("failed", "a rank was killed (SIGKILL: out of host memory?)", re.compile(r"Signal 9 \(SIGKILL\)|exitcode\s*:\s*-9")),
     ("failed", "error", re.compile(r"\[ftscale\] error=(?P<kind>\w+) (?P<msg>.*)")),
+    # last: a rendezvous lost after a rank failed (the node that served it lost its torchrun) is a consequence,
+    # and that rank's failure is the reason; with no rank's failure in the log, the nodes never met
+    ("failed", "the nodes never all met at the rendezvous (torchrun's c10d rendezvous timed out or its host was "
+     "unreachable)", re.compile(r"Rendezvous(Timeout|Connection)Error")),
 ]
 
 #: Statuses that are no failure: ``skipped`` is the plan's decision (``plan.skip_predicted_oom``), not the
