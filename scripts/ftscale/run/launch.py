@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -199,6 +200,20 @@ def skip_job(run: Run, log: Path, launch_record: Path, metrics: Path) -> int:
     return 0
 
 
+def no_srun(run: Run, log: Path) -> int:
+    """A run across nodes in a job without srun (inside a container image, or not under Slurm): the reason in
+    its log, and exit code 1."""
+    message = (f"a torchrun on each of its {run.nodes} nodes needs srun, which this job lacks (in a container, or "
+               "outside Slurm): runs across nodes need ftscale on the nodes (container: none)")
+    print(f"[ftscale] {run.name}: {message}", file=sys.stderr, flush=True)
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(error_line("failed", message) + "\n")
+    except OSError:
+        pass  # the message above is all there is
+    return 1
+
+
 def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = None) -> int:
     """Run the job of ``run_json`` on ``cpus`` CPUs (default: all available) and return its exit code
     (128 + signal when it was stopped). Each rank gets an equal share of the CPUs, at least one."""
@@ -212,6 +227,8 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
         except ValueError as err:
             print(f"[ftscale] {run.name}: {err}", file=sys.stderr, flush=True)
             return 2
+        if shutil.which("srun", path=env.get("PATH")) is None:
+            return no_srun(run, log)
         command = launch_command(run, str(run_json), rendezvous=rendezvous_endpoint(env), rendezvous_timeout=timeout)
     else:
         command = launch_command(run, str(run_json))

@@ -136,3 +136,13 @@ def test_a_full_disk_at_the_last_launch_record_fails_the_run_with_that_reason(tm
     assert json.loads((tmp_path / "launch.json").read_text())["returncode"] is None  # the first record stays
     assert "[ftscale] error=io " in (tmp_path / "train.log").read_text()
     assert parse_run(tmp_path, root=tmp_path).status == "failed"
+
+
+def test_a_run_across_nodes_without_srun_fails_with_its_reason(tmp_path, monkeypatch):
+    """Inside a container image (or outside Slurm) there is no srun to start a torchrun per node."""
+    run = make_run(gpus=2, nodes=2, dp=2)
+    (tmp_path / "run.json").write_text(json.dumps(run.to_dict()))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    assert run_job(tmp_path / "run.json", tmp_path / "train.log", tmp_path / "launch.json", cpus=1) == 1
+    status, reason = classify_failure((tmp_path / "train.log").read_text())
+    assert status == "failed" and "srun" in reason and "container: none" in reason
