@@ -30,11 +30,14 @@ def built_layout(log: Path) -> dict | None:
 
 
 def calibration_rows(examples: Path = EXAMPLES, root: Path = ROOT) -> list[dict]:
-    """One row per run of every example: measured and predicted peak memory and step time, errors in %."""
+    """One row per GPU run of every example (a CPU example's runs are no GPU's): measured and predicted peak
+    memory and step time, errors in %."""
     rows = []
     for scaling in sorted(examples.glob("*/scaling.csv")):
         with scaling.open() as f:
             for rec in csv.DictReader(f):
+                if rec["device"] == "cpu":
+                    continue
                 run_json = scaling.parent / "experiments" / rec["track"] / rec["model"] / rec["run"] / "run.json"
                 run = Run.load(run_json)
                 built = built_layout(run_json.parent / "train.log")
