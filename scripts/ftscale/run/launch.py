@@ -247,7 +247,8 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, forward)
-        copy_with_progress(processes.output, out, run.name)
+        with processes.output:
+            copy_with_progress(processes.output, out, run.name)
         ended = processes.wait()
         code = ended.code
         if received:

@@ -68,6 +68,7 @@ class Processes:
         self._grace_s = grace_s
         self._exits: queue.Queue[tuple[int, int]] = queue.Queue()
         self._ended: Ended | None = None
+        self._terminated = False  # SIGTERM sent: a rank that handles it is not sent a second one
         for rank, proc in enumerate(procs):
             threading.Thread(target=lambda r=rank, p=proc: self._exits.put((r, p.wait())), daemon=True).start()
         self._watcher = threading.Thread(target=self._watch, daemon=True)
@@ -76,6 +77,7 @@ class Processes:
     def send(self, signum: int) -> None:
         """Send ``signum`` to the process group of each process still running (``os.killpg``, as torchrun
         does): an ended one's number may already belong to another process."""
+        self._terminated |= signum == signal.SIGTERM
         for proc in self.procs:
             if proc.returncode is None:
                 try:
@@ -98,7 +100,8 @@ class Processes:
             if code != 0 and first is None:
                 first = Ended(code, rank, self.procs[rank].pid)
                 if left:
-                    self.send(signal.SIGTERM)
+                    if not self._terminated:
+                        self.send(signal.SIGTERM)
                     deadline = time.monotonic() + self._grace_s
         self._ended = first or Ended(0)
 

@@ -25,8 +25,9 @@ TORCHRUN_VARIABLES = {
     "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
 }
 
-SHOW_ENV = ("import json, os, sys; print(json.dumps({'env': {k: os.environ.get(k) for k in sys.argv[1:]}, "
-            "'pid': os.getpid(), 'sid': os.getsid(0)})); print('to stderr', file=sys.stderr)")
+# each line in one write: unbuffered (PYTHONUNBUFFERED, -u), print writes the text and its newline apart
+SHOW_ENV = ("import json, os, sys; sys.stdout.write(json.dumps({'env': {k: os.environ.get(k) for k in sys.argv[1:]}, "
+            "'pid': os.getpid(), 'sid': os.getsid(0)}) + '\\n'); sys.stderr.write('to stderr\\n')")
 
 
 def test_each_rank_gets_torchruns_environment_in_a_session_of_its_own():
@@ -141,8 +142,8 @@ def test_a_rank_that_ignores_sigterm_gets_sigkill_after_the_grace():
 
 def test_sigterm_to_the_launcher_reaches_every_rank(tmp_path):
     """scancel or a time limit: the launcher passes the signal to each rank, the log and launch.json say so."""
-    run_json = rank_job(tmp_path, "signal.signal(signal.SIGTERM, lambda *_: ((here / f'term-{rank}').write_text('1'), "
-                                  "sys.exit(143)))\n(here / f'ready-{rank}').write_text('1')\ntime.sleep(120)")
+    run_json = rank_job(tmp_path, "signal.signal(signal.SIGTERM, lambda *_: (open(here / f'term-{rank}', 'a').write('x'), "
+                                  "time.sleep(0.5 + rank), sys.exit(143)))\n(here / f'ready-{rank}').write_text('1')\ntime.sleep(120)")
     launcher = subprocess.Popen([sys.executable, "-m", "ftscale.cli", "train", str(run_json), "--cpus", "3",
                                  "--log", str(tmp_path / "train.log"), "--launch-record", str(tmp_path / "launch.json")],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -152,6 +153,6 @@ def test_sigterm_to_the_launcher_reaches_every_rank(tmp_path):
     launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=60)
     assert launcher.returncode == 128 + signal.SIGTERM, out
-    assert all((tmp_path / f"term-{rank}").exists() for rank in range(3))
+    assert [(tmp_path / f"term-{rank}").read_text() for rank in range(3)] == ["x"] * 3  # one SIGTERM each
     assert "[ftscale] error=cancelled the job received SIGTERM" in (tmp_path / "train.log").read_text()
     assert json.loads((tmp_path / "launch.json").read_text())["signal"] == "SIGTERM"
