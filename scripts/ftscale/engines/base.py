@@ -187,7 +187,7 @@ class EngineSpec:
 
     #: The name in the config's ``engine:`` and in every run's name.
     name: ClassVar[str]
-    #: What runs one job: ``torchrun ... -m <entry_module> RUN_DIR/run.json``.
+    #: What runs one job, once per rank: ``python -m <entry_module> RUN_DIR/run.json`` (under torchrun across nodes).
     entry_module: ClassVar[str]
     #: The options dataclass of the config section named after the engine.
     Options: ClassVar[type]

@@ -3,8 +3,8 @@ write them. A job's working directory is the project (the study's root, with ``s
 
 On the nodes, ``ftscale`` is installed. A container image (NVIDIA's NeMo image) does not have it, and an
 engine's own interpreter (``<engine>.python``) need not: there the job runs the project's own sources,
-``python3 -m ftscale.cli`` with ``$PWD/scripts`` put first on ``PYTHONPATH``. The launcher's torchrun and
-its ranks inherit that environment, so they import the same sources. ``PYTHONPATH`` is extended, not
+``python3 -m ftscale.cli`` with ``$PWD/scripts`` put first on ``PYTHONPATH``. The ranks (and torchrun across
+nodes) inherit that environment, so they import the same sources. ``PYTHONPATH`` is extended, not
 replaced: an image may set its own.
 """
 

@@ -1,6 +1,7 @@
 """Start one training job from its run.json: build the launcher command, run it, record what happened.
 
-The same function serves the Snakemake rule and the standalone run.sbatch, so both run the same
+On one node the launcher starts the ranks itself (``ftscale.run.ranks``), on several srun starts one torchrun
+per node. The same function serves the Snakemake rule and the standalone run.sbatch, so both run the same
 command. Output of every rank goes to the run's log; ``launch.json`` beside it records the command,
 the host, start and end times, the wall-clock, the exit code and any signal that stopped the job.
 It is written once at the start (with ``end: null``), so a job killed outright is recognisable.
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import IO, Mapping
 
 from ftscale.run.logformat import error_line, parse_steps, skipped_line
+from ftscale.run.ranks import job_envs
+from ftscale.run.ranks import start as start_processes
 from ftscale.study.paths import RunPaths
 from ftscale.study.run import Run
 
@@ -42,21 +45,19 @@ def rendezvous_timeout_s(env: Mapping[str, str]) -> int:
 
 def launch_command(run: Run, run_json: str, python: str | None = None, rendezvous: str = "HOST:PORT",
                    rendezvous_timeout: int = RENDEZVOUS_TIMEOUT_S) -> list[str]:
-    """torchrun on one node; on several nodes, srun starts one torchrun per node, which meet at the c10d
-    rendezvous ``rendezvous`` (host:port of the launching node, ``rendezvous_endpoint``); srun's
-    --kill-on-bad-exit ends every node's torchrun when one fails, so no node waits for a dead peer.
-    A job of one process runs the engine's module itself, with the environment torchrun would give it
-    (``single_process_env``): torchrun would add an interpreter that imports torch to start it.
+    """On one node, the command of each rank: the engine's module, which the launcher starts once per rank
+    with the environment torchrun --standalone would give it (``ftscale.run.ranks``): torchrun would add an
+    interpreter that imports torch to start them. On several nodes, srun starts one torchrun per node, which
+    meet at the c10d rendezvous ``rendezvous`` (host:port of the launching node, ``rendezvous_endpoint``);
+    srun's --kill-on-bad-exit ends every node's torchrun when one fails, so no node waits for a dead peer.
     The interpreter is the engine's ``python`` option when set (an engine in its own environment),
     else this one."""
     module = run.spec.entry_module
     python = python or run.spec.python(run.engine_options) or sys.executable
     per_node = run.gpus_per_node
     torchrun = [python, "-m", "torch.distributed.run"]
-    if run.nodes == 1 and per_node == 1:
-        return [python, "-u", "-m", module, run_json]
     if run.nodes == 1:
-        return [*torchrun, "--standalone", f"--nproc-per-node={per_node}", "-m", module, run_json]
+        return [python, "-u", "-m", module, run_json]  # torchrun's command for each of its workers
     return [
         "srun", f"--nodes={run.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *torchrun,
         f"--nnodes={run.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
@@ -65,22 +66,16 @@ def launch_command(run: Run, run_json: str, python: str | None = None, rendezvou
     ]
 
 
+def launched_processes(run: Run) -> int:
+    """How many processes the launcher starts with ``launch_command``: each rank on one node, srun on several."""
+    return run.gpus_per_node if run.nodes == 1 else 1
+
+
 def rendezvous_endpoint(env: dict[str, str]) -> str:
     """host:port of the rendezvous of a run across nodes: MASTER_ADDR and MASTER_PORT where the job sets them,
     else this host (the launcher runs on the job's first node, where srun starts the first torchrun, which
     serves the rendezvous) and a port free on it now."""
     return f"{env.get('MASTER_ADDR') or socket.gethostname()}:{env.get('MASTER_PORT') or free_port()}"
-
-
-def single_process_env(port: int) -> dict[str, str]:
-    """The variables torchrun --standalone sets for the one process of a one-process job (its local
-    elastic agent's worker environment); rank 0 serves the rendezvous store on ``port``."""
-    one = {name: "1" for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE")}
-    zero = {name: "0" for name in ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RESTART_COUNT",
-                                   "TORCHELASTIC_MAX_RESTARTS")}
-    return {**one, **zero, "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "False",
-            "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")}
 
 
 def slurm_nodelist(env: dict[str, str]) -> str | None:
@@ -116,14 +111,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def killed_line(code: int, pid: int) -> str:
+def killed_line(code: int, pid: int, rank: int = 0) -> str:
     """What the log says of a rank that a signal ended (exit code -N), in torchrun's words, which the analysis
     reads (``Signal 9 (SIGKILL)``: out of host memory)."""
     try:
         name = signal.Signals(-code).name
     except ValueError:
         name = "unknown signal"
-    return f"[ftscale] launcher: rank 0 exitcode : {code} (Signal {-code} ({name}) received by PID {pid})"
+    return f"[ftscale] launcher: rank {rank} exitcode : {code} (Signal {-code} ({name}) received by PID {pid})"
+
+
+def exited_line(code: int, pid: int, rank: int) -> str:
+    """What the log says of the rank that failed first with exit code ``code`` > 0, as torchrun's summary names it."""
+    return f"[ftscale] launcher: rank {rank} exitcode : {code} (PID {pid}), the first rank to fail"
 
 
 PROGRESS_EVERY_S = 30.0
@@ -215,8 +215,9 @@ def no_srun(run: Run, log: Path) -> int:
 
 
 def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = None) -> int:
-    """Run the job of ``run_json`` on ``cpus`` CPUs (default: all available) and return its exit code
-    (128 + signal when it was stopped). Each rank gets an equal share of the CPUs, at least one."""
+    """Run the job of ``run_json`` on ``cpus`` CPUs (default: all available) and return its exit code: on one
+    node the first failing rank's (128 + N for a rank ended by signal N, as a shell reports it), 128 + N when
+    the launcher was stopped by signal N. Each rank gets an equal share of the CPUs, at least one."""
     run = Run.load(run_json)
     if run.skip_reason:
         return skip_job(run, log, launch_record, RunPaths(Path(run_json).parent).metrics)
@@ -235,12 +236,12 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     cpus = cpus or available_cpus()
     per_rank = max(1, cpus // run.gpus_per_node)
     env.update(FTSCALE_THREADS_PER_RANK=str(per_rank), OMP_NUM_THREADS=str(per_rank))
-    single = run.nodes == 1 and run.gpus_per_node == 1
-    if single:
-        env.update(single_process_env(free_port()))
+    count = launched_processes(run)
+    ranks = run.nodes == 1  # the launcher starts the ranks itself (else srun starts one torchrun per node)
+    envs = [{**env, **variables} for variables in job_envs(count, free_port())] if ranks else [env]
     record = {
-        "run": run.name, "command": shlex.join(command), "host": socket.gethostname(), "pid": os.getpid(),
-        "cpu_model": cpu_model(), "cpus": cpus,
+        "run": run.name, "command": shlex.join(command) + (f"  # {count} ranks" if count > 1 else ""),
+        "host": socket.gethostname(), "pid": os.getpid(), "cpu_model": cpu_model(), "cpus": cpus,
         "threads_per_rank": per_rank,
         "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_nodelist": slurm_nodelist(env),
         "start": time.time(), "end": None, "wall_s": None,
@@ -254,22 +255,25 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
     print(f"[ftscale] {run.name}: {record['command']}  (log: {log})", flush=True)
     received: list[int] = []
     with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, text=True, errors="replace", bufsize=1)
+        processes = start_processes(command, envs)
 
         def forward(signum: int, _frame: object) -> None:
             received.append(signum)
-            os.killpg(proc.pid, signum)
+            processes.send(signum)
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, forward)
-        copy_with_progress(proc.stdout, out, run.name)
-        code = proc.wait()
+        with processes.output:
+            copy_with_progress(processes.output, out, run.name)
+        ended = processes.wait()
+        code = ended.code
         if received:
             name = signal.Signals(received[0]).name
             out.write(f"[ftscale] error=cancelled the job received {name} (scancel, time limit or Ctrl-C)\n")
-        elif single and code < 0:
-            out.write(killed_line(code, proc.pid) + "\n")
+        elif ranks and code < 0:
+            out.write(killed_line(code, ended.pid, ended.rank) + "\n")
+        elif ranks and code > 0:
+            out.write(exited_line(code, ended.pid, ended.rank) + "\n")
     record.update(end=time.time(), returncode=code, signal=signal.Signals(received[0]).name if received else None)
     record["wall_s"] = round(record["end"] - record["start"], 3)
     metrics = RunPaths(Path(run_json).parent).metrics

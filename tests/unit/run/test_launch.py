@@ -1,5 +1,5 @@
-"""The launch command of a run: torchrun on one node, one torchrun per node through srun on several; a job
-of one process runs the engine's module itself."""
+"""The launch command of a run: on one node the engine's module, which the launcher starts once per rank
+(tests/unit/run/test_ranks.py), one torchrun per node through srun on several."""
 
 from __future__ import annotations
 
@@ -18,23 +18,21 @@ from ftscale.run.launch import (
     RENDEZVOUS_TIMEOUT_S,
     killed_line,
     launch_command,
+    launched_processes,
     rendezvous_endpoint,
     rendezvous_timeout_s,
     run_job,
-    single_process_env,
 )
+from ftscale.run.ranks import job_envs
 
 
-def test_single_node_uses_torchrun_standalone():
-    cmd = launch_command(make_run(gpus=4), "d/run.json", python="py")
-    assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
-                   "ftscale.engines.embedded.train", "d/run.json"]
-
-
-def test_one_process_runs_the_module_with_torchruns_environment():
-    cmd = launch_command(make_run(gpus=1), "d/run.json", python="py")
-    assert cmd == ["py", "-u", "-m", "ftscale.engines.embedded.train", "d/run.json"]
-    env = single_process_env(29511)
+def test_on_one_node_each_rank_runs_the_module_with_torchruns_environment():
+    for gpus in (1, 4):
+        cmd = launch_command(make_run(gpus=gpus), "d/run.json", python="py")
+        assert cmd == ["py", "-u", "-m", "ftscale.engines.embedded.train", "d/run.json"]
+        assert launched_processes(make_run(gpus=gpus)) == gpus
+    assert launched_processes(make_run(engine="nemo", gpus=16, nodes=2)) == 1  # srun
+    env = job_envs(1, 29511)[0]
     assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")} == {
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_PORT": "29511"}
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["TORCHELASTIC_RUN_ID"]

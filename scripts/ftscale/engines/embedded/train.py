@@ -1,6 +1,7 @@
 """The embedded engine: a real fine-tuning loop on PyTorch + transformers + peft.
 
-Launched by torchrun, one process per GPU (or per CPU "GPU" with gloo):
+One process per GPU (or per CPU "GPU" with gloo), each with torchrun's environment (RANK, WORLD_SIZE, ...),
+started by ``ftscale.run.launch`` (``ftscale.run.ranks`` on one node) as torchrun would start it:
 
     torchrun --standalone --nproc-per-node N -m ftscale.engines.embedded.train RUN_DIR/run.json
 
