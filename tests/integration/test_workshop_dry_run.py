@@ -44,8 +44,13 @@ def check_plan(output: str) -> None:
                               re.match(r"nemo_tp(\d+)(?:_pp(\d+))?_ep(\d+)_dp(\d+)", name).groups())
             gpus = tp * pp * ep * dp
         per_node = min(gpus, 8)  # gpus_per_node: 8; a larger run spans whole nodes
-        assert job["resources"]["gpu"] == str(gpus), job
-        assert job["resources"]["nodes"] == str(gpus // per_node), job
+        res = job["resources"]
+        if gpus <= 8:
+            assert res["gpu"] == str(gpus) and "gres" not in res and "mpi" not in res, job
+        else:  # GPUs per node, one task (its torchrun) per node, the command unwrapped (docs/cluster.md)
+            assert "gpu" not in res and res["gres"] == f"gpu:{per_node}", job
+            assert (res["mpi"], res["tasks"], res["tasks_per_gpu"]) == ("srun", str(gpus // per_node), "0"), job
+        assert res["nodes"] == str(gpus // per_node), job
         assert job["resources"]["cpus_per_task"] == str(8 * per_node)  # cpus_per_gpu: 8, per node
         assert job["resources"]["mem_mb"] == str(48000 * per_node)
 
