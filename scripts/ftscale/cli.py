@@ -15,6 +15,7 @@ found there.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             model = load_model(args.model, Path.cwd())
             import_model(model, args.out or model.checkpoint, root=Path.cwd())
+            gc.freeze()  # the exit's garbage collections would walk every object torch made: about 1 CPU-s
             return 0
         if args.command == "import-nemo":
             from ftscale.engines.nemo.convert import convert_to_nemo
