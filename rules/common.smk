@@ -5,11 +5,7 @@ from ftscale.run.sbatch import (
     import_resources,
     render_import_sbatch,
     render_run_sbatch,
-    slurm_gpus,
-    slurm_gres,
-    slurm_mpi,
-    slurm_tasks,
-    slurm_tasks_per_gpu,
+    slurm_placement,
     train_resources,
 )
 from ftscale.study import paths
@@ -89,28 +85,13 @@ def train_threads(wildcards):
     return train_job(wildcards).cpus
 
 
-def train_gpus(wildcards):
-    return slurm_gpus(train_job(wildcards))
-
-
-def train_gres(wildcards):
-    return slurm_gres(train_job(wildcards))
-
-
 def train_nodes(wildcards):
     return train_job(wildcards).nodes
 
 
-def train_mpi(wildcards):
-    return slurm_mpi(train_job(wildcards))
-
-
-def train_tasks(wildcards):
-    return slurm_tasks(train_job(wildcards))
-
-
-def train_tasks_per_gpu(wildcards):
-    return slurm_tasks_per_gpu(train_job(wildcards))
+def train_placement(name):
+    """The input function of the train job's placement resource ``name`` (``slurm_placement``)."""
+    return lambda wildcards: slurm_placement(train_job(wildcards))[name]
 
 
 def train_mem_mb(wildcards, attempt):

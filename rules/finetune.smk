@@ -36,12 +36,12 @@ rule train:
         container_image(STUDY)
     threads: train_threads
     resources:
-        gpu=train_gpus,
-        gres=train_gres,
+        gpu=train_placement("gpu"),
+        gres=train_placement("gres"),
         nodes=train_nodes,
-        mpi=train_mpi,
-        tasks=train_tasks,
-        tasks_per_gpu=train_tasks_per_gpu,
+        mpi=train_placement("mpi"),
+        tasks=train_placement("tasks"),
+        tasks_per_gpu=train_placement("tasks_per_gpu"),
         cpus_per_task=train_threads,
         mem_mb=train_mem_mb,
         runtime=train_runtime,

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             model = load_model(args.model, Path.cwd())
             import_model(model, args.out or model.checkpoint, root=Path.cwd())
-            gc.freeze()  # the exit's garbage collections would walk every object torch made: about 1 CPU-s
+            gc.freeze()  # the exit's garbage collections would walk every object torch made
             return 0
         if args.command == "import-nemo":
             from ftscale.engines.nemo.convert import convert_to_nemo

@@ -200,11 +200,9 @@ def skip_job(run: Run, log: Path, launch_record: Path, metrics: Path) -> int:
     return 0
 
 
-def no_srun(run: Run, log: Path) -> int:
-    """A run across nodes in a job without srun (inside a container image, or not under Slurm): the reason in
-    its log, and exit code 1."""
-    message = (f"a torchrun on each of its {run.nodes} nodes needs srun, which this job lacks (in a container, or "
-               "outside Slurm): runs across nodes need ftscale on the nodes (container: none)")
+def cannot_start(run: Run, log: Path, message: str) -> int:
+    """A job that cannot start its processes: the reason on stderr and in its log (the run's row says failed,
+    and why), and exit code 1."""
     print(f"[ftscale] {run.name}: {message}", file=sys.stderr, flush=True)
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -226,10 +224,12 @@ def run_job(run_json: Path, log: Path, launch_record: Path, cpus: int | None = N
         try:
             timeout = rendezvous_timeout_s(env)
         except ValueError as err:
-            print(f"[ftscale] {run.name}: {err}", file=sys.stderr, flush=True)
-            return 2
+            return cannot_start(run, log, str(err))
         if shutil.which("srun", path=env.get("PATH")) is None:
-            return no_srun(run, log)
+            # inside a container image, or outside Slurm
+            return cannot_start(run, log, f"a torchrun on each of its {run.nodes} nodes needs srun, which this job "
+                                "lacks (in a container, or outside Slurm): runs across nodes need ftscale on the "
+                                "nodes (container: none)")
         command = launch_command(run, str(run_json), rendezvous=rendezvous_endpoint(env), rendezvous_timeout=timeout)
     else:
         command = launch_command(run, str(run_json))

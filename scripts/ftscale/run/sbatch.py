@@ -35,34 +35,18 @@ class Resources:
         return self.gpus // self.nodes
 
 
-# A job of several nodes asks for its GPUs per node, not for the job (``--gpus=2 --nodes=2`` may put both on one
-# node), and its command starts its own tasks: one torchrun per node, with srun. The SLURM executor plugin calls
-# such a job an MPI job: given the ``mpi`` resource, its job step runs the rule's command as it is (without it,
-# the plugin wraps the command in a one-task srun on one node, where a second srun would not get the other
-# nodes). ``tasks`` = one per node; ``tasks_per_gpu`` 0 keeps the plugin from adding --ntasks-per-gpu. A job of
-# one node asks for none of these (the functions return None: Snakemake leaves the resource unset).
-
-
-def slurm_gpus(res: Resources) -> int | None:
-    """The ``gpu`` resource (``--gpus``, the job's GPUs) of a one-node job."""
-    return res.gpus if res.nodes == 1 else None
-
-
-def slurm_gres(res: Resources) -> str | None:
-    """The ``gres`` resource (``--gres=gpu:N``, per node) of a job of several nodes."""
-    return f"gpu:{res.gpus_per_node}" if res.nodes > 1 and res.gpus else None
-
-
-def slurm_mpi(res: Resources) -> str | None:
-    return "srun" if res.nodes > 1 else None
-
-
-def slurm_tasks(res: Resources) -> int | None:
-    return res.nodes if res.nodes > 1 else None
-
-
-def slurm_tasks_per_gpu(res: Resources) -> int | None:
-    return 0 if res.nodes > 1 else None
+def slurm_placement(res: Resources) -> dict[str, int | str | None]:
+    """The rule's placement resources for the SLURM executor plugin, by name. A job of one node asks for its GPUs
+    (``gpu``: ``--gpus``) and nothing else. A job of several nodes asks for its GPUs per node (``gres``:
+    ``--gres=gpu:N``; ``--gpus=2 --nodes=2`` may put both on one node), and its command starts its own tasks,
+    one torchrun per node, with srun: the plugin calls that an MPI job. Given the ``mpi`` resource, the plugin's
+    job step runs the rule's command as it is (without it, the command is wrapped in a one-task srun on one node,
+    where a second srun would not get the other nodes); ``tasks`` = one per node; ``tasks_per_gpu`` 0 keeps the
+    plugin from adding --ntasks-per-gpu. None leaves a resource unset (Snakemake passes nothing for it)."""
+    if res.nodes == 1:
+        return {"gpu": res.gpus, "gres": None, "mpi": None, "tasks": None, "tasks_per_gpu": None}
+    return {"gpu": None, "gres": f"gpu:{res.gpus_per_node}" if res.gpus else None, "mpi": "srun",
+            "tasks": res.nodes, "tasks_per_gpu": 0}
 
 
 def train_resources(run: Run, config: dict, attempt: int = 1) -> Resources:

@@ -17,11 +17,7 @@ from paths import REPO
 from ftscale.run.sbatch import (
     render_import_sbatch,
     render_run_sbatch,
-    slurm_gpus,
-    slurm_gres,
-    slurm_mpi,
-    slurm_tasks,
-    slurm_tasks_per_gpu,
+    slurm_placement,
     train_resources,
 )
 from ftscale.study.sweep import load_config_file
@@ -104,9 +100,7 @@ def test_a_run_across_nodes_asks_for_its_gpus_per_node_and_one_task_per_node(stu
     header = render_run_sbatch(run, study.config).splitlines()
     assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8"} <= set(header)
     assert not any(line.startswith("#SBATCH --gpus=") for line in header)
-    res = train_resources(run, study.config)
-    assert (slurm_gpus(res), slurm_gres(res), slurm_mpi(res), slurm_tasks(res), slurm_tasks_per_gpu(res)) == (
-        None, "gpu:8", "srun", 2, 0)
+    assert slurm_placement(train_resources(run, study.config)) == {
+        "gpu": None, "gres": "gpu:8", "mpi": "srun", "tasks": 2, "tasks_per_gpu": 0}
     one = train_resources(dataclasses.replace(run, gpus=4, nodes=1, dp=4), study.config)
-    assert (slurm_gpus(one), slurm_gres(one), slurm_mpi(one), slurm_tasks(one), slurm_tasks_per_gpu(one)) == (
-        4, None, None, None, None)
+    assert slurm_placement(one) == {"gpu": 4, "gres": None, "mpi": None, "tasks": None, "tasks_per_gpu": None}

@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0:
         dist.destroy_process_group()
     # Everything is measured and written. The interpreter's last garbage collections would now walk every object
-    # torch and transformers made (about 1 CPU-s per rank, most of a small CPU run's teardown): frozen objects
-    # are not walked; exit handlers and finalization still run.
+    # torch and transformers made, most of a small CPU run's teardown: frozen objects are not walked; exit
+    # handlers and finalization still run.
     gc.freeze()
     return code
 
