@@ -200,7 +200,29 @@ def test_bad_options_name_file_key_and_value(default_config, repo):
     study = load_study({**default_config, "embedded": {"fused_ce": False}}, "my.yaml", repo)
     assert dataclasses.asdict(study.runs[0].options) == {
         "activation_checkpointing": False, "compile": False, "compile_mode": "default", "compile_scope": "layers",
-        "fused_ce": "off", "liger_kernels": False, "attention": "auto", "lora_dtype": "float32", "fp8": "off"}
+        "fused_ce": "off", "liger_kernels": False, "attention": "auto", "lora_dtype": "float32", "fp8": "off",
+        "experts": "grouped"}
+
+
+def test_experts_grouped_and_looped_give_the_same_mixtral(tmp_path):
+    """``embedded.experts`` on the data_parallel track: transformers runs tiny Mixtral's experts with torch's grouped
+    matrix multiply or its loop over experts, as asked, with the same loss and gradients; a dense model has none."""
+    from ftscale.importing.checkpoint import import_model, load_for_training
+
+    import_model(load_model("tiny_mixtral"), tmp_path / "mixtral")
+    tokens = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for experts in ("grouped", "loop"):
+        model = load_for_training(tmp_path / "mixtral", torch.float32, torch.device("cpu"))
+        assert options.apply_experts(model, experts) == options.EXPERTS_IMPLEMENTATION[experts]
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        results[experts] = loss.item(), model.model.layers[0].mlp.experts.gate_up_proj.grad.clone()
+    (grouped_loss, grouped_grad), (loop_loss, loop_grad) = results["grouped"], results["loop"]
+    assert grouped_loss == pytest.approx(loop_loss, rel=1e-6)
+    assert torch.allclose(grouped_grad, loop_grad, rtol=1e-4, atol=1e-6) and grouped_grad.abs().sum() > 0
+    import_model(load_model("tiny_llama"), tmp_path / "llama")
+    assert options.apply_experts(load_for_training(tmp_path / "llama", torch.float32, torch.device("cpu")), "loop") is None
 
 
 def test_liger_kernels_patch_the_model_by_type(monkeypatch):

@@ -103,10 +103,10 @@ def launch(target, world: int, args: tuple, logdir: Path) -> list[str]:
 # --------------------------------------------------------------------------- jobs
 
 
-def _run_json(directory: Path, model: str, tp: int, ep: int, dp: int, sp: bool) -> Path:
+def _run_json(directory: Path, model: str, tp: int, ep: int, dp: int, sp: bool, experts: str = "grouped") -> Path:
     """The run's run.json in ``directory``; the job reads its checkpoint under its workflow directory (``root``)."""
     run = make_run(track="model_parallel", model=model, gpus=tp * ep * dp, tp=tp, ep=ep, dp=dp, sp=sp,
-                   learning_rate=LR, seed=0, precision="fp32", lora=None, **BATCH)
+                   learning_rate=LR, seed=0, precision="fp32", lora=None, engine_options={"experts": experts}, **BATCH)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "run.json"
     path.write_text(json.dumps(run.to_dict(), indent=2))
@@ -166,8 +166,8 @@ def _layout_job(root: str, run_json: str, grads_out: str) -> int:
     os.chdir(root)
     capture, prepare = _GradCapture(Path(grads_out)), embedded.prepare_model_parallel
 
-    def prepare_and_remember(model, run, device):
-        prepared = prepare(model, run, device)
+    def prepare_and_remember(model, run, device, **options):
+        prepared = prepare(model, run, device, **options)
         capture.model = prepared.model
         return prepared
 
@@ -225,19 +225,21 @@ def reference(checkpoints, tmp_path_factory):
 # --------------------------------------------------------------------------- tests
 
 LAYOUTS = [
-    pytest.param("tiny_llama", 2, 1, 1, True, id="llama-tp2-sp"),
-    pytest.param("tiny_mixtral", 1, 2, 1, False, id="mixtral-ep2"),
-    pytest.param("tiny_mixtral", 2, 2, 1, True, id="mixtral-tp2-ep2-sp"),
+    pytest.param("tiny_llama", 2, 1, 1, True, "grouped", id="llama-tp2-sp"),
+    pytest.param("tiny_mixtral", 1, 2, 1, False, "grouped", id="mixtral-ep2"),
+    pytest.param("tiny_mixtral", 2, 2, 1, True, "grouped", id="mixtral-tp2-ep2-sp"),
     # Beyond the three above: expert gradients averaged over dp, TP without SP, and TP with DP.
-    pytest.param("tiny_mixtral", 1, 2, 2, False, id="mixtral-ep2-dp2"),
-    pytest.param("tiny_mixtral", 2, 2, 1, False, id="mixtral-tp2-ep2"),
-    pytest.param("tiny_llama", 2, 1, 2, True, id="llama-tp2-dp2-sp"),
+    pytest.param("tiny_mixtral", 1, 2, 2, False, "grouped", id="mixtral-ep2-dp2"),
+    pytest.param("tiny_mixtral", 2, 2, 1, False, "grouped", id="mixtral-tp2-ep2"),
+    pytest.param("tiny_llama", 2, 1, 2, True, "grouped", id="llama-tp2-dp2-sp"),
+    # The experts one matrix multiply each in a loop (embedded.experts: loop) rather than grouped.
+    pytest.param("tiny_mixtral", 2, 2, 1, True, "loop", id="mixtral-tp2-ep2-sp-loop"),
 ]
 
 
-@pytest.mark.parametrize(("model", "tp", "ep", "dp", "sp"), LAYOUTS)
-def test_model_parallel_matches_single_process(model, tp, ep, dp, sp, checkpoints, reference, tmp_path):
-    run_json = _run_json(tmp_path, model, tp, ep, dp, sp)
+@pytest.mark.parametrize(("model", "tp", "ep", "dp", "sp", "experts"), LAYOUTS)
+def test_model_parallel_matches_single_process(model, tp, ep, dp, sp, experts, checkpoints, reference, tmp_path):
+    run_json = _run_json(tmp_path, model, tp, ep, dp, sp, experts)
     texts = launch(_layout_job, tp * ep * dp, (str(checkpoints), str(run_json), str(tmp_path / "grads.pt")),
                    tmp_path / "logs")
 
@@ -263,7 +265,7 @@ def test_model_parallel_matches_single_process(model, tp, ep, dp, sp, checkpoint
     if arch["type"] == "mixtral":
         expected["experts_per_rank"] = arch["num_local_experts"] // ep
     assert {k: layout.get(k) for k in expected} == expected
-    assert layout["device"] == "cpu" and layout["dtype"] == "float32"
+    assert layout["device"] == "cpu" and layout["dtype"] == "float32" and layout["experts"] == experts
 
 
 def test_bad_layouts_are_refused_before_splitting():

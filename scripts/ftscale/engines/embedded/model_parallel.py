@@ -162,7 +162,8 @@ def check_model(model: nn.Module, layout: Layout, world: int, seq_length: int) -
         raise ValueError("model-parallel layout: " + "; ".join(errs))
 
 
-def prepare_model_parallel(model: nn.Module, run: Run, device: torch.device) -> ModelParallelSetup:
+def prepare_model_parallel(model: nn.Module, run: Run, device: torch.device,
+                           grouped_experts: bool = True) -> ModelParallelSetup:
     layout = run.layout
     tp, ep, dp, sp = layout.tp, layout.ep, layout.dp, layout.sp
     world = dist.get_world_size()
@@ -186,7 +187,7 @@ def prepare_model_parallel(model: nn.Module, run: Run, device: torch.device) -> 
     expert_ids: set[int] = set()
     if getattr(model.config, "num_local_experts", None):
         for layer in model.model.layers:
-            layer.mlp = ExpertParallelMoE(layer.mlp, groups, sp and tp > 1, tp_mesh).to(device)
+            layer.mlp = ExpertParallelMoE(layer.mlp, groups, sp and tp > 1, tp_mesh, grouped_experts).to(device)
             expert_ids.update(id(p) for p in layer.mlp.expert_parameters())
     if tp > 1:
         parallelize_module(model, tp_mesh, tp_plan(model, sp))

@@ -41,10 +41,13 @@ class ExpertParallelMoE(nn.Module):
     """A Mixtral sparse-MoE block holding E/ep experts, each split tp ways (see the module doc).
 
     Same maths as ``MixtralSparseMoeBlock`` (softmax router, top-k, renormalised weights, SiLU
-    gated experts); ``gate_up_proj`` is kept as two tensors so a TP shard is a plain slice.
+    gated experts); ``gate_up_proj`` is kept as two tensors so a TP shard is a plain slice. ``grouped``:
+    each projection of all local experts is one ``torch._grouped_mm`` over the rows sorted by expert; else
+    one matrix multiply per expert in a Python loop.
     """
 
-    def __init__(self, block: nn.Module, groups: ParallelGroups, sp: bool, tp_mesh: DeviceMesh | None):
+    def __init__(self, block: nn.Module, groups: ParallelGroups, sp: bool, tp_mesh: DeviceMesh | None,
+                 grouped: bool = True):
         super().__init__()
         experts, router = block.experts, block.gate
         if getattr(block, "jitter_noise", 0.0):
@@ -52,7 +55,7 @@ class ExpertParallelMoE(nn.Module):
         self.num_experts = experts.num_experts
         self.top_k = router.top_k
         self.act_fn = experts.act_fn
-        self.groups, self.sp = groups, sp
+        self.groups, self.sp, self.grouped = groups, sp, grouped
         ep = groups.ep_size
         self.num_local = self.num_experts // ep
         first = groups.ep_rank * self.num_local
@@ -122,18 +125,15 @@ class ExpertParallelMoE(nn.Module):
         # Group the rows by local expert and run the experts.
         expert_of_row = torch.arange(L, device=x.device).repeat(seg.shape[0]).repeat_interleave(seg.reshape(-1))
         perm = torch.argsort(expert_of_row, stable=True)
-        grouped = rows.index_select(0, perm)
+        by_expert = rows.index_select(0, perm)
         weights = []
         for p in self.expert_parameters():
             w = p.to_local() if isinstance(p, DTensor) else p
             weights.append(_ScaleGrad.apply(w, 1.0 / g.ep_size) if g.ep_size > 1 else w)
         gate, up, down = weights
-        outs = []
-        for j, chunk in enumerate(grouped.split(seg.sum(0).tolist())):
-            if chunk.shape[0]:
-                h = self.act_fn(F.linear(chunk, gate[j])) * F.linear(chunk, up[j])
-                outs.append(F.linear(h, down[j]))
-        y = torch.cat(outs) if outs else grouped.new_zeros((0, hid))
+        rows_per_expert = seg.sum(0)
+        y = (grouped_experts(by_expert, rows_per_expert, gate, up, down, self.act_fn) if self.grouped
+             else looped_experts(by_expert, rows_per_expert, gate, up, down, self.act_fn))
         y = y.index_select(0, torch.argsort(perm))
 
         # Out of the expert-TP region (sum the partial outputs of the TP shards).
@@ -148,5 +148,25 @@ class ExpertParallelMoE(nn.Module):
         y = y.index_select(0, torch.argsort(order)).view(n_tok, k, hid)
         out = (y.float() * top_w.unsqueeze(-1)).sum(1).to(x.dtype)
         if self.probe is not None:
-            self.probe.update(tokens_routed=n_tok, rows_computed=grouped.shape[0])
+            self.probe.update(tokens_routed=n_tok, rows_computed=by_expert.shape[0])
         return out.view(x3.shape)
+
+
+def grouped_experts(rows: torch.Tensor, rows_per_expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    down: torch.Tensor, act_fn) -> torch.Tensor:
+    """The local experts on ``rows`` (sorted by expert, ``rows_per_expert[j]`` of expert j): each projection
+    one grouped matrix multiply. ``gate``/``up`` are [experts, I, h], ``down`` [experts, h, I]."""
+    offs = rows_per_expert.cumsum(0).to(torch.int32)
+    h = (act_fn(torch._grouped_mm(rows, gate.transpose(-2, -1), offs=offs))
+         * torch._grouped_mm(rows, up.transpose(-2, -1), offs=offs))
+    return torch._grouped_mm(h, down.transpose(-2, -1), offs=offs)
+
+
+def looped_experts(rows: torch.Tensor, rows_per_expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor, act_fn) -> torch.Tensor:
+    """The same as ``grouped_experts``, one matrix multiply per expert and projection."""
+    outs = []
+    for j, chunk in enumerate(rows.split(rows_per_expert.tolist())):
+        if chunk.shape[0]:
+            outs.append(F.linear(act_fn(F.linear(chunk, gate[j])) * F.linear(chunk, up[j]), down[j]))
+    return torch.cat(outs) if outs else rows.new_zeros((0, down.shape[1]))

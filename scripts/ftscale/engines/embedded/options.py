@@ -61,6 +61,24 @@ def apply_liger_kernels(model: torch.nn.Module) -> str:
     return apply
 
 
+#: The ``experts`` option -> transformers' experts implementation (the data_parallel track's MoE blocks).
+EXPERTS_IMPLEMENTATION = {"grouped": "grouped_mm", "loop": "eager"}
+
+
+def apply_experts(model: torch.nn.Module, experts: str) -> str | None:
+    """The ``experts`` option set on a transformers mixture-of-experts model (``grouped``: torch's grouped
+    matrix multiply per projection; ``loop``: one matrix multiply per expert); returns the implementation the
+    model now reports, None for a dense model. Raises when transformers does not take it."""
+    if not getattr(model.config, "num_local_experts", None):
+        return None
+    wanted = EXPERTS_IMPLEMENTATION[experts]
+    model.set_experts_implementation(wanted)
+    got = model.config._experts_implementation
+    if got != wanted:
+        raise ValueError(f"embedded.experts = {experts!r}: transformers runs the experts with {got!r}, not {wanted!r}")
+    return got
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of ``model`` (a transformers model, bare or wrapped by peft and DDP): the
     modules of the classes its ``_no_split_modules`` names (LlamaDecoderLayer, MixtralDecoderLayer)."""

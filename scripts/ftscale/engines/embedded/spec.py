@@ -29,6 +29,8 @@ class EmbeddedOptions:
     attention: str = choice("auto", "flash", "cudnn", "efficient", "math", doc="the SDPA backend")
     lora_dtype: str = choice("float32", "model", doc="the adapters' dtype: peft's float32 or the model's")
     fp8: str = choice("off", "tensorwise", "rowwise", doc="the frozen linear layers' matrix multiplies in float8")
+    experts: str = choice("grouped", "loop", doc="a mixture of experts' projections: one grouped matrix multiply "
+                                                 "each (torch._grouped_mm), or a loop over the experts")
 
     def differing(self) -> dict[str, Any]:
         """The options that differ from their defaults."""

@@ -29,6 +29,7 @@ from ftscale.engines.embedded.fp8 import convert_frozen_linears
 from ftscale.engines.embedded.fused_ce import install as install_fused_head
 from ftscale.engines.embedded.model_parallel import prepare_model_parallel
 from ftscale.engines.embedded.options import (
+    apply_experts,
     apply_liger_kernels,
     attention_context,
     compile_model,
@@ -56,6 +57,8 @@ def build(run: Run, device: torch.device) -> tuple[TrainSetup, torch.Tensor, Emb
     # same full model on the CPU first and keeps its shards.
     where = device if (device.type == "cuda" and run.track == "data_parallel") else torch.device("cpu")
     model = load_for_training(run.checkpoint, dtype, where)
+    if run.track == "data_parallel":
+        apply_experts(model, options.experts)  # the model_parallel track's own MoE block takes it below
     if options.liger_kernels:
         apply_liger_kernels(model)
     if options.fp8 != "off":
@@ -68,7 +71,7 @@ def build(run: Run, device: torch.device) -> tuple[TrainSetup, torch.Tensor, Emb
     if run.track == "data_parallel":
         prepared = prepare_data_parallel(model, run, device, options.lora_dtype, broadcast_buffers=options.fp8 == "off")
     else:
-        prepared = prepare_model_parallel(model, run, device)
+        prepared = prepare_model_parallel(model, run, device, grouped_experts=options.experts == "grouped")
     prepared.head = head
     if options.compile:
         compiled = compile_model(prepared.model, options.compile_mode, options.compile_scope)
