@@ -29,6 +29,14 @@ def built_layout(log: Path) -> dict | None:
     return {k: v for k, v in layout.items() if k != "line"} or None
 
 
+def device_model(rec: dict, example: Path) -> str:
+    """The GPU a run ran on: as its log reports it, else (a run that failed before it said, such as an OOM while
+    the model loaded) the machine's, the first field of provenance.txt's nvidia-smi line."""
+    if rec["device_model"] not in ("", "unknown"):
+        return rec["device_model"]
+    return (example / "provenance.txt").read_text().splitlines()[0].split(",")[0].strip()
+
+
 def calibration_rows(examples: Path = EXAMPLES, root: Path = ROOT) -> list[dict]:
     """One row per GPU run of every example (a CPU example's runs are no GPU's): measured and predicted peak
     memory and step time, errors in %."""
@@ -41,7 +49,7 @@ def calibration_rows(examples: Path = EXAMPLES, root: Path = ROOT) -> list[dict]
                 run_json = scaling.parent / "experiments" / rec["track"] / rec["model"] / rec["run"] / "run.json"
                 run = Run.load(run_json)
                 built = built_layout(run_json.parent / "train.log")
-                target = Target(gpu=gpu_for_device(rec["device_model"]))
+                target = Target(gpu=gpu_for_device(device_model(rec, scaling.parent)))
                 pred = predict(run, load_model(rec["model"], root).spec, target=target, built=built)
                 measured_mem = float(rec["peak_mem_mib"]) if rec["peak_mem_mib"] else None
                 measured_step = float(rec["step_time_s"]) if rec["step_time_s"] else None

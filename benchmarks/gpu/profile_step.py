@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--trace", help="also write a Chrome trace of the profiled step here")
+    parser.add_argument("--memory-snapshot", help="CUDA only: also record the allocations of the last warm-up step and "
+                                                  "the profiled one and write the allocator's snapshot (pickle) here, "
+                                                  "for torch.cuda._memory_viz or benchmarks/gpu/memory_at_peak.py")
     args = parser.parse_args(argv)
 
     import torch
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with attention_context(options.attention):
             for step in range(1, args.warmup + 1):
+                if args.memory_snapshot and step == args.warmup and device.type == "cuda":
+                    torch.cuda.memory._record_memory_history(max_entries=200_000)
                 one_step(step)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\npeak memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB")
         if args.trace:
             prof.export_chrome_trace(args.trace)
+        if args.memory_snapshot and device.type == "cuda":
+            torch.cuda.memory._dump_snapshot(args.memory_snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
     finally:
         dist.destroy_process_group()
     return 0

@@ -63,7 +63,7 @@ EXAMPLES: dict[str, Call | list[Call]] = {
         "micro_batch": [1, 2]}}, GPU + "llama8b_lora_compile.yaml"),
     "2026-11-24-h100-llama31_8b-lora-compile-ckpt": Call(LLAMA, {"option_sets": ["compile_ckpt"], "batch": {"micro_batch": [2, 4]}},
                                                          GPU + "llama8b_lora_compile_ckpt.yaml"),
-    "2026-11-24-h200-mixtral_8x7b-lora": Call(MIXTRAL, {"option_sets": ["eager"]}),
+    "2026-11-24-h200-mixtral_8x7b-lora": Call(MIXTRAL, {"option_sets": ["eager"], "batch": {"micro_batch": 1}}),
     "2026-12-01-h200-nemo-tiny_llama": Call(GPU + "nemo_tiny.yaml"),
     "2026-12-01-h200-llama31_8b-side-by-side": Call(H2H, {"option_sets": ["compile_model"], "batch": {
         "micro_batch": 1}}, GPU + "side_by_side_8b.yaml"),
@@ -74,7 +74,8 @@ EXAMPLES: dict[str, Call | list[Call]] = {
     "2026-12-01-h200-llama31_8b-lora-layers": Call(LLAMA, {"option_sets": ["layers"], "batch": {"micro_batch": [2, 4]}},
                                                    GPU + "llama8b_lora_layers.yaml"),
     "2026-12-01-h200-llama31_8b-head-to-head": Call(H2H, H2H_FAST),
-    "2026-12-01-h200-mixtral_8x7b-lora-fast": Call(MIXTRAL, {"option_sets": ["fast"]}, GPU + "mixtral_lora_fast.yaml"),
+    "2026-12-01-h200-mixtral_8x7b-lora-fast": Call(MIXTRAL, {"option_sets": ["fast"], "batch": {"micro_batch": 1}},
+                                                     GPU + "mixtral_lora_fast.yaml"),
     "2026-12-01-h200-llama31_8b-lora-bf16lora": Call(LLAMA, {"option_sets": ["bf16lora"], "batch": {"micro_batch": [2, 4]}},
                                                      GPU + "llama8b_lora_bf16lora.yaml"),
     "2026-12-01-h200-llama31_8b-lora-attn-flash": Call(LLAMA, {"option_sets": ["flash"], "batch": {"micro_batch": 2}},
@@ -93,6 +94,10 @@ EXAMPLES: dict[str, Call | list[Call]] = {
         Call(H2H, {"engine": ["nemo"], "batch": {"micro_batch": 1, "seq_length": 2048}}, GPU + "nemo_8b_seq2048.yaml"),
         Call(H2H, {**H2H_FAST, "batch": {"micro_batch": 1, "seq_length": 2048, "steps": 10}},
              GPU + "h2h_seq2048.yaml")],
+    "2026-12-07-h100-llama31_8b-fp8": Call(LLAMA, {"option_sets": ["bf16lora", "fp8_tensorwise", "fp8_rowwise"]}),
+    "2026-12-07-h100-llama31_8b-dgxc": Call(GPU + "dgxc_8b.yaml"),
+    "2026-12-07-h100-llama_4l-fp8-numerics": Call(GPU + "fp8_numerics.yaml"),
+    "2026-12-07-h100-mixtral_8x7b-oom": Call(MIXTRAL, {"option_sets": ["fast", "fast_loop"]}),
     # On the CPU, across the two nodes of the private Slurm test cluster (tests/slurm/test_two_nodes.py)
     "2026-12-07-cpu-two-nodes": Call("tests/config/slurm_two_nodes.yaml"),
 }

@@ -214,6 +214,8 @@ class StateBytes:
     optimizer: float
     sync_buffer: float
     ddp_buckets: float = 0.0
+    #: float8 copies of frozen weights (the embedded engine's ``fp8``): buffers, not parameters.
+    fp8_copies: float = 0.0
 
     @property
     def total(self) -> float:
@@ -254,7 +256,7 @@ def state_bytes(s: MemorySetting) -> StateBytes:
         optimizer = 12 * (train_dense / dense_shards + train_expert / expert_shards)
         return StateBytes(weights, grads, optimizer, 0.0)
     g = a if s.full else s.adapter_bytes
-    weights = base * a + adapters * s.adapter_bytes + s.terms.fp8_copy_bytes * _linear_params_per_gpu(s)
+    weights = base * a + adapters * s.adapter_bytes
     grads = trainable * g
     optimizer = 2 * trainable * g
     sync = 0.0
@@ -262,7 +264,7 @@ def state_bytes(s: MemorySetting) -> StateBytes:
         buckets = [train_dense * g if lay.data_parallel_size > 1 else 0, train_expert * g if lay.dp > 1 else 0]
         sync = float(max(buckets))
     ddp = float(grads) if s.track == "data_parallel" and s.terms.gradient_buckets else 0.0
-    return StateBytes(weights, grads, optimizer, sync, ddp)
+    return StateBytes(weights, grads, optimizer, sync, ddp, s.terms.fp8_copy_bytes * _linear_params_per_gpu(s))
 
 
 # --------------------------------------------------------------------------- activations
@@ -394,6 +396,7 @@ class MemoryPrediction:
     sync_buffer_mib: float
     ddp_buckets_mib: float = 0.0
     attention_backward_mib: float = 0.0
+    fp8_copies_mib: float = 0.0
     #: The pipeline stage these figures are of ("" without pipeline parallelism).
     stage: str = ""
 
@@ -405,7 +408,8 @@ class MemoryPrediction:
     @property
     def peak_mib(self) -> float:
         compute = self.activations_mib + max(self.logits_mib, self.attention_backward_mib)
-        return self.state_mib + self.ddp_buckets_mib + max(compute, self.sync_buffer_mib) + self.overhead_mib
+        return (self.state_mib + self.fp8_copies_mib + self.ddp_buckets_mib + max(compute, self.sync_buffer_mib)
+                + self.overhead_mib)
 
 
 def predict_memory(s: MemorySetting) -> MemoryPrediction:
@@ -423,4 +427,4 @@ def _stage_memory(s: MemorySetting, stage: str) -> MemoryPrediction:
         activations_mib=(activation_bytes(s) + attention_workspace_bytes(s)) / MIB, logits_mib=logits_bytes(s) / MIB,
         overhead_mib=ALLOCATOR_OVERHEAD_MIB, sync_buffer_mib=state.sync_buffer / MIB,
         ddp_buckets_mib=state.ddp_buckets / MIB, attention_backward_mib=attention_backward_bytes(s) / MIB,
-        stage=stage)
+        fp8_copies_mib=state.fp8_copies / MIB, stage=stage)

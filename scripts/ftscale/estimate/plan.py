@@ -156,12 +156,17 @@ def step_time_s(run: Run, setting: MemorySetting, target: Target) -> float:
     """Predicted wall time of one optimizer step (formula in the module docstring)."""
     flops = training_flops_per_token(setting.arch_dict, setting.seq_length, setting.lora_dict())
     recompute = (flops.total + flops.forward) / flops.total if setting.terms.activation_checkpointing else 1.0
+    # float8 frozen linear layers (the decoder layers' dense projections, not the experts): F of their FLOPs
+    # take 1/speedup of their time
+    fp8_flops = flops.parts["attention_proj"].total + (0 if setting.arch.is_moe else flops.parts["mlp"].total)
+    fp8_saved = fp8_flops * (1 - 1 / setting.terms.fp8_matmul_speedup) / flops.total
     tokens = run.global_batch * setting.seq_length
     efficiency = setting.terms.step_efficiency
     lay = setting.layout
     grad_accum = run.global_batch // (setting.micro_batch * lay.data_parallel_size)
     bubble = (max(grad_accum, 1) + lay.pp - 1) / max(grad_accum, 1)
-    compute = flops.total * tokens / run.gpus * recompute * bubble / (target.matmul_tflops * 1e12 * efficiency)
+    compute = (flops.total * tokens / run.gpus * (recompute - fp8_saved) * bubble
+               / (target.matmul_tflops * 1e12 * efficiency))
     comm = comm_bytes_per_step(setting.arch_dict, lay, micro_batch=setting.micro_batch,
                                seq_length=setting.seq_length, grad_accum=max(grad_accum, 1),
                                act_bytes=setting.dtype_bytes, grad_bytes=4 if setting.lora else setting.dtype_bytes,
@@ -181,7 +186,7 @@ def predict(run: Run, model_spec: Mapping[str, Any], *, target: Target = Target(
     step = step_time_s(run, setting, target)
     gpus = run.gpus
     return {
-        "predicted_weights_mib": mem.weights_mib,
+        "predicted_weights_mib": mem.weights_mib + mem.fp8_copies_mib,  # as held: with float8 copies
         "predicted_gradients_mib": mem.gradients_mib,
         "predicted_optimizer_mib": mem.optimizer_mib,
         "predicted_ddp_buckets_mib": mem.ddp_buckets_mib,
