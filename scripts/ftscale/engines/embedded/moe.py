@@ -55,6 +55,9 @@ class ExpertParallelMoE(nn.Module):
         self.num_experts = experts.num_experts
         self.top_k = router.top_k
         self.act_fn = experts.act_fn
+        if grouped and not hasattr(torch, "_grouped_mm"):
+            raise ValueError(f"embedded.experts = 'grouped' needs torch._grouped_mm, which torch {torch.__version__} "
+                             "lacks (torch >= 2.9): use experts: loop")
         self.groups, self.sp, self.grouped = groups, sp, grouped
         ep = groups.ep_size
         self.num_local = self.num_experts // ep
