@@ -15,25 +15,30 @@ import pickle
 import sys
 from collections import defaultdict
 
-FRAME_HINTS = ("ftscale", "peft", "transformers", "torch/_inductor", "torch/nn", "torch/")
+#: Where an allocation is attributed: the innermost Python frame in one of these (the source line Dynamo keeps for
+#: compiled code), else the innermost Python frame, else the autograd function of a C++-only stack (backward).
+FRAME_HINTS = ("transformers/", "peft/", "ftscale/", "torch/_inductor", "torch/nn/functional", "torch/autograd",
+               "torch/_functorch")
 
 
 def frame_label(frames: list[dict]) -> str:
-    for hint in FRAME_HINTS:
-        for f in frames:
-            if hint in f.get("filename", ""):
-                name = f["filename"].split("site-packages/")[-1].split("scripts/")[-1]
-                return f"{name}:{f.get('line')} {f.get('name')}"
-    return frames[0]["name"] if frames else "?"
+    python = [f for f in frames if f.get("filename", "").endswith(".py")]
+    for f in python:
+        if any(hint in f["filename"] for hint in FRAME_HINTS):
+            return f"{f['filename'].split('site-packages/')[-1].split('scripts/')[-1]}:{f.get('line')} {f.get('name')}"
+    if python:
+        return f"{python[0]['filename'].rsplit('/', 1)[-1]}:{python[0].get('line')} {python[0].get('name')}"
+    autograd = [f["name"] for f in frames if "autograd" in f.get("name", "")]
+    return f"C++ {autograd[0][:90]}" if autograd else "C++ (no Python frame)"
 
 
 def live_at_peak(snapshot: dict) -> tuple[float, dict[str, float], float]:
-    """(peak MiB over the trace, MiB alive at the peak by frame, MiB alive before the recording)."""
+    """(peak MiB: alive from before the recording plus the trace's highest total; MiB alive at the trace's peak by
+    frame; MiB alive from before the recording)."""
     trace = [e for t in snapshot["device_traces"] for e in t]
     live: dict[int, tuple[int, str]] = {}
     total = peak = 0
     at_peak: dict[int, tuple[int, str]] = {}
-    freed_unknown = 0
     for e in trace:
         if e["action"] == "alloc":
             live[e["addr"]] = (e["size"], frame_label(e.get("frames", [])))
@@ -41,13 +46,11 @@ def live_at_peak(snapshot: dict) -> tuple[float, dict[str, float], float]:
         elif e["action"] == "free_completed":
             if e["addr"] in live:
                 total -= live.pop(e["addr"])[0]
-            else:
-                freed_unknown += e["size"]
         if total > peak:
             peak, at_peak = total, dict(live)
     allocated_now = sum(b["size"] for seg in snapshot["segments"] for b in seg["blocks"]
                         if b["state"] == "active_allocated")
-    before = allocated_now - sum(size for size, _ in live.values()) + 0  # alive from before the recording
+    before = allocated_now - sum(size for size, _ in live.values())  # alive from before the recording
     groups: dict[str, float] = defaultdict(float)
     for size, label in at_peak.values():
         groups[label] += size / 2**20

@@ -98,6 +98,13 @@ EXAMPLES: dict[str, Call | list[Call]] = {
     "2026-12-07-h100-llama31_8b-dgxc": Call(GPU + "dgxc_8b.yaml"),
     "2026-12-07-h100-llama_4l-fp8-numerics": Call(GPU + "fp8_numerics.yaml"),
     "2026-12-07-h100-mixtral_8x7b-oom": Call(MIXTRAL, {"option_sets": ["fast", "fast_loop"]}),
+    "2026-12-07-h100-mixtral_16l-experts": Call(MIXTRAL, {"option_sets": ["fast", "fast_loop"],
+                                                          "models": ["mixtral_16l_synthetic"]}),
+    # Snakemake's --config cannot set a number inside batch: the call ran a copy of mixtral_lora.yaml made on the
+    # machine with micro batch 4, global batch 8 (sed, docs/journal/gpu-sessions.md)
+    "2026-12-07-h100-mixtral_16l-mbs4": Call(MIXTRAL, {"option_sets": ["fast"], "models": ["mixtral_16l_synthetic"],
+                                                       "batch": {"micro_batch": 4, "global_batch": 8}},
+                                             GPU + "mixtral_lora_mbs4.yaml"),
     # On the CPU, across the two nodes of the private Slurm test cluster (tests/slurm/test_two_nodes.py)
     "2026-12-07-cpu-two-nodes": Call("tests/config/slurm_two_nodes.yaml"),
 }

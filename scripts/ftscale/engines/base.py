@@ -174,6 +174,11 @@ class PlannerTerms:
     #: With ``fp32_main_weights``: the fp32 main weights and Adam moments sharded over the data-parallel ranks
     #: (Megatron's distributed optimizer); False: every rank holds them whole.
     sharded_optimizer: bool = True
+    #: A mixture of experts' projections one matrix multiply per expert in a Python loop (the embedded engine's
+    #: experts: loop), not one grouped matrix multiply each.
+    looped_experts: bool = False
+    #: The final norm runs eager after the compiled decoder layers (the embedded engine's compile_scope: layers).
+    eager_final_norm: bool = False
     #: Fraction of the dense matmul rate a whole step reaches (fitted on the GPU examples).
     step_efficiency: float = 0.37
     #: Bytes held beside each parameter of the decoder layers' linear modules (not the experts'): float8
@@ -182,6 +187,8 @@ class PlannerTerms:
     #: How many times faster those linear modules multiply (forward and input gradient) in float8 than in the
     #: model's dtype, within a whole step (fitted on the GPU examples); 1: not in float8.
     fp8_matmul_speedup: float = 1.0
+    #: How many times longer a mixture of experts' projections take than grouped (fitted); 1: grouped.
+    expert_matmul_slowdown: float = 1.0
 
 
 class EngineSpec:

@@ -110,10 +110,16 @@ MIB = 2**20
 #: examples (LLaMA 3.1 8B on H100, Mixtral 8x7B on H200); 128 is their middle.
 ALLOCATOR_OVERHEAD_MIB = 128.0
 
-#: torch.compile's saved activations per layer / the eager figure above. Fitted on one pair of
-#: measurements (LLaMA 3.1 8B LoRA, compile, seq 4096, micro batch 1 and 2 on H100: the slope of the
-#: peak per token, less the compiled logits term); the checkpointed compile runs are out of sample.
-COMPILE_LAYER_ACTIVATION_FACTOR = 0.766
+#: torch.compile's saved activations per layer / the eager figure above. Fitted on the compiled runs of the
+#: embedded engine's GPU examples (LLaMA 3.1 8B shapes in 4 and 32 layers, Mixtral 8x7B; the largest error of
+#: their peaks is 4.4%: tests/unit/estimate/test_plan.py).
+COMPILE_LAYER_ACTIVATION_FACTOR = 0.742
+
+#: The final norm run outside the compiled layers (``PlannerTerms.eager_final_norm``): Hugging Face's RMSNorm
+#: keeps the fp32 upcast of its input, and its backward makes five more fp32 tensors of that size at the
+#: start of backward (read in a CUDA memory snapshot of the 4-layer LLaMA example at its peak,
+#: benchmarks/gpu/logs/2026-12-07-h100/memory-4l.txt): 6 x 4 bytes per token and hidden unit.
+EAGER_FINAL_NORM_BYTES_PER_HIDDEN = 24
 
 #: Bytes per token and vocabulary entry of the compiled (fused) logits + cross-entropy: bf16 logits
 #: kept for backward and their bf16 gradient, 2 + 2. A structural assumption, checked by the
@@ -126,6 +132,12 @@ EAGER_LOGITS_BYTES_PER_VOCAB = 12
 #: Hugging Face MoE routing kept per token and chosen expert: int64 top-k index (8), int64 row positions
 #: of torch.where (16), fp32 routing weight, its slice and the renormalisation (12).
 MOE_ROUTING_BYTES_PER_CHOICE = 36
+
+#: What transformers' loop over experts (the embedded engine's ``experts: loop``) keeps beyond its grouped
+#: matmul path, per token, chosen expert and intermediate unit, in model-dtype elements: fitted on the 16-layer
+#: Mixtral runs of 2026-12-07-h100-mixtral_16l-experts (2.4 and 4.4 GiB more than grouped at micro batch 1 and
+#: 2, that is 1.8 and 1.7 elements before the compile factor).
+LOOPED_EXPERTS_EXTRA_ELEMENTS = 2
 
 @dataclass(frozen=True)
 class MemorySetting:
@@ -326,6 +338,8 @@ def layer_activation_bytes(s: MemorySetting) -> dict[str, float]:
         k = d.top_k
         mlp = (k * (3 * a * inter / t + a * h + (a * h + a * inter / t) * full) + a * h * full
                + 4 * d.experts + MOE_ROUTING_BYTES_PER_CHOICE * k)
+        if s.terms.looped_experts:
+            mlp += k * LOOPED_EXPERTS_EXTRA_ELEMENTS * a * inter / t
     return {"norms": 2 * norm, "attention": attention, "lora": lora, "mlp": mlp}
 
 
@@ -336,10 +350,11 @@ def activation_bytes(s: MemorySetting) -> float:
     if s.terms.fused_kernels:
         per_layer *= COMPILE_LAYER_ACTIVATION_FACTOR
     tokens = s.micro_batch * s.seq_length
+    final_norm = EAGER_FINAL_NORM_BYTES_PER_HIDDEN * s.arch.hidden if s.terms.eager_final_norm and s.has_logits else 0
     if s.terms.activation_checkpointing:
         S = s.layout.tp if s.layout.sp else 1
-        return tokens * (s.in_flight * s.stage_layers * s.dtype_bytes * s.arch.hidden / S + per_layer)
-    return tokens * s.in_flight * s.stage_layers * per_layer
+        return tokens * (s.in_flight * s.stage_layers * s.dtype_bytes * s.arch.hidden / S + per_layer + final_norm)
+    return tokens * (s.in_flight * s.stage_layers * per_layer + final_norm)
 
 
 def attention_workspace_bytes(s: MemorySetting) -> float:

@@ -160,12 +160,15 @@ def step_time_s(run: Run, setting: MemorySetting, target: Target) -> float:
     # take 1/speedup of their time
     fp8_flops = flops.parts["attention_proj"].total + (0 if setting.arch.is_moe else flops.parts["mlp"].total)
     fp8_saved = fp8_flops * (1 - 1 / setting.terms.fp8_matmul_speedup) / flops.total
+    # experts looped over rather than grouped: their FLOPs take longer
+    experts_lost = ((setting.terms.expert_matmul_slowdown - 1) * flops.parts["mlp"].total / flops.total
+                    if setting.arch.is_moe else 0.0)
     tokens = run.global_batch * setting.seq_length
     efficiency = setting.terms.step_efficiency
     lay = setting.layout
     grad_accum = run.global_batch // (setting.micro_batch * lay.data_parallel_size)
     bubble = (max(grad_accum, 1) + lay.pp - 1) / max(grad_accum, 1)
-    compute = (flops.total * tokens / run.gpus * (recompute - fp8_saved) * bubble
+    compute = (flops.total * tokens / run.gpus * (recompute - fp8_saved + experts_lost) * bubble
                / (target.matmul_tflops * 1e12 * efficiency))
     comm = comm_bytes_per_step(setting.arch_dict, lay, micro_batch=setting.micro_batch,
                                seq_length=setting.seq_length, grad_accum=max(grad_accum, 1),
