@@ -187,8 +187,6 @@ class PlannerTerms:
     #: How many times faster those linear modules multiply (forward and input gradient) in float8 than in the
     #: model's dtype, within a whole step (fitted on the GPU examples); 1: not in float8.
     fp8_matmul_speedup: float = 1.0
-    #: How many times longer a mixture of experts' projections take than grouped (fitted); 1: grouped.
-    expert_matmul_slowdown: float = 1.0
 
 
 class EngineSpec:

@@ -152,6 +152,11 @@ def setting_for(run: Run, arch: Mapping[str, Any], built: Mapping[str, Any] | No
                           microbatches=max(run.grad_accum, 1))
 
 
+#: How many times longer a mixture of experts' projections take looped over the experts (one matrix multiply
+#: each, ``PlannerTerms.looped_experts``) than grouped: fitted on the GPU examples (docs/planner.md).
+LOOPED_EXPERTS_SLOWDOWN = 1.6
+
+
 def step_time_s(run: Run, setting: MemorySetting, target: Target) -> float:
     """Predicted wall time of one optimizer step (formula in the module docstring)."""
     flops = training_flops_per_token(setting.arch_dict, setting.seq_length, setting.lora_dict())
@@ -161,8 +166,8 @@ def step_time_s(run: Run, setting: MemorySetting, target: Target) -> float:
     fp8_flops = flops.parts["attention_proj"].total + (0 if setting.arch.is_moe else flops.parts["mlp"].total)
     fp8_saved = fp8_flops * (1 - 1 / setting.terms.fp8_matmul_speedup) / flops.total
     # experts looped over rather than grouped: their FLOPs take longer
-    experts_lost = ((setting.terms.expert_matmul_slowdown - 1) * flops.parts["mlp"].total / flops.total
-                    if setting.arch.is_moe else 0.0)
+    experts_lost = ((LOOPED_EXPERTS_SLOWDOWN - 1) * flops.parts["mlp"].total / flops.total
+                    if setting.arch.is_moe and setting.terms.looped_experts else 0.0)
     tokens = run.global_batch * setting.seq_length
     efficiency = setting.terms.step_efficiency
     lay = setting.layout

@@ -50,9 +50,6 @@ FP8_COPY_BYTES = 2
 #: How many times faster the frozen linear layers multiply with the ``fp8`` option, within a compiled step
 #: (fitted on the GPU examples: docs/planner.md gives the runs).
 FP8_MATMUL_SPEEDUP = 1.4
-#: How many times longer a mixture of experts' projections take looped over the experts than grouped
-#: (``experts: loop``; fitted on the GPU examples: docs/planner.md).
-LOOPED_EXPERTS_SLOWDOWN = 1.6
 #: Option values that need liger-kernel (``pip install -e '.[gpu]'``).
 NEEDS_LIGER: dict[str, tuple] = {"fused_ce": ("liger",), "liger_kernels": (True,)}
 #: torch.compile modes that capture CUDA graphs.
@@ -178,8 +175,7 @@ class EmbeddedSpec(EngineSpec):
             own_expert_layer=run.track == "model_parallel", cuda_context_mib=1245.0, reserve_fraction=0.0037,
             eager_final_norm=opts.compile and opts.compile_scope == "layers", looped_experts=opts.experts == "loop",
             step_efficiency=efficiency, fp8_copy_bytes=FP8_COPY_BYTES if opts.fp8 != "off" else 0,
-            fp8_matmul_speedup=FP8_MATMUL_SPEEDUP if opts.fp8 != "off" else 1.0,
-            expert_matmul_slowdown=LOOPED_EXPERTS_SLOWDOWN if opts.experts == "loop" else 1.0)
+            fp8_matmul_speedup=FP8_MATMUL_SPEEDUP if opts.fp8 != "off" else 1.0)
 
     def options_label(self, run: Run, built: Mapping[str, Any] | None = None) -> str:
         """'compile, fused_ce=chunked' ('defaults' when none differs), as built where the layout line names them."""
