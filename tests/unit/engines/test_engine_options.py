@@ -251,7 +251,8 @@ def test_compile_mode_and_layout_fields(monkeypatch):
         options.compile_model(model, "default", "layers")
     assert options.layout_fields(SPEC.options(_run(fused_ce="chunked"))) == {
         "activation_checkpointing": 0, "compile": 0, "compile_mode": "default", "compile_scope": "layers",
-        "fused_ce": "chunked", "liger_kernels": 0, "attention": "auto", "lora_dtype": "float32", "fp8": "off"}
+        "fused_ce": "chunked", "liger_kernels": 0, "attention": "auto", "lora_dtype": "float32", "fp8": "off",
+        "experts": "grouped"}
     with pytest.raises(ValueError, match="embedded.attention = 'flash': needs a CUDA GPU"):
         options.resolve(_run("auto", attention="flash"), torch.device("cpu"))  # the engine's own check
 

@@ -81,6 +81,9 @@ def test_fp8_is_refused_off_the_gpu_and_off_lora_and_planned_with_its_copies():
     plain = setting_for(make_run(device="cuda", precision="bf16"), arch)
     with_fp8 = setting_for(gpu, arch)
     linear_params = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336)
-    from ftscale.estimate.memory import state_bytes
+    from ftscale.estimate.memory import predict_memory, state_bytes
 
-    assert state_bytes(with_fp8).weights - state_bytes(plain).weights == 2 * linear_params
+    # the float8 copies are buffers: in the peak, not in the state (parameters, gradients, optimizer) runs measure
+    assert state_bytes(with_fp8).fp8_copies == 2 * linear_params and state_bytes(plain).fp8_copies == 0
+    assert state_bytes(with_fp8).total == state_bytes(plain).total
+    assert predict_memory(with_fp8).peak_mib - predict_memory(plain).peak_mib == pytest.approx(2 * linear_params / 2**20)
