@@ -34,7 +34,7 @@ from ftscale.engines.embedded import spec as embedded_spec
 from ftscale.study.paths import RunPaths
 from ftscale.study.run import IDENTITY_KEYS, Run
 from ftscale.study.sweep import Study, batch_variants, load_config_file
-from ftscale.workflow import workflow_study
+from ftscale.workflow import merged_config, workflow_study
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = ROOT / "results" / "examples"
@@ -46,7 +46,7 @@ class Call(NamedTuple):
     the repository at the commit of the example's provenance.txt)."""
 
     config: str
-    overrides: dict = {}  # noqa: RUF012  (never changed: merged() makes a new mapping)
+    overrides: dict = {}  # noqa: RUF012  (never changed: merged_config() makes a new mapping)
     ran_as: str = ""
 
 
@@ -143,19 +143,10 @@ def joint_study(studies: list[Study]) -> Study:
                                models={name: m for s in studies for name, m in s.models.items()})
 
 
-def merged(config: dict, overrides: dict) -> dict:
-    """``overrides`` on top of ``config`` as Snakemake's --config goes on top of a config file: mappings key by
-    key, any other value as a whole."""
-    out = dict(config)
-    for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def config_study(call: Call) -> Study:
     """The study of a device call as the workflow plans it, with the repository's references (the example has
     no config/), named as the call named its config file."""
-    config = merged(load_config_file(ROOT / call.config), call.overrides)
+    config = merged_config(load_config_file(ROOT / call.config), call.overrides)  # as --config on top
     config["references"] = str(ROOT / "config" / "references.yaml")
     # The runs ran on the GPU machine, which had liger-kernel; the analysis here needs none of it.
     real, embedded_spec.liger_installed = embedded_spec.liger_installed, lambda: True

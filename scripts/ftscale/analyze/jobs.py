@@ -127,4 +127,3 @@ def _resolved(path: str) -> str:
 def _job_number(job_id: str) -> tuple[int, str]:
     head = job_id.split("_")[0].split("+")[0]
     return (int(head), job_id) if head.isdigit() else (0, job_id)
-

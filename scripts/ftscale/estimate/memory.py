@@ -111,8 +111,7 @@ MIB = 2**20
 ALLOCATOR_OVERHEAD_MIB = 128.0
 
 #: torch.compile's saved activations per layer / the eager figure above. Fitted on the compiled runs of the
-#: embedded engine's GPU examples (LLaMA 3.1 8B shapes in 4 and 32 layers, Mixtral 8x7B; the largest error of
-#: their peaks is 4.4%: tests/unit/estimate/test_plan.py).
+#: embedded engine's GPU examples (docs/planner.md; tests/unit/estimate/test_plan.py holds them to 5%).
 COMPILE_LAYER_ACTIVATION_FACTOR = 0.742
 
 #: The final norm run outside the compiled layers (``PlannerTerms.eager_final_norm``): Hugging Face's RMSNorm
@@ -134,9 +133,8 @@ EAGER_LOGITS_BYTES_PER_VOCAB = 12
 MOE_ROUTING_BYTES_PER_CHOICE = 36
 
 #: What transformers' loop over experts (the embedded engine's ``experts: loop``) keeps beyond its grouped
-#: matmul path, per token, chosen expert and intermediate unit, in model-dtype elements: fitted on the 16-layer
-#: Mixtral runs of 2026-12-07-h100-mixtral_16l-experts (2.4 and 4.4 GiB more than grouped at micro batch 1 and
-#: 2, that is 1.8 and 1.7 elements before the compile factor).
+#: matmul path, per token, chosen expert and intermediate unit, in model-dtype elements: fitted on the GPU
+#: examples that run both (docs/planner.md).
 LOOPED_EXPERTS_EXTRA_ELEMENTS = 2
 
 @dataclass(frozen=True)

@@ -64,10 +64,8 @@ def test_every_gpu_example_is_predicted_within_5_percent_and_the_oom_as_oom():
     not predicted OOM on the GPU it ran on; every run that ran out of memory predicted OOM there. A run under
     1 GiB is mostly the allocator's fixed overhead and is not compared."""
     rows = _calibration()
-    # every run directory of every example is a row (2026-11-24: 4 eager LLaMA, one OOM, 2 compiled, 2 checkpointed,
-    # 1 Mixtral; then the H200 sessions' fused_ce, side by side, head-to-heads, each lever of issue 13, ...; the H100
-    # runs of 2026-12-07)
-    # a GPU run: its log says so, or (a run that failed before it did) its example ran on a GPU machine
+    # every GPU run directory of every example is a row: its log says it ran on a GPU, or (a run that failed
+    # before it said) its example ran on a GPU machine
     run_dirs = sorted(p for p in (REPO / "results" / "examples").glob("*/experiments/*/*/*/run.json")
                       if "device=cuda" in (p.parent / "train.log").read_text(errors="replace")
                       or (p.parents[4] / "provenance.txt").read_text().startswith("NVIDIA"))
